@@ -1,0 +1,57 @@
+"""fusionkern: fast FusionNet cement-plant detection on Landsat-8 (Triton kernels, ONNX/TensorRT export, scanning)."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="fusionkern",
+    version="0.1.0",
+    description=__doc__,
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",  # match statements and PEP 604 unions in annotations
+    packages=[
+        "fusionkern",
+        "fusionkern.models",
+        "fusionkern.data",
+        "fusionkern.kernels",
+        "fusionkern.export",
+    ],
+    # kernels/ and export/ live at the top of the repository but only ever install under fusionkern.
+    package_dir={
+        "fusionkern": "fusionkern",
+        "fusionkern.kernels": "kernels",
+        "fusionkern.export": "export",
+    },
+    install_requires=[
+        # 2.1: torch.load(weights_only=True) refuses arbitrary pickles and torch.func/SDPA APIs we rely on;
+        # no upper bound: the Makefile pins the CPU wheel on machines without a GPU.
+        "torch>=2.1",
+        # 1.24: numpy.random.Generator API used throughout and the first release tested with Python 3.11.
+        "numpy>=1.24",
+        # 5.4: yaml.safe_load behaviour we rely on for config files (no arbitrary object construction).
+        "pyyaml>=5.4",
+        # 4.64: tqdm.contrib.logging and the postfix API used by the progress bars.
+        "tqdm>=4.64",
+    ],
+    extras_require={
+        # Raster I/O. 1.3: rasterio.windows.from_bounds(..., transform) signature and WarpedVRT options used.
+        "geo": ["rasterio>=1.3"],
+        # Triton kernels. 3.0: tl.extra-free API, triton.compile(ASTSource, target=GPUTarget) for the sm_90 test.
+        "kernels": ["triton>=3.0"],
+        # ONNX export. onnx 1.14 ships opset 18 (the default export opset); onnxruntime 1.16 runs opset 18.
+        "export": ["onnx>=1.14", "onnxruntime>=1.16"],
+        # TensorRT engines. 10.0: the execute_async_v3 / named-tensor API; 11 is also supported.
+        "trt": ["tensorrt>=10.0"],
+        # Distributed scans. 2.9: Ray Data map_batches with actor pools (concurrency=...) as used by the scanner.
+        "ray": ["ray[data]>=2.9"],
+        # Benchmarks. pytest-benchmark 4.0: the pedantic API and JSON output we parse; matplotlib 3.6 for plots.
+        "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.6"],
+        # Tests. pytest 7.0: pytest.importorskip(..., reason=) and the ini options in pyproject.toml.
+        "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", "matplotlib>=3.6", "pillow>=9.0"],
+    },
+    entry_points={"console_scripts": ["fusionkern=fusionkern.cli:main"]},
+)
