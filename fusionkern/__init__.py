@@ -19,3 +19,12 @@ __all__ = [
     "InputError",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # save_checkpoint / load_checkpoint live with the models; imported lazily so `import fusionkern` stays light.
+    if name in ("save_checkpoint", "load_checkpoint", "read_checkpoint"):
+        from fusionkern.models import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'fusionkern' has no attribute {name!r}")

@@ -1,0 +1,326 @@
+"""FusionNet and the paper's ablation ladder, assembled from :mod:`fusionkern.models.layers`.
+
+* :class:`Backbone`: five convolution stages (optionally a Gabor first layer, mixed pooling, a dilated block).
+* Single-input classifiers (B, 3, H, W) -> (B, 2): :class:`CNN5`, :class:`MPCNN5`, :class:`GCNN5`,
+  :class:`DCNN5`, :class:`DGCNN` (paper Table II).
+* :class:`FusionNet`: five branches (``BRANCHES`` order) -> concatenation -> :class:`ChannelAttention` -> CNN5 head
+  (paper Fig. 2, Table III).
+
+Every model keeps its constructor arguments in ``self.config`` so that a checkpoint can rebuild it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusionkern import BRANCHES
+from fusionkern.errors import ConfigError, InputError
+from fusionkern.models.layers import ChannelAttention, DilatedAvgBlock, GaborConv2d, MixPool2d
+from fusionkern.models.presets import Preset, get_preset, resolve_alphas, scale_width
+
+ORDERS = ("bn_pool", "pool_bn")
+
+
+class ConvStage(nn.Module):
+    """One stage: ``conv -> ReLU`` then ``BN -> pool`` (CNN5 order) or ``pool -> BN`` (DGCNN order).
+
+    ``pool`` and ``bn`` may be ``None`` (the last stage before a dilated block has neither).
+    """
+
+    def __init__(self, conv: nn.Module, pool: nn.Module | None, bn: nn.BatchNorm2d | None, order: str):
+        super().__init__()
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        self.conv, self.pool, self.bn, self.order = conv, pool, bn, order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        first, second = (self.bn, self.pool) if self.order == "bn_pool" else (self.pool, self.bn)
+        if first is not None:
+            x = first(x)
+        if second is not None:
+            x = second(x)
+        return x
+
+
+class Backbone(nn.Module):
+    """A stack of :class:`ConvStage` and an optional :class:`DilatedAvgBlock`; returns the feature map.
+
+    Args:
+        in_channels: input channels (3 dates for a branch, 5 x branch width for the fusion head).
+        widths: output channels of each convolution.
+        pools: whether a 2 x 2 pool follows each convolution.
+        kernel_sizes: each convolution's kernel size (padding ``k // 2`` keeps the size).
+        gabor: make the first convolution a :class:`GaborConv2d` (no bias).
+        mixpool: :class:`MixPool2d` instead of max-pooling, initial alphas from ``alphas``.
+        dilations: append a dilated block with these dilations (the last stage then has no BN of its own).
+        order: ``"bn_pool"`` (CNN5) or ``"pool_bn"`` (DGCNN).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        widths: Sequence[int],
+        pools: Sequence[bool],
+        kernel_sizes: Sequence[int] | None = None,
+        *,
+        gabor: bool = False,
+        mixpool: bool = False,
+        alphas: str | Sequence[float] = "paper",
+        dilations: Sequence[int] | None = None,
+        order: str = "bn_pool",
+        gabor_init: str = "grid",
+        gabor_grid: str = "centered",
+    ):
+        super().__init__()
+        kernel_sizes = tuple(kernel_sizes or (3,) * len(widths))
+        alpha_iter = iter(resolve_alphas(alphas, sum(pools)) if mixpool else ())
+        stages, c = [], in_channels
+        for i, (w, pool, k) in enumerate(zip(widths, pools, kernel_sizes)):
+            if gabor and i == 0:
+                conv = GaborConv2d(c, w, k, padding=k // 2, init=gabor_init, grid=gabor_grid)
+            else:
+                conv = nn.Conv2d(c, w, k, padding=k // 2)
+            pool_layer = (MixPool2d(2, 2, next(alpha_iter)) if mixpool else nn.MaxPool2d(2)) if pool else None
+            last_before_block = dilations is not None and i == len(widths) - 1
+            bn = None if last_before_block else nn.BatchNorm2d(w)
+            stages.append(ConvStage(conv, pool_layer, bn, order))
+            c = w
+        self.stages = nn.Sequential(*stages)
+        self.dilated = DilatedAvgBlock(c, dilations) if dilations is not None else None
+        self.out_channels = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        x = self.stages(x)
+        return self.dilated(x) if self.dilated is not None else x
+
+
+# The ablation ladder (paper Table II): which components each single-input model has.
+ABLATIONS = {
+    "cnn5": dict(gabor=False, mixpool=False, dilated=False, order="bn_pool"),
+    "mpcnn5": dict(gabor=False, mixpool=True, dilated=False, order="bn_pool"),
+    "gcnn5": dict(gabor=True, mixpool=False, dilated=False, order="bn_pool"),
+    "dcnn5": dict(gabor=False, mixpool=False, dilated=True, order="bn_pool"),
+    "dgcnn": dict(gabor=True, mixpool=True, dilated=True, order="pool_bn"),
+}
+
+
+def make_backbone(
+    kind: str,
+    preset: Preset,
+    width: float = 1.0,
+    in_channels: int = 3,
+    alphas: str | Sequence[float] = "paper",
+    gabor_init: str = "grid",
+    gabor_grid: str = "centered",
+) -> Backbone:
+    """The feature extractor of one ablation model (``cnn5`` ... ``dgcnn``) at a preset's shapes."""
+    try:
+        parts = ABLATIONS[kind]
+    except KeyError:
+        raise ConfigError(f"unknown backbone {kind!r}; choose one of {sorted(ABLATIONS)}") from None
+    return Backbone(
+        in_channels,
+        [scale_width(w, width) for w in preset.widths],
+        preset.pools,
+        gabor=parts["gabor"],
+        mixpool=parts["mixpool"],
+        alphas=alphas,
+        dilations=preset.dilations if parts["dilated"] else None,
+        order=parts["order"],
+        gabor_init=gabor_init,
+        gabor_grid=gabor_grid,
+    )
+
+
+def _check_size(h: int, w: int, minimum: int, who: str) -> None:
+    if min(h, w) < minimum:
+        raise InputError(
+            f"{who} needs inputs of at least {minimum} x {minimum} px, got {h} x {w}"
+            " (chips are resized to the preset's input size with model.prepare())"
+        )
+
+
+def resize_chips(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of the last two axes of (..., C, H, W) chips to ``size x size`` (no-op when equal)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    lead = x.shape[:-3]
+    y = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(size, size), mode="bilinear", align_corners=False)
+    return y.reshape(*lead, *y.shape[-3:])
+
+
+class _SingleInput(nn.Module):
+    """A single-input classifier: backbone -> global average pooling -> Linear(C, num_classes)."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        preset: str = "paper",
+        width: float = 1.0,
+        num_classes: int = 2,
+        in_channels: int = 3,
+        alphas: str | Sequence[float] = "paper",
+        gabor_init: str = "grid",
+        gabor_grid: str = "centered",
+    ):
+        super().__init__()
+        self.config = dict(
+            preset=preset, width=width, num_classes=num_classes, in_channels=in_channels,
+            alphas=alphas if isinstance(alphas, str) else list(alphas), gabor_init=gabor_init, gabor_grid=gabor_grid,
+        )  # fmt: skip
+        self.preset = get_preset(preset)
+        self.features = make_backbone(self.kind, self.preset, width, in_channels, alphas, gabor_init, gabor_grid)
+        self.fc = nn.Linear(self.features.out_channels, num_classes)
+
+    @property
+    def input_size(self) -> int:
+        return self.preset.input_size
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize (B, 3, h, w) chips to the preset's input size."""
+        return resize_chips(x, self.input_size)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C)
+        if x.dim() != 4:
+            raise InputError(f"{type(self).__name__} takes (B, 3, H, W) input, got shape {tuple(x.shape)}")
+        _check_size(x.shape[-2], x.shape[-1], self.preset.branch_min_input, type(self).__name__)
+        return self.features(x).mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, num_classes) logits
+        return self.fc(self.forward_features(x))
+
+
+class CNN5(_SingleInput):
+    """Five conv layers (conv -> ReLU -> BN -> max-pool), global average pooling, Linear. The plain baseline."""
+
+    kind = "cnn5"
+
+
+class MPCNN5(_SingleInput):
+    """CNN5 with mixed max/average pooling."""
+
+    kind = "mpcnn5"
+
+
+class GCNN5(_SingleInput):
+    """CNN5 with a trainable Gabor first layer."""
+
+    kind = "gcnn5"
+
+
+class DCNN5(_SingleInput):
+    """CNN5 with the averaged dilated block after the fifth convolution."""
+
+    kind = "dcnn5"
+
+
+class DGCNN(_SingleInput):
+    """Dilated Gabor MixPool CNN: the FusionNet branch, as a single-input classifier."""
+
+    kind = "dgcnn"
+
+
+SINGLE_INPUT_MODELS = {cls.kind: cls for cls in (CNN5, MPCNN5, GCNN5, DCNN5, DGCNN)}
+
+
+class FusionNet(nn.Module):
+    """Intermediate fusion of five branches: (B, 5, 3, H, W) in ``BRANCHES`` order -> (B, num_classes) logits.
+
+    Each branch (``backbone="dgcnn"``, or ``"cnn5"`` for Table III's other row) maps its 3-date input to a feature
+    map; the five maps are concatenated, recalibrated by :class:`ChannelAttention` and classified by a CNN5 head
+    (conv -> ReLU -> BN -> max-pool stages, global average pooling, Linear).
+
+    Args:
+        preset: ``"paper"`` (256 px input, the authors' widths) or ``"native"`` (35 px chips, no upsampling).
+        backbone: the branch network, ``"dgcnn"`` or ``"cnn5"``.
+        width: channel multiplier for branches and head (tests build small models with e.g. 0.25).
+        alphas: initial MixPool alphas, ``"paper"`` (1.0, 0.8, 0.6, 0.4), ``"authors"`` or explicit values.
+    """
+
+    def __init__(
+        self,
+        preset: str = "paper",
+        backbone: str = "dgcnn",
+        width: float = 1.0,
+        num_classes: int = 2,
+        alphas: str | Sequence[float] = "paper",
+        gabor_init: str = "grid",
+        gabor_grid: str = "centered",
+        reduction: int = 2,
+    ):
+        super().__init__()
+        if backbone not in ("dgcnn", "cnn5"):
+            raise ConfigError(f"FusionNet backbone must be 'dgcnn' or 'cnn5', got {backbone!r}")
+        self.config = dict(
+            preset=preset, backbone=backbone, width=width, num_classes=num_classes,
+            alphas=alphas if isinstance(alphas, str) else list(alphas), gabor_init=gabor_init,
+            gabor_grid=gabor_grid, reduction=reduction,
+        )  # fmt: skip
+        self.preset = get_preset(preset)
+        self.branches = nn.ModuleDict(
+            {b: make_backbone(backbone, self.preset, width, 3, alphas, gabor_init, gabor_grid) for b in BRANCHES}
+        )
+        fused = sum(m.out_channels for m in self.branches.values())
+        self.attention = ChannelAttention(fused, reduction)
+        self.head = Backbone(
+            fused,
+            [scale_width(w, width) for w in self.preset.head_widths],
+            self.preset.head_pools,
+            self.preset.head_kernels,
+            order="bn_pool",
+        )
+        self.fc = nn.Linear(self.head.out_channels, num_classes)
+
+    @property
+    def input_size(self) -> int:
+        return self.preset.input_size
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize (B, 5, 3, h, w) chips to the preset's input size (35 -> 256 for ``paper``)."""
+        return resize_chips(x, self.input_size)
+
+    @staticmethod
+    def stack_branches(x: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """A dict keyed by branch name -> (B, 5, 3, H, W) in ``BRANCHES`` order."""
+        missing = [b for b in BRANCHES if b not in x]
+        if missing:
+            raise InputError(f"FusionNet input is missing branch(es) {missing}; expected keys {list(BRANCHES)}")
+        return torch.stack([x[b] for b in BRANCHES], dim=1)
+
+    def fuse(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Branch maps, concatenated and recalibrated by channel attention: (B, 5 * C_branch, h, w)."""
+        if isinstance(x, Mapping):
+            x = self.stack_branches(x)
+        if x.dim() != 5 or x.shape[1] != len(BRANCHES) or x.shape[2] != 3:
+            raise InputError(f"FusionNet takes (B, 5, 3, H, W) input in {BRANCHES} order, got {tuple(x.shape)}")
+        _check_size(x.shape[-2], x.shape[-1], self.preset.min_input, f"FusionNet(preset={self.preset.name!r})")
+        maps = [branch(x[:, i]) for i, branch in enumerate(self.branches.values())]
+        return self.attention(torch.cat(maps, dim=1))
+
+    def forward_features(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:  # -> (B, C_head)
+        return self.head(self.fuse(x)).mean((2, 3))
+
+    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:  # -> (B, num_classes)
+        return self.fc(self.forward_features(x))
+
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "FusionNet": FusionNet,
+    **{cls.__name__: cls for cls in SINGLE_INPUT_MODELS.values()},
+}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build a model by name: ``fusionnet`` or one of the single-input models (case-insensitive)."""
+    key = name.lower()
+    if key == "fusionnet":
+        return FusionNet(**kwargs)
+    if key in SINGLE_INPUT_MODELS:
+        return SINGLE_INPUT_MODELS[key](**kwargs)
+    raise ConfigError(f"unknown model {name!r}; choose fusionnet or one of {sorted(SINGLE_INPUT_MODELS)}")
