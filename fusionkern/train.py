@@ -1,0 +1,314 @@
+"""Training and evaluation with the paper's protocol (section II-C).
+
+Adam, cross-entropy with class weights [3, 1] (cement, landcover), the paper's augmentations on the training part,
+five stratified splits (20 % test, the rest 80/20 train/validation). Per split the checkpoint with the best
+validation accuracy is kept and scored on the test part; the report gives each split and mean +- std over splits.
+
+Outputs in ``out``::
+
+    metrics.json          config, per-split metrics (accuracy, per-class accuracy, cement recall/precision, F1,
+                          confusion matrix), mean and std over splits
+    report.md             the same as Markdown tables
+    split_<k>/best.pt     best checkpoint of split k (fusionkern checkpoint, loads with weights_only=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from fusionkern import BRANCHES, CLASSES
+from fusionkern.errors import ConfigError, FusionkernError
+from fusionkern.metrics import SUMMARY_KEYS, classification_metrics, summarise
+from fusionkern.models import FusionNet, SINGLE_INPUT_MODELS, build_model, get_preset, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``fusionkern train`` takes; also settable from a YAML file with the same keys."""
+
+    data: str = ""  # dataset folder (site layout or the authors' per-band layout)
+    out: str = "runs/train"
+    model: str = "fusionnet"  # fusionnet, or a single-input model: cnn5, mpcnn5, gcnn5, dcnn5, dgcnn
+    backbone: str = "dgcnn"  # FusionNet branches: dgcnn or cnn5
+    preset: str = "paper"  # paper (256 px input) or native (35 px chips)
+    width: float = 1.0
+    branch: str = "b76"  # the input of a single-input model
+    alphas: str | list[float] = "paper"  # MixPool initial alphas: paper, authors, or four numbers
+    epochs: int = 150
+    batch_size: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    splits: int = 5
+    test_fraction: float = 0.2
+    val_fraction: float = 0.2
+    class_weights: list[float] = field(default_factory=lambda: [3.0, 1.0])
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.model.lower() != "fusionnet" and self.model.lower() not in SINGLE_INPUT_MODELS:
+            raise ConfigError(f"model: unknown {self.model!r}; choose fusionnet or one of {sorted(SINGLE_INPUT_MODELS)}")
+        get_preset(self.preset)
+        if self.branch not in BRANCHES:
+            raise ConfigError(f"branch: unknown {self.branch!r}; choose one of {list(BRANCHES)}")
+        for name in ("epochs", "batch_size", "splits"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if len(self.class_weights) != len(CLASSES):
+            raise ConfigError(f"class_weights needs {len(CLASSES)} values ({', '.join(CLASSES)}), got {self.class_weights}")
+
+    @classmethod
+    def from_sources(cls, config_file: str | os.PathLike | None = None, **overrides: Any) -> "TrainConfig":
+        """Defaults, then the YAML file's keys, then ``overrides`` that are not None (the CLI's flags)."""
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            values.update(load_yaml_config(config_file, cls))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def load_yaml_config(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str, Any]:
+    """Read a YAML mapping whose keys must all be fields of ``cls``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return data
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: unknown {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but this torch build sees no CUDA device")
+    return device
+
+
+def build_from_config(cfg: TrainConfig) -> nn.Module:
+    kwargs: dict[str, Any] = dict(preset=cfg.preset, width=cfg.width, alphas=cfg.alphas)
+    if cfg.model.lower() == "fusionnet":
+        kwargs["backbone"] = cfg.backbone
+    return build_model(cfg.model, **kwargs)
+
+
+def model_inputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Dataset batch (B, N, 3, S, S) -> what ``model`` takes, resized to its input size on the batch's device.
+
+    FusionNet takes all five branches; a single-input model's dataset holds its one branch (N = 1).
+    """
+    if not isinstance(model, FusionNet):
+        x = x[:, 0]
+    return model.prepare(x)
+
+
+def dataset_branches(cfg: "TrainConfig") -> tuple[str, ...]:
+    """The branches a dataset must read for ``cfg``'s model: all five, or the single-input model's one."""
+    return BRANCHES if cfg.model.lower() == "fusionnet" else (cfg.branch,)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device):
+    """Labels and class probabilities (N, num_classes) over a loader."""
+    model.eval()
+    labels, probs = [], []
+    for x, y in loader:
+        logits = model(model_inputs(model, x.to(device, non_blocking=True)))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(y)
+    return torch.cat(labels).numpy(), torch.cat(probs).numpy()
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
+    y, p = predict(model, loader, device)
+    return classification_metrics(y, p.argmax(1))
+
+
+def _loader(ds, indices, batch_size, shuffle, workers, seed) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        Subset(ds, indices), batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=gen,
+        drop_last=False, persistent_workers=workers > 0,
+    )  # fmt: skip
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="site", leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+def train_split(
+    cfg: TrainConfig,
+    train_ds,
+    eval_ds,
+    split,
+    index: int,
+    split_dir: Path,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+    checkpoint_data: Mapping[str, Any] | None = None,
+) -> dict:
+    """Train one split; keep the best-on-validation checkpoint; return its validation and test metrics."""
+    torch.manual_seed(split.seed)
+    model = build_from_config(cfg).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    criterion = nn.CrossEntropyLoss(weight=torch.tensor(cfg.class_weights, dtype=torch.float32, device=device))
+    train_loader = _loader(train_ds, split.train, cfg.batch_size, True, cfg.workers, split.seed)
+    val_loader = _loader(eval_ds, split.val, cfg.batch_size, False, cfg.workers, split.seed)
+    test_loader = _loader(eval_ds, split.test, cfg.batch_size, False, cfg.workers, split.seed)
+
+    best = {"val_accuracy": -1.0, "val_loss": math.inf, "epoch": 0}
+    best_path = split_dir / "best.pt"
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        with _progress(len(split.train), f"split {index} epoch {epoch}/{cfg.epochs}", cfg.progress) as bar:
+            for x, y in train_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss = criterion(model(model_inputs(model, x)), y)
+                if not torch.isfinite(loss):
+                    raise FusionkernError(
+                        f"training loss became {loss.item()} at split {index} epoch {epoch}; "
+                        f"lower the learning rate (lr={cfg.lr}) or check the data for non-finite values"
+                    )
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                seen += len(y)
+                loss_sum += loss.item() * len(y)
+                bar.update(len(y))
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", sites_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        val = evaluate(model, val_loader, device)
+        record = {"epoch": epoch, "train_loss": loss_sum / seen, "val_accuracy": val["accuracy"],
+                  "sites_per_s": seen / (time.perf_counter() - t0)}  # fmt: skip
+        history.append(record)
+        if val["accuracy"] > best["val_accuracy"]:
+            best = {"val_accuracy": val["accuracy"], "epoch": epoch}
+            save_checkpoint(
+                model, best_path, data=dict(checkpoint_data or {}, branch=None if isinstance(model, FusionNet) else cfg.branch),
+                epoch=epoch, split=index, split_seed=split.seed, val=val, train_config=dataclasses.asdict(cfg),
+            )  # fmt: skip
+        log(f"split {index} epoch {epoch:3d}: loss {record['train_loss']:.4f}  "
+            f"val acc {val['accuracy']:.3f}  {record['sites_per_s']:.1f} sites/s")  # fmt: skip
+
+    from fusionkern.models import load_checkpoint
+
+    best_model = load_checkpoint(best_path, map_location=device)
+    test = evaluate(best_model, test_loader, device)
+    val = evaluate(best_model, val_loader, device)
+    return {"split": index, "seed": split.seed, "best_epoch": best["epoch"], "val": val, "test": test,
+            "checkpoint": str(best_path), "history": history}  # fmt: skip
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def markdown_report(cfg: TrainConfig, runs: list[dict], summary: dict) -> str:
+    what = f"FusionNet ({cfg.backbone} branches)" if cfg.model.lower() == "fusionnet" else f"{cfg.model.upper()} on {cfg.branch}"
+    names = {"accuracy": "accuracy", "cement_accuracy": "cement acc.", "landcover_accuracy": "landcover acc.",
+             "cement_recall": "cement recall", "cement_precision": "cement precision", "f1": "F1"}  # fmt: skip
+    lines = [
+        f"# Training report: {what}, preset {cfg.preset}, width {cfg.width}",
+        "",
+        f"Data `{cfg.data}`; {cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr}, "
+        f"class weights {cfg.class_weights}, {len(runs)} split(s), seed {cfg.seed}. Test-set figures in %.",
+        "",
+        "| split | best epoch | " + " | ".join(names[k] for k in SUMMARY_KEYS) + " | confusion [[cc, cl], [lc, ll]] |",
+        "|---|---|" + "---|" * len(SUMMARY_KEYS) + "---|",
+    ]
+    for r in runs:
+        t = r["test"]
+        lines.append(f"| {r['split']} | {r['best_epoch']} | " + " | ".join(_fmt(t[k]) for k in SUMMARY_KEYS)
+                     + f" | {t['confusion_matrix']} |")  # fmt: skip
+    lines.append("| **mean +- std** | | " + " | ".join(
+        f"{_fmt(summary[k]['mean'])} +- {_fmt(summary[k]['std'])}" for k in SUMMARY_KEYS) + " | |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """The whole protocol: read the data, split, train each split, write metrics.json and report.md."""
+    from fusionkern.data import SiteAugment, SiteDataset, load_sites, stratified_splits
+
+    device = resolve_device(cfg.device)
+    if not cfg.data:
+        raise ConfigError("data: no dataset folder given (--data DIR or 'data:' in the config file)")
+    sites, report = load_sites(cfg.data)
+    if report is not None:
+        log(report.summary())
+    preset = get_preset(cfg.preset)
+    branches = dataset_branches(cfg)
+    augment = SiteAugment(seed=cfg.seed) if cfg.augment else None
+    train_ds = SiteDataset(sites, chip_size=preset.chip_px, augment=augment, branches=branches)
+    eval_ds = SiteDataset(sites, chip_size=preset.chip_px, branches=branches)
+    labels = np.asarray(train_ds.labels)
+    splits = stratified_splits(labels, cfg.splits, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+    counts = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}
+    log(f"{len(sites)} sites ({', '.join(f'{n} {c}' for c, n in counts.items())}) from {cfg.data}; "
+        f"{len(splits)} split(s); training on {device}")  # fmt: skip
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for index, split in enumerate(splits):
+        split_dir = out / f"split_{index}"
+        split_dir.mkdir(exist_ok=True)
+        run = train_split(cfg, train_ds, eval_ds, split, index, split_dir, device, log,
+                          checkpoint_data={"dataset": str(cfg.data)})  # fmt: skip
+        t = run["test"]
+        log(f"split {index}: test accuracy {_fmt(t['accuracy'])} %, cement recall {_fmt(t['cement_recall'])} %"
+            f" (best epoch {run['best_epoch']}, {run['checkpoint']})")  # fmt: skip
+        runs.append(run)
+    summary = summarise(r["test"] for r in runs)
+    result = {"config": dataclasses.asdict(cfg), "classes": list(CLASSES), "sites": counts, "splits": runs,
+              "summary": summary}  # fmt: skip
+    _write_atomic(out / "metrics.json", json.dumps(result, indent=2, default=float))
+    _write_atomic(out / "report.md", markdown_report(cfg, runs, summary))
+    return result
+
+
+__all__ = ["TrainConfig", "evaluate", "load_yaml_config", "predict", "run_training", "resolve_device"]

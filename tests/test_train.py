@@ -1,0 +1,105 @@
+"""`fusionkern train` in-process on a tiny synthetic dataset: outputs, checkpoints, configs, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fusionkern import CLASSES
+from fusionkern.cli import main
+from fusionkern.data import make_synthetic_sites
+from fusionkern.metrics import classification_metrics, summarise
+from fusionkern.models import DGCNN, FusionNet, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sites")
+    make_synthetic_sites(root, n_cement=10, n_landcover=20, seed=7)
+    return root
+
+
+def test_train_fusionnet_writes_report_metrics_and_loadable_checkpoints(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(tiny_data), "--out", str(out), "--preset", "native", "--width", "0.25",
+                 "--epochs", "2", "--batch-size", "8", "--splits", "2", "--lr", "1e-3", "--no-progress"])  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == list(CLASSES)
+    assert metrics["sites"] == {"cement": 10, "landcover": 20}
+    assert len(metrics["splits"]) == 2
+    for run in metrics["splits"]:
+        test = run["test"]
+        cm = test["confusion_matrix"]
+        assert sum(map(sum, cm)) == test["n"] == 6  # 20 % of 30 sites, stratified: 2 cement + 4 landcover
+        assert sum(cm[0]) == 2
+        assert 0.0 <= test["accuracy"] <= 1.0
+        assert len(run["history"]) == 2
+    for key in ("accuracy", "cement_recall", "cement_precision", "f1", "cement_accuracy", "landcover_accuracy"):
+        assert set(metrics["summary"][key]) == {"mean", "std", "n"}
+    report = (out / "report.md").read_text()
+    assert "mean +- std" in report and "| 0 |" in report and "| 1 |" in report
+    for k in range(2):
+        raw = torch.load(out / f"split_{k}" / "best.pt", weights_only=True)
+        assert raw["metadata"]["split"] == k
+        model = load_checkpoint(out / f"split_{k}" / "best.pt", expect=FusionNet)
+        assert model.config["preset"] == "native" and model.config["width"] == 0.25
+        assert model(torch.rand(1, 5, 3, 35, 35)).shape == (1, 2)
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_train_single_input_model_from_yaml_config_with_flag_override(tiny_data, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {tiny_data}\nmodel: dgcnn\nbranch: b7\npreset: native\nwidth: 0.25\n"
+                   f"epochs: 3\nbatch_size: 16\nsplits: 1\nprogress: false\nalphas: authors\n")  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--epochs", "1", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["epochs"] == 1  # the flag wins over the file
+    assert metrics["config"]["branch"] == "b7" and metrics["config"]["alphas"] == "authors"
+    model = load_checkpoint(out / "split_0" / "best.pt", expect="DGCNN")
+    assert isinstance(model, DGCNN) and model.checkpoint["data"]["branch"] == "b7"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "{missing}"], "missing"),
+        (["--model", "resnet"], "unknown 'resnet'"),
+        (["--epochs", "0"], "epochs must be at least 1"),
+        (["--alphas", "1,x"], "--alphas"),
+    ],
+)
+def test_train_bad_options_are_one_line_errors(args, message, tiny_data, tmp_path, capsys):
+    args = [a.format(missing=tmp_path / "missing") for a in args]
+    base = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--preset", "native"]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_config_file_unknown_key_and_bad_yaml(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("data: x\nepochz: 3\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "unknown key(s) ['epochz']" in capsys.readouterr().err
+    cfg.write_text("data: [unclosed\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "cfg.yaml is not valid YAML" in capsys.readouterr().err
+
+
+def test_metrics_match_hand_counts():
+    y_true = [0, 0, 0, 1, 1, 1, 1, 1]
+    y_pred = [0, 0, 1, 1, 1, 1, 0, 1]
+    m = classification_metrics(y_true, y_pred)
+    assert m["confusion_matrix"] == [[2, 1], [1, 4]]
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["cement_recall"] == pytest.approx(2 / 3) == m["cement_accuracy"]
+    assert m["landcover_accuracy"] == pytest.approx(4 / 5)
+    assert m["cement_precision"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    s = summarise([{"accuracy": 0.5}, {"accuracy": 0.7}], keys=["accuracy"])
+    assert s["accuracy"]["mean"] == pytest.approx(0.6) and s["accuracy"]["std"] == pytest.approx(0.1)
