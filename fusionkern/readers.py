@@ -1,0 +1,405 @@
+"""Where rasters enter fusionkern: Landsat file discovery, windowed reads with nodata as NaN, DN calibration.
+
+Every failure to find or read a file (missing, truncated, not a raster, a band that is not there) becomes an
+:class:`~fusionkern.errors.InputError` that names the file, never a bare GDAL traceback. rasterio is imported only
+when a raster is actually opened, so the rest of fusionkern works without the ``geo`` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from fusionkern import landsat
+from fusionkern.errors import InputError, MissingDependencyError
+
+WindowLike = Any
+"""A ``rasterio.windows.Window`` or ``((row_start, row_stop), (col_start, col_stop))``."""
+
+_QA_RE = re.compile(r"^.+_(?:BQA|QA_PIXEL)\.tiff?$", re.IGNORECASE)
+_MTL_RE = re.compile(r"^.+_MTL\.txt$", re.IGNORECASE)
+_SR_RE = re.compile(r"_SR_B\d{1,2}\.tiff?$", re.IGNORECASE)
+_ST_RE = re.compile(r"_ST_B\d{1,2}\.tiff?$", re.IGNORECASE)
+_C1_QA_RE = re.compile(r"_BQA\.tiff?$", re.IGNORECASE)
+
+
+def _rasterio() -> ModuleType:
+    """Imports rasterio, or explains which extra provides it."""
+    try:
+        import rasterio
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise MissingDependencyError("rasterio", "geo", "Reading rasters") from exc
+    return rasterio
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finding files in a scene folder
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _band_pattern(number: int) -> re.Pattern[str]:
+    """File names of band ``number``: ``*_B6.TIF``, ``*_band6.tif``, ``*_SR_B6.TIF``, ``*_ST_B10.TIF``."""
+    return re.compile(rf"^.+_(?:(?:SR|ST)_)?B{number}\.tiff?$|^.+_band{number}\.tiff?$", re.IGNORECASE)
+
+
+def _scene_folder(scene_dir: str | Path) -> Path:
+    folder = Path(scene_dir)
+    if not folder.is_dir():
+        raise InputError(f"scene folder not found: {folder}")
+    return folder
+
+
+def _matching_files(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and pattern.match(p.name))
+
+
+def _single(matches: list[Path], folder: Path, what: str) -> Path | None:
+    """The one file found, None if none; several are an error naming them."""
+    if len(matches) > 1:
+        names = ", ".join(p.name for p in matches)
+        raise InputError(f"{what} is ambiguous in {folder}: {len(matches)} files match ({names})")
+    return matches[0] if matches else None
+
+
+def find_band_file(scene_dir: str | Path, band: landsat.Band) -> Path:
+    """Finds the file of one band in a Landsat scene folder, by the usual USGS names (case-insensitive).
+
+    Recognised: Collection 1 / 2 Level-1 ``*_B6.TIF``, pre-collection and ESPA ``*_band6.tif``, Collection 2
+    Level-2 ``*_SR_B6.TIF`` and ``*_ST_B10.TIF``.
+
+    Args:
+        scene_dir: The scene folder.
+        band: Band number or name (``6``, ``"b6"``, ``"B10"``).
+
+    Returns:
+        The path of the band's GeoTIFF.
+
+    Raises:
+        InputError: The folder does not exist, no file matches, or several do.
+    """
+    folder, number = _scene_folder(scene_dir), landsat.band_number(band)
+    found = _single(_matching_files(folder, _band_pattern(number)), folder, f"band {number}")
+    if found is None:
+        raise InputError(
+            f"no file for band {number} in {folder}: expected a name ending in _B{number}.TIF, "
+            f"_band{number}.tif, _SR_B{number}.TIF or _ST_B{number}.TIF"
+        )
+    return found
+
+
+def find_qa_file(scene_dir: str | Path) -> Path | None:
+    """Finds the quality band of a scene: Collection 1 ``*_BQA.TIF`` or Collection 2 ``*_QA_PIXEL.TIF``.
+
+    Args:
+        scene_dir: The scene folder.
+
+    Returns:
+        The QA file, or None when the scene has none.
+
+    Raises:
+        InputError: The folder does not exist, or several QA files match.
+    """
+    folder = _scene_folder(scene_dir)
+    return _single(_matching_files(folder, _QA_RE), folder, "the QA band")
+
+
+def find_mtl(scene_dir: str | Path) -> Path | None:
+    """Finds the ``*_MTL.txt`` metadata file of a scene.
+
+    Args:
+        scene_dir: The scene folder.
+
+    Returns:
+        The MTL file, or None when the scene has none.
+
+    Raises:
+        InputError: The folder does not exist, or several MTL files match.
+    """
+    folder = _scene_folder(scene_dir)
+    return _single(_matching_files(folder, _MTL_RE), folder, "the MTL file")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading rasters
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _raster_errors(path: str | Path, action: str = "read") -> Iterator[None]:
+    """Turns rasterio and GDAL errors into one InputError naming the file."""
+    rasterio = _rasterio()
+    from rasterio.errors import RasterioError
+
+    gdal_errors: tuple[type[BaseException], ...] = (RasterioError, OSError)
+    cple = getattr(getattr(rasterio, "_err", None), "CPLE_BaseError", None)
+    if cple is not None:
+        gdal_errors += (cple,)
+    try:
+        yield
+    except gdal_errors as exc:
+        reason = str(exc).strip() or type(exc).__name__
+        if reason.startswith("Read failed") and exc.__context__ is not None:
+            reason = str(exc.__context__).strip() or reason
+        raise InputError(f"cannot {action} raster {path}: {reason}") from exc
+
+
+def _is_local(path: str | Path) -> bool:
+    text = str(path)
+    return "://" not in text and not text.startswith("/vsi")
+
+
+def _as_window(window: WindowLike) -> Any:
+    """Normalises a window argument to ``rasterio.windows.Window``."""
+    from rasterio.windows import Window
+
+    if window is None or isinstance(window, Window):
+        return window
+    (row_start, row_stop), (col_start, col_stop) = window
+    return Window(col_start, row_start, col_stop - col_start, row_stop - row_start)
+
+
+class RasterSource:
+    """One band of a raster, kept open for many window reads; nodata comes back as NaN.
+
+    Use as a context manager::
+
+        with RasterSource(path) as src:
+            chip = src.read(window)
+
+    Attributes:
+        path: The raster file.
+        band: The 1-based band index read.
+        crs: Coordinate reference system (``rasterio.crs.CRS``).
+        transform: Affine pixel -> CRS transform.
+        width: Columns.
+        height: Rows.
+        nodata: The band's nodata value, or None.
+        dtype: The stored data type (numpy dtype).
+    """
+
+    def __init__(self, path: str | Path, band: int = 1):
+        """Opens the raster.
+
+        Args:
+            path: A raster file GDAL can read (GeoTIFF for Landsat products).
+            band: 1-based band index.
+
+        Raises:
+            InputError: The file is missing, not a raster, or has no such band.
+        """
+        rasterio = _rasterio()
+        self.path = Path(path) if _is_local(path) else path
+        if _is_local(path) and not Path(path).is_file():
+            raise InputError(f"raster not found: {path}")
+        with _raster_errors(path, "open"):
+            self._ds = rasterio.open(path)
+        count = self._ds.count
+        if not 1 <= band <= count:
+            self._ds.close()
+            raise InputError(f"raster {path} has {count} band(s); band {band} does not exist")
+        self.band = band
+        self.crs = self._ds.crs
+        self.transform = self._ds.transform
+        self.width, self.height = self._ds.width, self._ds.height
+        self.nodata = self._ds.nodatavals[band - 1]
+        self.dtype = np.dtype(self._ds.dtypes[band - 1])
+
+    def __enter__(self) -> RasterSource:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None):
+        self.close()
+
+    def close(self) -> None:
+        """Closes the dataset."""
+        self._ds.close()
+
+    @property
+    def res(self) -> tuple[float, float]:
+        """Pixel width and height in CRS units (both positive)."""
+        return abs(self.transform.a), abs(self.transform.e)
+
+    def contains(self, window: WindowLike) -> bool:
+        """Whether a window lies entirely inside the raster."""
+        w = _as_window(window)
+        return (
+            w.col_off >= 0
+            and w.row_off >= 0
+            and w.col_off + w.width <= self.width
+            and w.row_off + w.height <= self.height
+        )
+
+    def read(self, window: WindowLike = None, out_dtype: Any = np.float32) -> np.ndarray:
+        """Reads the band, or a window of it.
+
+        Args:
+            window: Part to read (None: everything); must lie inside the raster.
+            out_dtype: Output float dtype; nodata pixels (the nodata value, or a GDAL mask) become NaN. None
+                or an integer dtype returns the stored values as they are, nodata included.
+
+        Returns:
+            2-D array of shape (rows, cols).
+
+        Raises:
+            InputError: The window leaves the raster, or the file cannot be decoded (e.g. truncated).
+        """
+        window = _as_window(window)
+        if window is not None and not self.contains(window):
+            raise InputError(
+                f"window {window} leaves raster {self.path} ({self.height} rows x {self.width} columns)"
+            )
+        with _raster_errors(self.path):
+            raw = self._ds.read(self.band, window=window)
+            if out_dtype is None or np.dtype(out_dtype).kind != "f":
+                return raw if out_dtype is None else raw.astype(out_dtype)
+            invalid = self._invalid(raw, window)
+        with np.errstate(over="ignore"):
+            out = raw.astype(out_dtype)
+        out[invalid] = np.nan
+        return out
+
+    def _invalid(self, raw: np.ndarray, window: Any) -> np.ndarray:
+        """Nodata pixels: the nodata value (tolerant for float fill values), NaN, or a GDAL mask band."""
+        from rasterio.enums import MaskFlags
+
+        invalid = landsat.nodata_mask(raw, self.nodata, fill_zero=False)
+        flags = self._ds.mask_flag_enums[self.band - 1]
+        if MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:
+            invalid |= self._ds.read_masks(self.band, window=window) == 0
+        return invalid
+
+    def profile(self, window: WindowLike = None, out_dtype: Any = np.float32) -> dict[str, Any]:
+        """A single-band rasterio profile for what :meth:`read` returns (window transform, NaN nodata).
+
+        Args:
+            window: The window read (None: the whole raster).
+            out_dtype: The dtype read.
+
+        Returns:
+            A copy of the source profile, updated to the window and dtype.
+        """
+        from rasterio import windows
+
+        window = _as_window(window)
+        profile = dict(self._ds.profile)
+        dtype = self.dtype if out_dtype is None else np.dtype(out_dtype)
+        profile.update(count=1, dtype=dtype.name)
+        if out_dtype is not None and dtype.kind == "f":
+            profile["nodata"] = float("nan")
+        if window is not None:
+            profile.update(
+                width=int(window.width),
+                height=int(window.height),
+                transform=windows.transform(window, self.transform),
+            )
+            for key in ("blockxsize", "blockysize", "tiled"):
+                profile.pop(key, None)
+        return profile
+
+
+def read_raster(
+    path: str | Path, band: int = 1, window: WindowLike = None, out_dtype: Any = np.float32
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Reads one band of a raster with nodata as NaN.
+
+    Nodata is the band's nodata value (float fill values such as -1.7e308 are matched with a relative
+    tolerance), NaN, or a GDAL mask band.
+
+    Args:
+        path: Raster file.
+        band: 1-based band index.
+        window: Part to read, inside the raster (None: everything).
+        out_dtype: Output float dtype (None: stored dtype, nodata left as stored).
+
+    Returns:
+        ``(array, profile)``: the 2-D array and a rasterio profile describing it (window transform, NaN nodata).
+
+    Raises:
+        InputError: Missing file, truncated or unreadable raster, not a raster, or no such band; the message
+            names the file.
+    """
+    with RasterSource(path, band) as src:
+        return src.read(window, out_dtype), src.profile(window, out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Calibration by product
+# --------------------------------------------------------------------------------------------------------------
+
+
+def calibrate_band(
+    values: np.ndarray, path: str | Path, band: landsat.Band, mtl: Mapping[str, Any] | str | Path | None = None
+) -> np.ndarray:
+    """Converts the values read from a band file to physical units, choosing the formula from the product.
+
+    * Collection 2 Level-2 ``*_SR_B*`` files: surface reflectance; ``*_ST_B*``: surface temperature (K).
+    * Level-1 files with MTL metadata: :func:`fusionkern.landsat.calibrate` (TOA reflectance for reflective
+      bands, brightness temperature for thermal bands), DN 0 treated as fill.
+    * Otherwise the values are taken as already calibrated (e.g. composites exported as reflectance).
+
+    Args:
+        values: Values read with :func:`read_raster` (NaN at nodata).
+        path: The file they came from (its name tells the product).
+        band: The Landsat-8 band.
+        mtl: Parsed MTL metadata or the MTL path, for Level-1 files.
+
+    Returns:
+        float32 array, NaN at nodata.
+    """
+    name = Path(path).name
+    if _SR_RE.search(name):
+        return landsat.c2_surface_reflectance(values, fill_zero=True)
+    if _ST_RE.search(name):
+        return landsat.c2_surface_temperature(values, fill_zero=True)
+    if mtl is not None:
+        return landsat.calibrate(values, mtl, band, fill_zero=True)
+    return np.asarray(values, dtype=np.float32)
+
+
+def read_scene_band(
+    scene_dir: str | Path, band: landsat.Band, calibrate: bool = True, window: WindowLike = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Reads one band of a Landsat scene folder, calibrated where the folder says how.
+
+    Args:
+        scene_dir: Scene folder (see :func:`find_band_file` for the names recognised).
+        band: Band number or name.
+        calibrate: Convert DN with :func:`calibrate_band` (MTL constants, or Level-2 scalings). Without an MTL a
+            Level-1 band is returned as stored.
+        window: Part to read (None: everything).
+
+    Returns:
+        ``(array, profile)`` as :func:`read_raster`, float32 with NaN at nodata.
+
+    Raises:
+        InputError: The band, the raster or the MTL cannot be found or read.
+    """
+    path = find_band_file(scene_dir, band)
+    values, profile = read_raster(path, window=window)
+    if not calibrate:
+        return values, profile
+    mtl = find_mtl(scene_dir)
+    return calibrate_band(values, path, band, landsat.read_mtl(mtl) if mtl else None), profile
+
+
+def qa_invalid_mask(qa: np.ndarray, path: str | Path) -> np.ndarray:
+    """Cloud, shadow and fill mask of a QA band, decoding it by its file name.
+
+    ``*_BQA.TIF`` is decoded as Collection 1 BQA, anything else (``*_QA_PIXEL.TIF``) as Collection 2 QA_PIXEL,
+    both with their default flags.
+
+    Args:
+        qa: QA words as stored (uint16 or int16), or float with NaN where there is no QA word.
+        path: The QA file.
+
+    Returns:
+        Boolean array, True where the pixel is invalid.
+    """
+    if _C1_QA_RE.search(Path(path).name):
+        return landsat.cloud_mask_c1_bqa(qa)
+    return landsat.cloud_mask_c2_qa_pixel(qa)
