@@ -38,8 +38,9 @@ setup(
         "tqdm>=4.64",
     ],
     extras_require={
-        # Raster I/O. 1.3: rasterio.windows.from_bounds(..., transform) signature and WarpedVRT options used.
-        "geo": ["rasterio>=1.3"],
+        # Raster I/O. rasterio 1.3: rasterio.windows.from_bounds(..., transform) and the WarpedVRT options used;
+        # Pillow 9.1: Image.Resampling and the mode handling used to read the authors' PNG/JPG chips.
+        "geo": ["rasterio>=1.3", "pillow>=9.1"],
         # Triton kernels. 3.0: tl.extra-free API, triton.compile(ASTSource, target=GPUTarget) for the sm_90 test.
         "kernels": ["triton>=3.0"],
         # ONNX export. onnx 1.14 ships opset 18 (the default export opset); onnxruntime 1.16 runs opset 18.
@@ -51,7 +52,7 @@ setup(
         # Benchmarks. pytest-benchmark 4.0: the pedantic API and JSON output we parse; matplotlib 3.6 for plots.
         "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.6"],
         # Tests. pytest 7.0: pytest.importorskip(..., reason=) and the ini options in pyproject.toml.
-        "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", "matplotlib>=3.6", "pillow>=9.0"],
+        "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", "matplotlib>=3.6"],
     },
     entry_points={"console_scripts": ["fusionkern=fusionkern.cli:main"]},
 )

@@ -284,7 +284,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     branches = dataset_branches(cfg)
     augment = SiteAugment(seed=cfg.seed) if cfg.augment else None
     train_ds = SiteDataset(sites, chip_size=preset.chip_px, augment=augment, branches=branches)
-    eval_ds = SiteDataset(sites, chip_size=preset.chip_px, branches=branches)
+    eval_ds = train_ds.with_augment(None)  # shares the decoded-chip cache
     labels = np.asarray(train_ds.labels)
     splits = stratified_splits(labels, cfg.splits, cfg.test_fraction, cfg.val_fraction, cfg.seed)
     counts = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}

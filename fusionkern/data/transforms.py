@@ -1,0 +1,135 @@
+"""Per-chip scaling and the paper's geometric augmentation, applied to all inputs of a site at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from fusionkern.errors import ConfigError
+
+ChipT = TypeVar("ChipT", np.ndarray, torch.Tensor)
+
+
+def minmax_scale(x: np.ndarray) -> np.ndarray:
+    """Scale each channel of a chip to its own min..max, as the authors do.
+
+    Every (H, W) plane of ``x`` is mapped to [0, 1] from its finite minimum and maximum. Non-finite pixels
+    (NaN nodata, infinities) are ignored for the range and set to 0 afterwards; a constant or entirely
+    non-finite plane becomes all 0. The result never holds NaN.
+
+    Args:
+        x: Array of shape (..., H, W), typically (C, H, W) with one channel per date.
+
+    Returns:
+        float32 array of the same shape with values in [0, 1].
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim < 2:
+        raise ValueError(f"minmax_scale needs an array of shape (..., H, W), got shape {x.shape}")
+    finite = np.isfinite(x)
+    lo = np.where(finite, x, np.inf).min(axis=(-2, -1), keepdims=True)
+    hi = np.where(finite, x, -np.inf).max(axis=(-2, -1), keepdims=True)
+    has_data = np.isfinite(lo)  # False for a plane without a single finite pixel
+    lo, hi = np.where(has_data, lo, 0.0), np.where(has_data, hi, 0.0)
+    span = hi - lo
+    usable = np.isfinite(span) & (span > 0)
+    span = np.where(usable, span, 1.0)
+    scaled = np.where(finite & usable, (np.where(finite, x, 0.0) - lo) / span, 0.0)
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """One draw of :class:`SiteAugment`: quarter turns (counter-clockwise) then the flips, in that order."""
+
+    k: int = 0
+    hflip: bool = False
+    vflip: bool = False
+
+    def apply(self, x: ChipT) -> ChipT:
+        """Apply this rotation and these flips to the last two axes of ``x`` (a numpy array or a tensor).
+
+        ``hflip`` mirrors left-right (the last axis), ``vflip`` up-down (the second last).
+        """
+        if isinstance(x, torch.Tensor):
+            x = torch.rot90(x, self.k, dims=(-2, -1)) if self.k else x
+            x = torch.flip(x, dims=(-1,)) if self.hflip else x
+            return torch.flip(x, dims=(-2,)) if self.vflip else x
+        x = np.rot90(x, self.k, axes=(-2, -1)) if self.k else x
+        x = x[..., ::-1] if self.hflip else x
+        x = x[..., ::-1, :] if self.vflip else x
+        return np.ascontiguousarray(x)
+
+
+class SiteAugment:
+    """The paper's augmentation: rotation (p 0.9), horizontal flip (p 0.5), vertical flip (p 0.1).
+
+    One draw is applied to every input of a site, so the five branches stay co-registered. Rotations are
+    quarter turns, k uniform in {1, 2, 3} (90, 180 or 270 degrees): on a square chip they are lossless, with no
+    interpolation of the thermal spot and no empty corners to fill, which an arbitrary angle on a 35 px chip
+    would bring. Together with the flips they reach all eight symmetries of the square.
+
+    The generator is this object's own ``numpy.random.Generator``. In the main process it is seeded from
+    ``seed``, so a seeded augment gives the same sequence every run. Inside a DataLoader worker it is re-seeded
+    on first use from ``seed`` and the worker's torch seed (``get_worker_info().seed``), which differs per worker
+    and per epoch and is itself reproducible under ``torch.manual_seed`` or a DataLoader ``generator``.
+
+    Args:
+        p_rotate: Probability of a quarter-turn rotation.
+        p_hflip: Probability of a left-right flip.
+        p_vflip: Probability of an up-down flip.
+        seed: Seed of the generator; None draws fresh entropy.
+
+    Raises:
+        ConfigError: A probability is outside [0, 1].
+    """
+
+    def __init__(self, p_rotate: float = 0.9, p_hflip: float = 0.5, p_vflip: float = 0.1, seed: int | None = None):
+        for name, p in (("p_rotate", p_rotate), ("p_hflip", p_hflip), ("p_vflip", p_vflip)):
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"augmentation {name} must be a probability in [0, 1], got {p}")
+        self.p_rotate, self.p_hflip, self.p_vflip = p_rotate, p_hflip, p_vflip
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._owner: int | None = None  # torch seed of the worker that owns the generator; None = main process
+
+    def __repr__(self) -> str:
+        return (
+            f"SiteAugment(p_rotate={self.p_rotate}, p_hflip={self.p_hflip}, p_vflip={self.p_vflip}, seed={self.seed})"
+        )
+
+    def sample(self) -> AugmentParams:
+        """Draw one rotation and flip; always consumes the same amount of randomness."""
+        rng = self._generator()
+        u_rotate, u_hflip, u_vflip = rng.random(3)
+        k = int(rng.integers(1, 4))
+        return AugmentParams(
+            k=k if u_rotate < self.p_rotate else 0,
+            hflip=bool(u_hflip < self.p_hflip),
+            vflip=bool(u_vflip < self.p_vflip),
+        )
+
+    def __call__(self, x: ChipT) -> ChipT:
+        """Apply one draw to all inputs of a site.
+
+        Args:
+            x: Array or tensor of shape (N, C, S, S), N inputs of one site (any leading shape works).
+
+        Returns:
+            The transformed inputs, same type and shape.
+        """
+        if x.ndim < 2 or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"SiteAugment needs square chips (..., S, S), got shape {tuple(x.shape)}")
+        return self.sample().apply(x)
+
+    def _generator(self) -> np.random.Generator:
+        info = torch.utils.data.get_worker_info()
+        owner = None if info is None else int(info.seed)
+        if owner != self._owner:
+            entropy = [owner] if self.seed is None else [self.seed, owner]
+            self._rng = np.random.default_rng(np.random.SeedSequence(entropy))
+            self._owner = owner
+        return self._rng
