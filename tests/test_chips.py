@@ -12,7 +12,7 @@ import pytest
 from conftest import CLIP_C1_AFRICA
 from fusionkern import BRANCHES, CLASSES, landsat, readers
 from fusionkern.cli import main
-from fusionkern.data import chips
+from fusionkern.data import SiteDataset, chips, load_sites
 from fusionkern.errors import InputError
 
 rasterio = pytest.importorskip("rasterio")
@@ -172,6 +172,12 @@ def test_chips_layout_counts_and_content(tmp_path, rasters, capsys):
             overlap_cols = abs(left_lc - (plant_col - HALF)) < CHIP
             assert not (overlap_rows and overlap_cols)
     assert _hidden_leftovers(tmp_path) == []
+
+    # What `chips` writes is what training reads: the site layout, five inputs per site.
+    sites_read, report = load_sites(out)
+    assert report is None and len(sites_read) == len(sites)
+    x, y = SiteDataset(sites_read, chip_size=CHIP)[[s.name for s in sites_read].index("plant_0001")]
+    assert x.shape == (len(BRANCHES), 3, CHIP, CHIP) and y == CLASSES.index("cement")
 
 
 def test_chips_report_accounts_for_every_site(tmp_path, rasters):
