@@ -33,6 +33,8 @@ from fusionkern import BRANCHES, CLASSES
 from fusionkern.errors import ConfigError, FusionkernError
 from fusionkern.metrics import SUMMARY_KEYS, classification_metrics, summarise
 from fusionkern.models import FusionNet, SINGLE_INPUT_MODELS, build_model, get_preset, save_checkpoint
+from fusionkern.models.layers import BACKENDS
+from fusionkern.models.networks import check_backend_available
 
 
 @dataclass
@@ -58,6 +60,7 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    backend: str = "torch"  # torch (reference) or triton (fused kernels, CUDA)
     workers: int = 0
     progress: bool = True
 
@@ -68,6 +71,8 @@ class TrainConfig:
         if self.model.lower() != "fusionnet" and self.model.lower() not in SINGLE_INPUT_MODELS:
             raise ConfigError(f"model: unknown {self.model!r}; choose fusionnet or one of {sorted(SINGLE_INPUT_MODELS)}")
         get_preset(self.preset)
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend: unknown {self.backend!r}; choose one of {list(BACKENDS)}")
         if self.branch not in BRANCHES:
             raise ConfigError(f"branch: unknown {self.branch!r}; choose one of {list(BRANCHES)}")
         for name in ("epochs", "batch_size", "splits"):
@@ -186,7 +191,7 @@ def train_split(
 ) -> dict:
     """Train one split; keep the best-on-validation checkpoint; return its validation and test metrics."""
     torch.manual_seed(split.seed)
-    model = build_from_config(cfg).to(device)
+    model = build_from_config(cfg).to(device).to_backend(cfg.backend)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     criterion = nn.CrossEntropyLoss(weight=torch.tensor(cfg.class_weights, dtype=torch.float32, device=device))
     train_loader = _loader(train_ds, split.train, cfg.batch_size, True, cfg.workers, split.seed)
@@ -230,7 +235,7 @@ def train_split(
 
     from fusionkern.models import load_checkpoint
 
-    best_model = load_checkpoint(best_path, map_location=device)
+    best_model = load_checkpoint(best_path, map_location=device).to_backend(cfg.backend)
     test = evaluate(best_model, test_loader, device)
     val = evaluate(best_model, val_loader, device)
     return {"split": index, "seed": split.seed, "best_epoch": best["epoch"], "val": val, "test": test,
@@ -275,6 +280,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     from fusionkern.data import SiteAugment, SiteDataset, load_sites, stratified_splits
 
     device = resolve_device(cfg.device)
+    check_backend_available(cfg.backend, device)
     if not cfg.data:
         raise ConfigError("data: no dataset folder given (--data DIR or 'data:' in the config file)")
     sites, report = load_sites(cfg.data)

@@ -103,3 +103,13 @@ def test_metrics_match_hand_counts():
     assert m["f1"] == pytest.approx(2 / 3)
     s = summarise([{"accuracy": 0.5}, {"accuracy": 0.7}], keys=["accuracy"])
     assert s["accuracy"]["mean"] == pytest.approx(0.6) and s["accuracy"]["std"] == pytest.approx(0.1)
+
+
+def test_triton_backend_without_cuda_is_a_clear_error(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code = main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--preset", "native",
+                 "--backend", "triton", "--device", "cpu"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "triton backend runs on a CUDA device" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", type=int, help="number of stratified splits (default 5)")
     p.add_argument("--seed", type=int, help="seed of the splits, weights and augmentation (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--backend", choices=("torch", "triton"),
+                   help="torch (reference, default) or triton (fused kernels; needs a CUDA device)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="turn augmentation off")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "data", "out", "model", "backbone", "preset", "width", "branch", "epochs", "batch_size", "lr", "splits",
-        "seed", "device", "workers", "augment", "progress")}  # fmt: skip
+        "seed", "device", "backend", "workers", "augment", "progress")}  # fmt: skip
     overrides["alphas"] = parse_alphas(args.alphas)
     cfg = TrainConfig.from_sources(args.config, **overrides)
     result = run_training(cfg)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 GRIDS = ("centered", "legacy")
+BACKENDS = ("torch", "triton")
+"""Where a layer's forward pass runs: the plain-PyTorch reference or the fused Triton kernels (same weights)."""
 
 # The paper's initial bank (eq. 2 and 3): five frequencies and eight orientations.
 GABOR_FREQS = tuple(math.pi / 2 * math.sqrt(2) ** -(n - 1) for n in range(1, 6))
@@ -180,7 +182,13 @@ class DilatedAvgBlock(nn.Module):
         )
         self.bn = nn.BatchNorm2d(out_channels)
 
+    backend = "torch"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C_out, H, W)
+        if self.backend == "triton":
+            from fusionkern.kernels import block_forward
+
+            return block_forward(self, x)
         h = [conv(x) for conv in self.convs]
         return F.relu(self.bn(h[0] + torch.stack(h[1:]).mean(0)))
 
@@ -206,5 +214,11 @@ class ChannelAttention(nn.Module):
         mx = F.adaptive_max_pool2d(f, 1)
         return torch.sigmoid(self.mlp(avg) + self.mlp(mx))
 
+    backend = "torch"
+
     def forward(self, f: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        if self.backend == "triton":
+            from fusionkern.kernels import attention_forward
+
+            return attention_forward(self, f)
         return f + f * self.attention(f)

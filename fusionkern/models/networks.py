@@ -11,6 +11,7 @@ Every model keeps its constructor arguments in ``self.config`` so that a checkpo
 
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence
 
 import torch
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionkern import BRANCHES
-from fusionkern.errors import ConfigError, InputError
-from fusionkern.models.layers import ChannelAttention, DilatedAvgBlock, GaborConv2d, MixPool2d
+from fusionkern.errors import ConfigError, InputError, MissingDependencyError
+from fusionkern.models.layers import BACKENDS, ChannelAttention, DilatedAvgBlock, GaborConv2d, MixPool2d
 from fusionkern.models.presets import Preset, get_preset, resolve_alphas, scale_width
 
 ORDERS = ("bn_pool", "pool_bn")
@@ -37,7 +38,13 @@ class ConvStage(nn.Module):
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         self.conv, self.pool, self.bn, self.order = conv, pool, bn, order
 
+    backend = "torch"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from fusionkern.kernels import stage_forward
+
+            return stage_forward(self, x)
         x = F.relu(self.conv(x))
         first, second = (self.bn, self.pool) if self.order == "bn_pool" else (self.pool, self.bn)
         if first is not None:
@@ -137,6 +144,42 @@ def make_backbone(
     )
 
 
+def check_backend_available(backend: str, device: torch.device) -> None:
+    """Raise a clear error when ``backend`` cannot run on ``device`` here."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "torch":
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("triton", "kernels", "The triton backend") from None
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            f"the triton backend runs on a CUDA device, but the model is on {device}: move it with .cuda() first "
+            "(TRITON_INTERPRET=1 runs the kernels on the CPU interpreter, slowly, for testing only)"
+        )
+
+
+class BackendMixin:
+    """``model.to_backend("triton" | "torch")``: run the same weights on the fused kernels or the reference."""
+
+    backend = "torch"
+
+    def to_backend(self, backend: str) -> "BackendMixin":
+        """Switch every stage, dilated block and attention layer to ``backend``; the state_dict is unchanged.
+
+        Call it after moving the model to its device (the kernels run where the weights are).
+        """
+        param = next(self.parameters())
+        check_backend_available(backend, param.device)
+        for module in self.modules():
+            if isinstance(module, (ConvStage, DilatedAvgBlock, ChannelAttention)):
+                module.backend = backend
+        self.backend = backend
+        return self
+
+
 def _check_size(h: int, w: int, minimum: int, who: str) -> None:
     if min(h, w) < minimum:
         raise InputError(
@@ -154,7 +197,7 @@ def resize_chips(x: torch.Tensor, size: int) -> torch.Tensor:
     return y.reshape(*lead, *y.shape[-3:])
 
 
-class _SingleInput(nn.Module):
+class _SingleInput(BackendMixin, nn.Module):
     """A single-input classifier: backbone -> global average pooling -> Linear(C, num_classes)."""
 
     kind = ""
@@ -229,7 +272,7 @@ class DGCNN(_SingleInput):
 SINGLE_INPUT_MODELS = {cls.kind: cls for cls in (CNN5, MPCNN5, GCNN5, DCNN5, DGCNN)}
 
 
-class FusionNet(nn.Module):
+class FusionNet(BackendMixin, nn.Module):
     """Intermediate fusion of five branches: (B, 5, 3, H, W) in ``BRANCHES`` order -> (B, num_classes) logits.
 
     Each branch (``backbone="dgcnn"``, or ``"cnn5"`` for Table III's other row) maps its 3-date input to a feature
