@@ -6,8 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run on the CPU interpreter unless a GPU run says otherwise
+# Without a GPU the Triton kernels run on the CPU interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FUSIONKERN_SHARED_DATA", REPO.parent / "shared" / "data"))
