@@ -1,0 +1,569 @@
+"""Shared pieces of the convolution kernels: argument checks, block sizes, autotune configs, sm_90 compilation.
+
+Host side:
+
+* :class:`UnsupportedOptionError` and :func:`unsupported`: the one error every launcher raises for an option the
+  kernels do not implement (a ``ValueError`` that also reaches the CLI as a one-line :class:`ConfigError`).
+* :func:`check_tensor`, :func:`square_int`, :func:`check_alpha`, :func:`check_bn`, :func:`check_int32_indexable`,
+  :func:`conv_geometry`: argument validation.
+* :func:`interpreting`, :func:`pow2_block`, :func:`tune_configs`, :func:`make_configs`,
+  :func:`prune_block_configs`: one small deterministic config on the Triton CPU interpreter, a short autotune list
+  (pruned to the problem size) on a GPU.
+* :func:`cudnn_fp32_precision`: scopes cuDNN's TF32 switch to one call (the backward passes honour ``allow_tf32``).
+* :class:`KernelSpec`, :func:`compile_sm90` and :func:`compile_sm90_isolated`: compile a ``@triton.jit`` kernel
+  for an H100 (sm_90) without a GPU, so that a kernel that would not lower for an H100 fails on any machine.
+* :class:`ConvGeometry`: output sizes, launch grid and partial-sum rows of one fused convolution.
+
+Device side (``@triton.jit`` helpers used by :mod:`.gabor_conv` and :mod:`.conv_mixpool`):
+
+* :func:`_x_tile`: one implicit-GEMM operand tile of the input, rows = output pixels, columns = reduction
+  indices ``(ci, kh, kw)`` flattened.
+* :func:`_mixpool_fwd` and :func:`_mixpool_bwd`: the 2 x 2 mixed pooling of four pre-pool tiles and its gradient.
+* :func:`_conv_fwd_epilogue`, :func:`_conv_bwd_epilogue`, :func:`_store_grad_z`: ReLU -> pool -> affine on the
+  accumulators, and ``dL/dz`` of the same chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, NoReturn, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from fusionkern.errors import ConfigError
+
+# Dtypes the convolution kernels accept. float64 exists for verification (gradcheck); fp32/bf16/fp16 are the
+# production types, all accumulated in fp32 (float64 accumulates in float64).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Kernels index with int32 offsets (cheaper address arithmetic on the GPU); larger tensors are refused.
+INT32_LIMIT = 2**31 - 1
+
+# The smallest BLOCK_P of any config below: partial-sum buffers are sized for it.
+MIN_BLOCK_P = 16
+
+
+class UnsupportedOptionError(ConfigError, ValueError):
+    """An argument or option the Triton kernels do not implement; the message names the parameter."""
+
+
+def unsupported(param: str, message: str) -> NoReturn:
+    """Raise :class:`UnsupportedOptionError` as ``"<param>: <message>"``."""
+    raise UnsupportedOptionError(f"{param}: {message}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def check_tensor(
+    name: str,
+    t: Any,
+    *,
+    ndim: int | None = None,
+    shape: Sequence[int] | None = None,
+    dtypes: Sequence[torch.dtype] | None = SUPPORTED_DTYPES,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Check a tensor argument, raising :class:`UnsupportedOptionError` that names ``name`` on any mismatch."""
+    if not isinstance(t, torch.Tensor):
+        unsupported(name, f"expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        unsupported(name, f"expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        unsupported(name, f"expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        unsupported(name, f"dtype {str(t.dtype).replace('torch.', '')} is not supported (supported: {names})")
+    if device is not None and t.device != device:
+        unsupported(name, f"is on {t.device} but the input is on {device}; all tensors must share one device")
+    return t
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """Triton kernels need CUDA tensors, except on the CPU interpreter (which needs CPU tensors)."""
+    if interpreting():
+        if t.device.type != "cpu":
+            unsupported(name, f"is on {t.device}; under TRITON_INTERPRET=1 the kernels run on CPU tensors only")
+    elif t.device.type != "cuda":
+        unsupported(name, f"is on {t.device}; the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
+
+
+def square_int(name: str, value: Any, *, minimum: int) -> int:
+    """An int, or a pair of equal ints (as torch accepts), at least ``minimum``; anything else is refused."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            unsupported(name, f"only square values are supported (an int or an equal pair), got {tuple(value)}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        unsupported(name, f"expected an int, got {value!r}")
+    if value < minimum:
+        unsupported(name, f"must be at least {minimum}, got {value}")
+    return value
+
+
+def check_alpha(pool_alpha, x: torch.Tensor, name: str) -> torch.Tensor | None:
+    """``None`` (no pooling), or a tensor: a float becomes a constant 0-d tensor (no gradient)."""
+    if pool_alpha is None:
+        return None
+    if isinstance(pool_alpha, (int, float)) and not isinstance(pool_alpha, bool):
+        return torch.tensor(float(pool_alpha), device=x.device, dtype=compute_dtype(x.dtype))
+    check_tensor(name, pool_alpha, device=x.device)
+    if pool_alpha.numel() != 1:
+        unsupported(name, f"must be a 0-d (or one-element) tensor, got shape {tuple(pool_alpha.shape)}")
+    return pool_alpha
+
+
+def check_bn(bn, out_channels: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """Validate a folded BatchNorm ``(scale, shift)`` pair (see :func:`fusionkern.kernels.conv_mixpool.fold_bn`)."""
+    if bn is None:
+        return None, None
+    if not isinstance(bn, (tuple, list)) or len(bn) != 2:
+        unsupported("bn", "expected a (scale, shift) pair of (C_out,) tensors, e.g. from fold_bn(bn_module)")
+    scale, shift = bn
+    for name, t in (("bn scale", scale), ("bn shift", shift)):
+        check_tensor(name, t, shape=(out_channels,), device=x.device)
+        if t.requires_grad and torch.is_grad_enabled():
+            unsupported(
+                name,
+                "a folded BatchNorm is a constant inference epilogue and gets no gradient; in training run "
+                "BatchNorm as a separate op after the kernel",
+            )
+    return scale.contiguous(), shift.contiguous()
+
+
+def check_int32_indexable(name: str, t: torch.Tensor) -> None:
+    """Refuse tensors whose largest element offset does not fit the kernels' int32 index arithmetic."""
+    reach = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+    if reach > INT32_LIMIT:
+        unsupported(name, f"spans {reach + 1} elements; the kernels index with int32 (at most {INT32_LIMIT + 1})")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for inputs of ``dtype``: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc_dtype(dtype: torch.dtype):
+    """The Triton accumulation dtype for inputs of ``dtype``."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot``'s ``input_precision``: ``"tf32"`` only for float32 inputs with ``allow_tf32``."""
+    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
+
+
+@contextlib.contextmanager
+def cudnn_fp32_precision(allow_tf32: bool) -> Iterator[None]:
+    """Let cuDNN convolutions use TF32 exactly when ``allow_tf32`` (restores the previous setting)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        previous = conv.fp32_precision
+        conv.fp32_precision = "tf32" if allow_tf32 else "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = previous
+    else:  # torch releases before the fp32_precision API
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Block sizes and autotune configs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pow2_block(n: int, lo: int = 16, hi: int = 128) -> int:
+    """The smallest power of two >= ``n``, clamped to ``[lo, hi]`` (``tl.dot`` needs every dim >= 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+# Pooled pixels x output channels x reduction chunk. Each program holds four (BLOCK_P, BLOCK_CO) fp32
+# accumulators when pooling, so the largest tiles use 8 warps.
+GPU_CONV_CONFIGS = (
+    dict(BLOCK_P=64, BLOCK_CO=64, BLOCK_R=32, num_warps=4, num_stages=3),
+    dict(BLOCK_P=32, BLOCK_CO=64, BLOCK_R=32, num_warps=4, num_stages=3),
+    dict(BLOCK_P=64, BLOCK_CO=32, BLOCK_R=32, num_warps=4, num_stages=3),
+    dict(BLOCK_P=128, BLOCK_CO=64, BLOCK_R=32, num_warps=8, num_stages=3),
+    dict(BLOCK_P=64, BLOCK_CO=128, BLOCK_R=32, num_warps=8, num_stages=3),
+    dict(BLOCK_P=32, BLOCK_CO=32, BLOCK_R=64, num_warps=4, num_stages=2),
+)
+# The CPU interpreter runs one small config (autotuning there would only multiply the run time).
+INTERPRETER_CONV_CONFIG = dict(BLOCK_P=16, BLOCK_CO=16, BLOCK_R=16, num_warps=1, num_stages=1)
+assert min(c["BLOCK_P"] for c in (*GPU_CONV_CONFIGS, INTERPRETER_CONV_CONFIG)) >= MIN_BLOCK_P
+
+
+def tune_configs(
+    gpu: Sequence[dict] = GPU_CONV_CONFIGS, interpreter: dict = INTERPRETER_CONV_CONFIG
+) -> list[triton.Config]:
+    """Autotune configs: the GPU list, or the single interpreter config under ``TRITON_INTERPRET=1``."""
+    return make_configs([interpreter] if interpreting() else gpu)
+
+
+def make_configs(configs: Sequence[dict]) -> list[triton.Config]:
+    """``triton.Config`` objects from dicts of meta-parameters plus ``num_warps`` and ``num_stages``."""
+    out = []
+    for c in configs:
+        meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+        out.append(triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    return out
+
+
+def prune_block_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose channel or reduction tile exceeds the problem padded to a power of two (min 16)."""
+    args = {**named_args, **kwargs}
+    co = pow2_block(args["CO"], hi=1 << 30)
+    r = pow2_block(args["CI"] * args["K"] ** 2, hi=1 << 30)
+    kept = [c for c in configs if c.kwargs["BLOCK_CO"] <= co and c.kwargs["BLOCK_R"] <= r]
+    return kept or configs[:1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sm_90 compilation without a GPU
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compilation of a ``@triton.jit`` kernel: where it lives, its signature and its constexpr values.
+
+    ``signature`` maps every argument to a Triton type string (``"*fp32"``, ``"i32"``, ``"fp32"``,
+    ``"constexpr"``). In ``constexprs`` a value written ``"tl.float32"`` (any ``tl.`` attribute) is resolved to that
+    object, so specs stay JSON-serialisable.
+    """
+
+    module: str  # importable module, e.g. "fusionkern.kernels.gabor_conv"
+    kernel: str  # attribute name of the @triton.jit function in that module
+    signature: dict[str, str]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or f"{self.module}.{self.kernel}"
+
+
+def _resolve_constexprs(constexprs: dict[str, Any]) -> dict[str, Any]:
+    return {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v for k, v in constexprs.items()}
+
+
+def compile_sm90(kernel, signature: dict[str, str], constexprs: dict[str, Any]):
+    """Compile ``kernel`` (a ``triton.JITFunction``) for CUDA sm_90 and return the compiled kernel (it has a cubin).
+
+    Needs a compiled-mode kernel object, i.e. a process without ``TRITON_INTERPRET=1``; under the interpreter use
+    :func:`compile_sm90_isolated`.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise TypeError(
+            f"compile_sm90 needs a triton.JITFunction, got {type(kernel).__name__} "
+            "(under TRITON_INTERPRET=1 use compile_sm90_isolated)"
+        )
+    src = ASTSource(fn=kernel, signature=signature, constexprs=_resolve_constexprs(constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32))
+
+
+_ISOLATED_PROGRAM = r"""
+import importlib, json, sys, warnings
+warnings.filterwarnings("ignore")
+from fusionkern.kernels._common import compile_sm90
+results = {}
+for spec in json.load(sys.stdin):
+    try:
+        kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+        compiled = compile_sm90(kernel, spec["signature"], spec["constexprs"])
+        results[spec["name"]] = None if compiled.asm.get("cubin") else "no cubin produced"
+    except Exception as exc:  # report every failure, keep compiling the others
+        results[spec["name"]] = f"{type(exc).__name__}: {exc}"[:2000]
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def compile_sm90_isolated(
+    specs: Sequence[KernelSpec], timeout: float = 600.0, jobs: int | None = None
+) -> dict[str, str | None]:
+    """Compile each spec for sm_90 in fresh interpreters without ``TRITON_INTERPRET``.
+
+    Returns ``{spec.name: None}`` for a kernel that compiled to a cubin, or the error text. Child processes are
+    needed because under ``TRITON_INTERPRET=1`` ``@triton.jit`` builds interpreter objects that cannot be lowered.
+    The specs are split over ``jobs`` processes (default: one per CPU core, at most 4) run side by side.
+    """
+    specs = list(specs)
+    if not specs:
+        return {}
+    jobs = max(1, min(len(specs), jobs or min(4, os.cpu_count() or 1)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    procs = []
+    for chunk in (specs[i::jobs] for i in range(jobs)):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _ISOLATED_PROGRAM],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        procs.append((proc, json.dumps([{**asdict(s), "name": s.name} for s in chunk])))
+    results: dict[str, str | None] = {}
+    for proc, payload in procs:
+        try:
+            out, err = proc.communicate(payload, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        for line in out.splitlines():
+            if line.startswith("RESULTS"):
+                results.update(json.loads(line[len("RESULTS"):]))
+                break
+        else:
+            raise RuntimeError(f"sm_90 compilation process failed (exit {proc.returncode}):\n{err[-4000:]}")
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _x_tile(
+    x_ptr,  # input, (B, CI, H, W), any strides
+    row_off,  # (BLOCK_P,) offset of (b, ih, iw) of each output pixel's first tap
+    col_off,  # (BLOCK_R,) offset of each reduction index (ci, kh * dilation, kw * dilation)
+    ih,  # (BLOCK_P,) input row of the first tap (oh * stride - padding)
+    iw,  # (BLOCK_P,) input column of the first tap
+    dh,  # (BLOCK_R,) kh * dilation
+    dw,  # (BLOCK_R,) kw * dilation
+    H,  # input height
+    W,  # input width
+    row_mask,  # (BLOCK_P,)
+    col_mask,  # (BLOCK_R,)
+):
+    """The implicit-GEMM input tile ``X[p, r] = x[b, ci, ih + kh*d, iw + kw*d]``, zero outside the image."""
+    h = ih[:, None] + dh[None, :]
+    w = iw[:, None] + dw[None, :]
+    mask = row_mask[:, None] & col_mask[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    return tl.load(x_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _mixpool_fwd(z00, z01, z10, z11, alpha):
+    """``alpha * max + (1 - alpha) * avg`` of a 2 x 2 window given as four tiles (row-major order)."""
+    mx = tl.maximum(tl.maximum(z00, z01), tl.maximum(z10, z11))
+    av = (((z00 + z01) + z10) + z11) * 0.25
+    return alpha * mx + (1 - alpha) * av
+
+
+@triton.jit
+def _mixpool_bwd(z00, z01, z10, z11, g, alpha):
+    """Gradient of :func:`_mixpool_fwd` w.r.t. the four inputs and the per-pixel ``dy/dalpha`` term.
+
+    ``d/dz_k = alpha * g * [k is the first maximum in row-major order] + (1 - alpha) * g / 4`` (ties go to the
+    first maximum, as PyTorch's max-pool backward does), and ``g * (max - avg)`` is the contribution to
+    ``dL/dalpha``.
+    """
+    mx = tl.maximum(tl.maximum(z00, z01), tl.maximum(z10, z11))
+    av = (((z00 + z01) + z10) + z11) * 0.25
+    first00 = z00 == mx
+    first01 = (z01 == mx) & (~first00)
+    first10 = (z10 == mx) & (~(first00 | first01))
+    first11 = ~(first00 | first01 | first10)
+    g_max = g * alpha
+    g_avg = (g * (1 - alpha)) * 0.25
+    d00 = tl.where(first00, g_max, 0.0) + g_avg
+    d01 = tl.where(first01, g_max, 0.0) + g_avg
+    d10 = tl.where(first10, g_max, 0.0) + g_avg
+    d11 = tl.where(first11, g_max, 0.0) + g_avg
+    return d00, d01, d10, d11, g * (mx - av)
+
+
+@triton.jit
+def _conv_fwd_epilogue(
+    acc00,  # (BLOCK_P, BLOCK_CO) conv output at window position (0, 0) (the only one when not POOL)
+    acc01,  # (BLOCK_P, BLOCK_CO) position (0, 1)
+    acc10,  # (BLOCK_P, BLOCK_CO) position (1, 0)
+    acc11,  # (BLOCK_P, BLOCK_CO) position (1, 1)
+    offs_co,  # (BLOCK_CO,) output channels
+    co_mask,  # (BLOCK_CO,)
+    alpha_ptr,  # (), mixing weight
+    scale_ptr,  # (CO,) folded BatchNorm scale
+    shift_ptr,  # (CO,) folded BatchNorm shift
+    ACC_DTYPE: tl.constexpr,
+    RELU: tl.constexpr,
+    POOL: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """``y = bn(pool(relu(z)))`` with each stage optional: ReLU, 2 x 2 mixed pooling, per-channel affine."""
+    z00 = acc00
+    if RELU:
+        z00 = tl.maximum(z00, 0.0)
+    y = z00
+    if POOL:
+        z01 = acc01
+        z10 = acc10
+        z11 = acc11
+        if RELU:
+            z01 = tl.maximum(z01, 0.0)
+            z10 = tl.maximum(z10, 0.0)
+            z11 = tl.maximum(z11, 0.0)
+        alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
+        y = _mixpool_fwd(z00, z01, z10, z11, alpha)
+    if BN:
+        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)
+        shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)
+        y = y * scale[None, :] + shift[None, :]
+    return y
+
+
+@triton.jit
+def _conv_bwd_epilogue(
+    acc00,  # (BLOCK_P, BLOCK_CO) recomputed conv output at window position (0, 0)
+    acc01,  # (BLOCK_P, BLOCK_CO) position (0, 1) (unused when not POOL)
+    acc10,  # (BLOCK_P, BLOCK_CO) position (1, 0)
+    acc11,  # (BLOCK_P, BLOCK_CO) position (1, 1)
+    g,  # (BLOCK_P, BLOCK_CO) dL/dy, already multiplied by the folded BatchNorm scale
+    alpha_ptr,  # (), mixing weight
+    ACC_DTYPE: tl.constexpr,
+    RELU: tl.constexpr,
+    POOL: tl.constexpr,
+):
+    """``dL/dz`` at the four window positions and ``g * (max - avg)`` (zeros when not POOL).
+
+    ``dL/dz_k = [z_k > 0] * (alpha * [k = first argmax] + (1 - alpha) / 4) * g`` (the ReLU factor only with RELU).
+    """
+    r00 = acc00
+    r01 = acc01
+    r10 = acc10
+    r11 = acc11
+    if RELU:
+        r00 = tl.maximum(r00, 0.0)
+        r01 = tl.maximum(r01, 0.0)
+        r10 = tl.maximum(r10, 0.0)
+        r11 = tl.maximum(r11, 0.0)
+    if POOL:
+        alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
+        d00, d01, d10, d11, dalpha = _mixpool_bwd(r00, r01, r10, r11, g, alpha)
+    else:
+        d00 = g
+        d01 = g
+        d10 = g
+        d11 = g
+        dalpha = g * 0.0
+    if RELU:
+        d00 = tl.where(acc00 > 0, d00, 0.0)
+        d01 = tl.where(acc01 > 0, d01, 0.0)
+        d10 = tl.where(acc10 > 0, d10, 0.0)
+        d11 = tl.where(acc11 > 0, d11, 0.0)
+    return d00, d01, d10, d11, dalpha
+
+
+@triton.jit
+def _store_grad_z(
+    grad_z_ptr,  # (B, CO, OH, OW)
+    row_off,  # (BLOCK_P,) offset of (b, oh, ow) of each window's top-left position
+    col_off,  # (BLOCK_CO,) offset of each output channel
+    step_h,  # offset of one conv-output row
+    step_w,  # offset of one conv-output column
+    d00,  # (BLOCK_P, BLOCK_CO) dL/dz at window position (0, 0)
+    d01,  # (BLOCK_P, BLOCK_CO) position (0, 1)
+    d10,  # (BLOCK_P, BLOCK_CO) position (1, 0)
+    d11,  # (BLOCK_P, BLOCK_CO) position (1, 1)
+    mask,  # (BLOCK_P, BLOCK_CO)
+    POOL: tl.constexpr,
+):
+    """Write ``dL/dz`` of the window positions (one position when not POOL)."""
+    ptr = grad_z_ptr + row_off[:, None] + col_off[None, :]
+    ty = grad_z_ptr.dtype.element_ty
+    tl.store(ptr, d00.to(ty), mask=mask)
+    if POOL:
+        tl.store(ptr + step_w, d01.to(ty), mask=mask)
+        tl.store(ptr + step_h, d10.to(ty), mask=mask)
+        tl.store(ptr + step_h + step_w, d11.to(ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Convolution geometry shared by the launchers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Sizes of one fused ``conv -> [ReLU] -> [2 x 2 pool]`` call."""
+
+    B: int
+    CI: int
+    H: int
+    W: int
+    CO: int
+    K: int
+    stride: int
+    padding: int
+    dilation: int
+    pool: bool
+
+    @property
+    def OH(self) -> int:  # conv output rows
+        return (self.H + 2 * self.padding - self.dilation * (self.K - 1) - 1) // self.stride + 1
+
+    @property
+    def OW(self) -> int:  # conv output columns
+        return (self.W + 2 * self.padding - self.dilation * (self.K - 1) - 1) // self.stride + 1
+
+    @property
+    def PH(self) -> int:  # rows the kernel writes: pooled (floor mode) or the conv output
+        return self.OH // 2 if self.pool else self.OH
+
+    @property
+    def PW(self) -> int:
+        return self.OW // 2 if self.pool else self.OW
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.B, self.CO, self.PH, self.PW)
+
+    @property
+    def n_pixels(self) -> int:  # output pixels (pooled when pooling), the GEMM's M
+        return self.B * self.PH * self.PW
+
+    def grid(self, meta: dict) -> tuple[int, int]:
+        """Launch grid: one program per BLOCK_P output pixels x BLOCK_CO output channels."""
+        return (triton.cdiv(self.n_pixels, meta["BLOCK_P"]), triton.cdiv(self.CO, meta["BLOCK_CO"]))
+
+    @property
+    def partial_rows(self) -> int:  # rows of a per-program partial-sum buffer, enough for any config
+        return triton.cdiv(self.n_pixels, MIN_BLOCK_P)
+
+
+def conv_geometry(
+    x: torch.Tensor, out_channels: int, kernel_size: int, stride: int, padding: int, dilation: int, pool: bool
+) -> ConvGeometry:
+    """Validate the spatial sizes of a fused convolution and return its geometry."""
+    B, CI, H, W = x.shape
+    geo = ConvGeometry(B, CI, H, W, out_channels, kernel_size, stride, padding, dilation, pool)
+    if geo.OH < 1 or geo.OW < 1:
+        unsupported(
+            "x",
+            f"input {H} x {W} is smaller than the dilated kernel ({dilation * (kernel_size - 1) + 1} px) "
+            f"with padding {padding}",
+        )
+    if pool and (geo.PH < 1 or geo.PW < 1):
+        unsupported("x", f"conv output {geo.OH} x {geo.OW} is too small for 2 x 2 pooling")
+    return geo

@@ -1,0 +1,602 @@
+"""3 x 3 convolution + bias + ReLU + 2 x 2 mixed pooling (+ folded inference BatchNorm): Triton kernels, autograd.
+
+The branch layers 2-4 of FusionNet (DGCNN order ``conv -> ReLU -> MixPool -> BN``) in one kernel that writes only
+the pooled map. Any square kernel size, stride and dilation work; 3 x 3 with padding 1 is the branch's case.
+
+Training keeps BatchNorm as a separate torch op after the kernel (batch statistics and running-stat updates stay
+exactly PyTorch's); inference folds it into the epilogue as ``y * scale + shift`` (:func:`fold_bn`).
+
+Contents, in order: the forward kernel, the backward kernel (``dL/dz`` by recomputation plus the ``alpha`` and
+bias partial sums), the launchers, the ``autograd.Function``, the functional API :func:`conv2d_mixpool`,
+:func:`fold_bn` and :func:`stage_forward` (runs a reference ``ConvStage`` on the kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from fusionkern.kernels._common import (
+    ConvGeometry,
+    _conv_bwd_epilogue,
+    _conv_fwd_epilogue,
+    _store_grad_z,
+    _x_tile,
+    check_alpha,
+    check_bn,
+    check_device,
+    check_int32_indexable,
+    check_tensor,
+    compute_dtype,
+    conv_geometry,
+    cudnn_fp32_precision,
+    dot_precision,
+    prune_block_configs,
+    square_int,
+    tl_acc_dtype,
+    tune_configs,
+    unsupported,
+)
+from fusionkern.kernels.gabor_conv import gabor_conv2d
+
+_AUTOTUNE_KEY = ["B", "CI", "H", "W", "CO", "K", "POOL"]
+
+
+@triton.jit
+def _conv_mixpool_fwd_kernel(
+    x_ptr,  # input, (B, CI, H, W), any strides
+    w_ptr,  # weight, (CO, CI, K, K), any strides
+    bias_ptr,  # bias, (CO,) (read when HAS_BIAS)
+    alpha_ptr,  # mixing weight, () (read when POOL)
+    scale_ptr,  # folded BatchNorm scale, (CO,) (read when BN)
+    shift_ptr,  # folded BatchNorm shift, (CO,) (read when BN)
+    out_ptr,  # output, (B, CO, PH, PW)
+    B,  # batch size
+    CI,  # input channels
+    H,  # input height
+    W,  # input width
+    CO,  # output channels
+    PH,  # output rows: OH // 2 when POOL, else OH
+    PW,  # output columns: OW // 2 when POOL, else OW
+    stride_xb,  # x stride along batch, in elements
+    stride_xc,  # x stride along channel, in elements
+    stride_xh,  # x stride along row, in elements
+    stride_xw,  # x stride along column, in elements
+    stride_wo,  # weight stride along out channel, in elements
+    stride_wi,  # weight stride along in channel, in elements
+    stride_wh,  # weight stride along row, in elements
+    stride_ww,  # weight stride along column, in elements
+    stride_ob,  # out stride along batch, in elements
+    stride_oc,  # out stride along channel, in elements
+    stride_oh,  # out stride along row, in elements
+    stride_ow,  # out stride along column, in elements
+    conv_stride,  # convolution stride (square)
+    padding,  # zero padding (square)
+    dilation,  # dilation (square)
+    K: tl.constexpr,  # kernel size (square)
+    HAS_BIAS: tl.constexpr,  # add bias_ptr
+    RELU: tl.constexpr,  # ReLU after the conv
+    POOL: tl.constexpr,  # 2 x 2 / stride 2 mixed pooling, floor mode
+    BN: tl.constexpr,  # per-channel affine after pooling
+    ACC_DTYPE: tl.constexpr,  # tl.float32 (tl.float64 for float64 inputs)
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    BLOCK_P: tl.constexpr,  # output pixels per program
+    BLOCK_CO: tl.constexpr,  # output channels per program
+    BLOCK_R: tl.constexpr,  # reduction chunk over (ci, kh, kw)
+):
+    """``y = bn(mixpool(relu(conv2d(x, w) + bias)))``, every stage after the conv optional.
+
+    Implicit GEMM: rows are output pixels (pooled pixels when POOL, four conv positions each), columns output
+    channels, the reduction runs over ``r = (ci, kh, kw)`` flattened. Each weight tile is loaded once per reduction
+    chunk and shared by the four window positions. Pooling:
+    ``y = alpha * max(z_00, z_01, z_10, z_11) + (1 - alpha) * (z_00 + z_01 + z_10 + z_11) / 4``, then
+    ``y * scale + shift`` with BN.
+    """
+    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO)); one program = BLOCK_P output pixels x BLOCK_CO channels
+    pid_p = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    p_mask = offs_p < B * PH * PW
+    co_mask = offs_co < CO
+    pw = offs_p % PW
+    ph = (offs_p // PW) % PH
+    b = offs_p // (PW * PH)
+    if POOL:
+        oh = ph * 2
+        ow = pw * 2
+    else:
+        oh = ph
+        ow = pw
+    ih = oh * conv_stride - padding
+    iw = ow * conv_stride - padding
+    row_off = b * stride_xb + ih * stride_xh + iw * stride_xw
+    step_h = conv_stride * stride_xh
+    step_w = conv_stride * stride_xw
+
+    acc00 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc01 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc10 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc11 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    R = CI * K * K
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        ci = offs_r // (K * K)
+        kh = (offs_r % (K * K)) // K
+        kw = offs_r % K
+        dh = kh * dilation
+        dw = kw * dilation
+        col_off = ci * stride_xc + dh * stride_xh + dw * stride_xw
+        w_off = (ci * stride_wi + kh * stride_wh + kw * stride_ww)[:, None] + (offs_co * stride_wo)[None, :]
+        w = tl.load(w_ptr + w_off, mask=r_mask[:, None] & co_mask[None, :], other=0.0)
+        xt = _x_tile(x_ptr, row_off, col_off, ih, iw, dh, dw, H, W, p_mask, r_mask)
+        acc00 = tl.dot(xt, w, acc00, input_precision=DOT_PRECISION)
+        if POOL:
+            xt = _x_tile(x_ptr, row_off + step_w, col_off, ih, iw + conv_stride, dh, dw, H, W, p_mask, r_mask)
+            acc01 = tl.dot(xt, w, acc01, input_precision=DOT_PRECISION)
+            xt = _x_tile(x_ptr, row_off + step_h, col_off, ih + conv_stride, iw, dh, dw, H, W, p_mask, r_mask)
+            acc10 = tl.dot(xt, w, acc10, input_precision=DOT_PRECISION)
+            xt = _x_tile(x_ptr, row_off + step_h + step_w, col_off, ih + conv_stride, iw + conv_stride, dh, dw, H, W,
+                         p_mask, r_mask)  # fmt: skip
+            acc11 = tl.dot(xt, w, acc11, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)[None, :]
+        acc00 += bias
+        acc01 += bias
+        acc10 += bias
+        acc11 += bias
+    y = _conv_fwd_epilogue(acc00, acc01, acc10, acc11, offs_co, co_mask, alpha_ptr, scale_ptr, shift_ptr, ACC_DTYPE,
+                           RELU, POOL, BN)  # fmt: skip
+    out_off = (b * stride_ob + ph * stride_oh + pw * stride_ow)[:, None] + (offs_co * stride_oc)[None, :]
+    tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
+
+
+@triton.jit
+def _conv_mixpool_bwd_kernel(
+    x_ptr,  # input, (B, CI, H, W), any strides
+    w_ptr,  # weight, (CO, CI, K, K), any strides
+    bias_ptr,  # bias, (CO,) (read when HAS_BIAS)
+    alpha_ptr,  # mixing weight, () (read when POOL)
+    scale_ptr,  # folded BatchNorm scale, (CO,) (read when BN)
+    grad_out_ptr,  # dL/dy, (B, CO, PH, PW), any strides
+    grad_z_ptr,  # out: dL/dz (conv output incl. bias, before ReLU), (B, CO, OH, OW)
+    alpha_part_ptr,  # out: per-program partial sums of g * (max - avg), (cdiv(B * PH * PW, 16), CO), zeroed
+    bias_part_ptr,  # out: per-program partial sums of dL/dz, (cdiv(B * PH * PW, 16), CO), zeroed
+    B,  # batch size
+    CI,  # input channels
+    H,  # input height
+    W,  # input width
+    CO,  # output channels
+    PH,  # output rows: OH // 2 when POOL, else OH
+    PW,  # output columns: OW // 2 when POOL, else OW
+    stride_xb,  # x stride along batch, in elements
+    stride_xc,  # x stride along channel, in elements
+    stride_xh,  # x stride along row, in elements
+    stride_xw,  # x stride along column, in elements
+    stride_wo,  # weight stride along out channel, in elements
+    stride_wi,  # weight stride along in channel, in elements
+    stride_wh,  # weight stride along row, in elements
+    stride_ww,  # weight stride along column, in elements
+    stride_gb,  # grad_output stride along batch, in elements
+    stride_gc,  # grad_output stride along channel, in elements
+    stride_gh,  # grad_output stride along row, in elements
+    stride_gw,  # grad_output stride along column, in elements
+    stride_zb,  # grad_z stride along batch, in elements
+    stride_zc,  # grad_z stride along channel, in elements
+    stride_zh,  # grad_z stride along row, in elements
+    stride_zw,  # grad_z stride along column, in elements
+    conv_stride,  # convolution stride (square)
+    padding,  # zero padding (square)
+    dilation,  # dilation (square)
+    K: tl.constexpr,  # kernel size (square)
+    HAS_BIAS: tl.constexpr,  # add bias_ptr
+    RELU: tl.constexpr,  # ReLU after the conv
+    POOL: tl.constexpr,  # 2 x 2 / stride 2 mixed pooling, floor mode
+    BN: tl.constexpr,  # per-channel affine (folded BatchNorm) after pooling
+    ACC_DTYPE: tl.constexpr,  # tl.float32 (tl.float64 for float64 inputs)
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    BLOCK_P: tl.constexpr,  # output pixels per program
+    BLOCK_CO: tl.constexpr,  # output channels per program
+    BLOCK_R: tl.constexpr,  # reduction chunk over (ci, kh, kw)
+):
+    """``dL/dz`` of the fused layer, recomputing the conv tile instead of saving the pre-pool activation.
+
+    With ``g = dL/dy * scale`` (``scale`` = 1 without BN), for each window position ``k``:
+    ``dL/dz_k = [z_k > 0] * (alpha * [k is the first maximum of relu(z) in row-major order] + (1 - alpha) / 4) * g``
+    (ReLU factor only with RELU; without POOL, ``dL/dz = [z > 0] * g``). Pooled-away trailing rows/columns of an odd
+    conv output get no write (the launcher zeroes them). Per program, summed over its pixels into row ``pid_p``:
+    ``dL/dalpha = sum g * (max - avg)`` and ``dL/dbias[o] = sum dL/dz[., o, ., .]``; the launcher sums the rows.
+    """
+    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO)); one program = BLOCK_P output pixels x BLOCK_CO channels
+    pid_p = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    p_mask = offs_p < B * PH * PW
+    co_mask = offs_co < CO
+    pw = offs_p % PW
+    ph = (offs_p // PW) % PH
+    b = offs_p // (PW * PH)
+    if POOL:
+        oh = ph * 2
+        ow = pw * 2
+    else:
+        oh = ph
+        ow = pw
+    ih = oh * conv_stride - padding
+    iw = ow * conv_stride - padding
+    row_off = b * stride_xb + ih * stride_xh + iw * stride_xw
+    step_h = conv_stride * stride_xh
+    step_w = conv_stride * stride_xw
+
+    acc00 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc01 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc10 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc11 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    R = CI * K * K
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        ci = offs_r // (K * K)
+        kh = (offs_r % (K * K)) // K
+        kw = offs_r % K
+        dh = kh * dilation
+        dw = kw * dilation
+        col_off = ci * stride_xc + dh * stride_xh + dw * stride_xw
+        w_off = (ci * stride_wi + kh * stride_wh + kw * stride_ww)[:, None] + (offs_co * stride_wo)[None, :]
+        w = tl.load(w_ptr + w_off, mask=r_mask[:, None] & co_mask[None, :], other=0.0)
+        xt = _x_tile(x_ptr, row_off, col_off, ih, iw, dh, dw, H, W, p_mask, r_mask)
+        acc00 = tl.dot(xt, w, acc00, input_precision=DOT_PRECISION)
+        if POOL:
+            xt = _x_tile(x_ptr, row_off + step_w, col_off, ih, iw + conv_stride, dh, dw, H, W, p_mask, r_mask)
+            acc01 = tl.dot(xt, w, acc01, input_precision=DOT_PRECISION)
+            xt = _x_tile(x_ptr, row_off + step_h, col_off, ih + conv_stride, iw, dh, dw, H, W, p_mask, r_mask)
+            acc10 = tl.dot(xt, w, acc10, input_precision=DOT_PRECISION)
+            xt = _x_tile(x_ptr, row_off + step_h + step_w, col_off, ih + conv_stride, iw + conv_stride, dh, dw, H, W,
+                         p_mask, r_mask)  # fmt: skip
+            acc11 = tl.dot(xt, w, acc11, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)[None, :]
+        acc00 += bias
+        acc01 += bias
+        acc10 += bias
+        acc11 += bias
+    mask = p_mask[:, None] & co_mask[None, :]
+    g_off = (b * stride_gb + ph * stride_gh + pw * stride_gw)[:, None] + (offs_co * stride_gc)[None, :]
+    g = tl.load(grad_out_ptr + g_off, mask=mask, other=0.0).to(ACC_DTYPE)
+    if BN:
+        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)
+        g = g * scale[None, :]
+    d00, d01, d10, d11, dalpha = _conv_bwd_epilogue(acc00, acc01, acc10, acc11, g, alpha_ptr, ACC_DTYPE, RELU, POOL)
+    z_row = b * stride_zb + oh * stride_zh + ow * stride_zw
+    _store_grad_z(grad_z_ptr, z_row, offs_co * stride_zc, stride_zh, stride_zw, d00, d01, d10, d11, mask, POOL)
+    if POOL:
+        tl.store(alpha_part_ptr + pid_p * CO + offs_co, tl.sum(dalpha, axis=0), mask=co_mask)
+        d_sum = tl.sum(d00 + d01 + d10 + d11, axis=0)
+    else:
+        d_sum = tl.sum(d00, axis=0)
+    if HAS_BIAS:
+        tl.store(bias_part_ptr + pid_p * CO + offs_co, d_sum, mask=co_mask)
+
+
+_conv_mixpool_fwd = triton.autotune(
+    configs=tune_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_block_configs}
+)(_conv_mixpool_fwd_kernel)
+_conv_mixpool_bwd = triton.autotune(
+    configs=tune_configs(),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_block_configs},
+    reset_to_zero=["alpha_part_ptr", "bias_part_ptr"],
+)(_conv_mixpool_bwd_kernel)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Static options of one call (everything but the tensors)."""
+
+    relu: bool
+    pool: bool
+    bn: bool
+    has_bias: bool
+    allow_tf32: bool
+
+
+def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options) -> torch.Tensor:
+    out = torch.empty(geo.out_shape, device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    check_int32_indexable("output", out)
+    dummy = alpha  # stands in for absent optional tensors (never read)
+    _conv_mixpool_fwd[geo.grid](
+        x, weight, dummy if bias is None else bias, alpha, dummy if scale is None else scale,
+        dummy if shift is None else shift, out,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW,
+        *x.stride(), *weight.stride(), *out.stride(),
+        geo.stride, geo.padding, geo.dilation,
+        K=geo.K, HAS_BIAS=opt.has_bias, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
+        ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
+    )  # fmt: skip
+    return out
+
+
+def _launch_backward(x, weight, bias, alpha, scale, grad_out, geo: ConvGeometry, opt: _Options):
+    """``(dL/dz, dL/dalpha, dL/dbias)``: ``dL/dz`` of the conv output's shape, a 0-d and a (CO,) tensor."""
+    odd = geo.pool and (geo.OH % 2 or geo.OW % 2)
+    alloc = torch.zeros if odd else torch.empty
+    grad_z = alloc((geo.B, geo.CO, geo.OH, geo.OW), device=x.device, dtype=x.dtype)
+    cdtype = compute_dtype(x.dtype)
+    alpha_part = torch.zeros((geo.partial_rows if geo.pool else 1, geo.CO), device=x.device, dtype=cdtype)
+    bias_part = torch.zeros((geo.partial_rows if opt.has_bias else 1, geo.CO), device=x.device, dtype=cdtype)
+    if grad_z.numel() == 0:
+        return grad_z, alpha_part.sum(), bias_part.sum(0)
+    check_int32_indexable("grad_output", grad_out)
+    check_int32_indexable("grad_z", grad_z)
+    dummy = alpha
+    _conv_mixpool_bwd[geo.grid](
+        x, weight, dummy if bias is None else bias, alpha, dummy if scale is None else scale, grad_out, grad_z,
+        alpha_part, bias_part,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW,
+        *x.stride(), *weight.stride(), *grad_out.stride(), *grad_z.stride(),
+        geo.stride, geo.padding, geo.dilation,
+        K=geo.K, HAS_BIAS=opt.has_bias, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
+        ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
+    )  # fmt: skip
+    return grad_z, alpha_part.sum(), bias_part.sum(0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Conv2dMixPoolFunction(torch.autograd.Function):
+    """Fused conv + bias (+ ReLU, + mixed pooling, + folded BN) with gradients for x, weight, bias, alpha.
+
+    Backward: the kernel recomputes the conv tile and writes ``dL/dz`` (no pre-pool activation is saved) plus the
+    ``alpha`` and bias partial sums; ``dL/dx`` and ``dL/dweight`` come from ``aten.convolution_backward`` (cuDNN
+    on a GPU) on ``dL/dz``. Without pooling or BN, ``dL/dz`` is read off the saved output instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options):
+        alpha_c = alpha.detach().reshape(()).to(compute_dtype(x.dtype))
+        out = _launch_forward(x, weight, bias, alpha_c, scale, shift, geo, opt)
+        saved_out = out if (opt.relu and not opt.pool and not opt.bn) else None
+        ctx.save_for_backward(x, weight, bias, alpha_c, scale, saved_out)
+        ctx.geo, ctx.opt = geo, opt
+        ctx.alpha_like = (alpha.shape, alpha.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, alpha_c, scale, saved_out = ctx.saved_tensors
+        geo, opt = ctx.geo, ctx.opt
+        need_x, need_w, need_b, need_alpha = ctx.needs_input_grad[:4]
+        grads: list = [None] * 8
+        if not (need_x or need_w or need_b or need_alpha):
+            return tuple(grads)
+
+        if opt.pool or opt.bn:
+            grad_z, grad_alpha, grad_bias = _launch_backward(x, weight, bias, alpha_c, scale, grad_out, geo, opt)
+        else:
+            grad_z = torch.where(saved_out > 0, grad_out, 0) if opt.relu else grad_out
+            grad_alpha = None
+            grad_bias = grad_z.sum((0, 2, 3), dtype=compute_dtype(x.dtype)) if need_b else None
+        if need_alpha and grad_alpha is not None:
+            shape, dtype = ctx.alpha_like
+            grads[3] = grad_alpha.to(dtype).reshape(shape)
+        if need_b:
+            grads[2] = grad_bias.to(bias.dtype)
+        if need_x or need_w:
+            with cudnn_fp32_precision(opt.allow_tf32):
+                grads[0], grads[1], _ = torch.ops.aten.convolution_backward(
+                    grad_z.to(x.dtype), x, weight, None, [geo.stride] * 2, [geo.padding] * 2, [geo.dilation] * 2,
+                    False, [0, 0], 1, [need_x, need_w, False],
+                )  # fmt: skip
+        return tuple(grads)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Functional API
+# --------------------------------------------------------------------------------------------------------------
+
+
+def conv2d_mixpool(
+    x: torch.Tensor,  # (B, C_in, H, W)
+    weight: torch.Tensor,  # (C_out, C_in, k, k)
+    bias: torch.Tensor | None,  # (C_out,)
+    alpha: torch.Tensor | float | None,
+    *,
+    stride: int = 1,
+    padding: int = 1,
+    dilation: int = 1,
+    relu: bool = True,
+    bn: tuple[torch.Tensor, torch.Tensor] | None = None,
+    groups: int = 1,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """``bn(MixPool2d(relu(F.conv2d(x, weight, bias, stride, padding, dilation))))`` in one kernel.
+
+    Args:
+        alpha: ``None`` for no pooling; a 0-d tensor (trainable, MixPool2d's ``alpha``) or a float (constant;
+            ``1.0`` is ``nn.MaxPool2d(2)``) for 2 x 2 / stride 2 mixed pooling in floor mode.
+        stride, padding, dilation: ints (or equal pairs).
+        relu: apply ReLU to the conv output (before pooling).
+        bn: a folded inference BatchNorm ``(scale, shift)`` from :func:`fold_bn`, applied after the pooling; the
+            pair is a constant (no gradient). In training keep BatchNorm a separate op after this call.
+        groups: only 1 is supported.
+        allow_tf32: let float32 dots (forward kernel and the cuDNN backward) use TF32.
+
+    Returns:
+        ``(B, C_out, OH // 2, OW // 2)`` with pooling, else ``(B, C_out, OH, OW)``, in ``x.dtype``.
+
+    Dtypes: ``x``, ``weight`` and ``bias`` share one of float32, bfloat16, float16 (float64 for verification);
+    accumulation in float32 (float64). Differentiable in ``x``, ``weight``, ``bias`` and a tensor ``alpha``.
+    """
+    check_tensor("x", x, ndim=4)
+    check_device("x", x)
+    check_tensor("weight", weight, ndim=4, device=x.device)
+    if weight.dtype != x.dtype:
+        unsupported("weight", f"dtype {weight.dtype} differs from the input's {x.dtype}")
+    CO, CI, KH, KW = weight.shape
+    if KH != KW:
+        unsupported("weight", f"non-square kernels are not supported, got {KH} x {KW}")
+    if groups != 1:
+        unsupported("groups", f"grouped convolutions are not supported (groups={groups}); use groups=1")
+    if CI != x.shape[1]:
+        unsupported(
+            "weight", f"has {CI} input channels but x has {x.shape[1]} (grouped convolutions are not supported)"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, shape=(CO,), device=x.device)
+        if bias.dtype != x.dtype:
+            unsupported("bias", f"dtype {bias.dtype} differs from the input's {x.dtype}")
+    stride = square_int("stride", stride, minimum=1)
+    padding = square_int("padding", padding, minimum=0)
+    dilation = square_int("dilation", dilation, minimum=1)
+    check_int32_indexable("x", x)
+    check_int32_indexable("weight", weight)
+    alpha_t = check_alpha(alpha, x, "alpha")
+    scale, shift = check_bn(bn, CO, x)
+    geo = conv_geometry(x, CO, KH, stride, padding, dilation, alpha_t is not None)
+    opt = _Options(bool(relu), alpha_t is not None, scale is not None, bias is not None, bool(allow_tf32))
+    if alpha_t is None:
+        alpha_t = torch.ones((), device=x.device, dtype=compute_dtype(x.dtype))
+    return Conv2dMixPoolFunction.apply(x, weight, bias, alpha_t, scale, shift, geo, opt)
+
+
+@torch.no_grad()
+def fold_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An inference BatchNorm as ``(scale, shift)`` per channel: ``bn(y) == y * scale + shift`` in eval mode.
+
+    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale`` (weight 1 and bias 0
+    without ``affine``), float32 (float64 for a float64 module), detached.
+    """
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        unsupported("bn", f"expected a BatchNorm module, got {type(bn).__name__}")
+    if bn.training:
+        unsupported(
+            "bn",
+            "is in training mode, where BatchNorm normalises with batch statistics; fold it only in eval mode and "
+            "run it as a separate op in training",
+        )
+    if bn.running_mean is None or bn.running_var is None:
+        unsupported("bn", "has no running statistics (track_running_stats=False), so it cannot be folded")
+    dtype = compute_dtype(bn.running_var.dtype)
+    invstd = 1 / torch.sqrt(bn.running_var.to(dtype) + bn.eps)
+    weight = bn.weight.to(dtype) if bn.weight is not None else torch.ones_like(invstd)
+    bias = bn.bias.to(dtype) if bn.bias is not None else torch.zeros_like(invstd)
+    scale = weight * invstd
+    shift = bias - bn.running_mean.to(dtype) * scale
+    return scale.contiguous(), shift.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference stages on the kernels
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _pool_alpha(pool: nn.Module | None) -> torch.Tensor | float | None:
+    """MixPool2d -> its trainable alpha; MaxPool2d(2) -> the constant 1.0; None -> no pooling."""
+    from fusionkern.models.layers import MixPool2d
+
+    if pool is None:
+        return None
+    if isinstance(pool, MixPool2d):
+        if square_int("pool.kernel_size", pool.kernel_size, minimum=1) != 2 or square_int(
+            "pool.stride", pool.stride, minimum=1
+        ) != 2:
+            unsupported("pool", f"only 2 x 2 / stride 2 pooling is supported, got {pool}")
+        return pool.alpha
+    if isinstance(pool, nn.MaxPool2d):
+        stride = pool.stride if pool.stride is not None else pool.kernel_size
+        ok = (
+            square_int("pool.kernel_size", pool.kernel_size, minimum=1) == 2
+            and square_int("pool.stride", stride, minimum=1) == 2
+            and square_int("pool.padding", pool.padding, minimum=0) == 0
+            and square_int("pool.dilation", pool.dilation, minimum=1) == 1
+            and not pool.ceil_mode
+            and not pool.return_indices
+        )
+        if not ok:
+            unsupported("pool", f"only MaxPool2d(2) (2 x 2, stride 2, no padding, floor mode) is supported, got {pool}")
+        return 1.0
+    unsupported("pool", f"expected MixPool2d, MaxPool2d or None, got {type(pool).__name__}")
+
+
+def _conv_call(conv: nn.Module, x: torch.Tensor, alpha, bn, allow_tf32: bool) -> torch.Tensor:
+    """conv -> ReLU -> [pool alpha] -> [folded bn] on the kernels, for a GaborConv2d or an nn.Conv2d."""
+    from fusionkern.models.layers import GaborConv2d
+
+    if isinstance(conv, GaborConv2d):
+        return gabor_conv2d(
+            x, conv.freq, conv.theta, conv.sigma, conv.psi, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, relu=True, pool_alpha=alpha, grid=conv.grid, bn=bn, allow_tf32=allow_tf32,
+        )  # fmt: skip
+    if isinstance(conv, nn.Conv2d):
+        if conv.padding_mode != "zeros":
+            unsupported("conv.padding_mode", f"only 'zeros' is supported, got {conv.padding_mode!r}")
+        if isinstance(conv.padding, str):
+            unsupported("conv.padding", f"string padding {conv.padding!r} is not supported; give an int")
+        return conv2d_mixpool(
+            x, conv.weight, conv.bias, alpha, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+            relu=True, bn=bn, groups=conv.groups, allow_tf32=allow_tf32,
+        )  # fmt: skip
+    raise NotImplementedError(
+        f"stage_forward supports GaborConv2d and nn.Conv2d convolutions, got {type(conv).__name__}"
+    )
+
+
+def stage_forward(stage: nn.Module, x: torch.Tensor, *, allow_tf32: bool = False) -> torch.Tensor:
+    """Run a reference :class:`fusionkern.models.networks.ConvStage` on the kernels; same result, train and eval.
+
+    What runs where:
+
+    * ``pool_bn`` order (DGCNN) or no BN: conv + ReLU + pool in one kernel; the BN is folded into the kernel's
+      epilogue in eval mode and runs as a separate torch op (batch statistics, running-stat updates) in training.
+      An eval-mode BN whose weight or bias requires a gradient (with grad enabled) also runs as a torch op, so
+      its affine parameters still get gradients; under ``torch.no_grad()`` or with frozen BN it folds.
+    * ``bn_pool`` order (CNN5) with both BN and a pool: BN sits between ReLU and the pool and cannot move past a
+      max: conv + ReLU run in one kernel (with the BN folded into it in eval mode), then torch BN (training only)
+      and the stage's own pool module.
+
+    ``MixPool2d`` pools with its trainable alpha; ``nn.MaxPool2d(2)`` is mixed pooling with alpha fixed at 1 (no
+    alpha gradient). Other pools, grouped or non-square convs raise :class:`UnsupportedOptionError`.
+    """
+    from fusionkern.models.networks import ConvStage
+
+    if not isinstance(stage, ConvStage):
+        raise NotImplementedError(f"stage_forward runs a ConvStage, got {type(stage).__name__}")
+    alpha = _pool_alpha(stage.pool)
+    bn_mod = stage.bn
+    if bn_mod is not None and not isinstance(bn_mod, nn.modules.batchnorm._BatchNorm):
+        unsupported("stage.bn", f"expected a BatchNorm module or None, got {type(bn_mod).__name__}")
+    # Eval-mode BN folds into the epilogue unless its affine parameters need gradients (fine-tuning with frozen
+    # statistics): then it runs as a torch op on the running statistics, which gives the same values.
+    fold = (
+        bn_mod is not None
+        and not bn_mod.training
+        and bn_mod.track_running_stats
+        and not (torch.is_grad_enabled() and any(p.requires_grad for p in bn_mod.parameters()))
+    )
+    folded = fold_bn(bn_mod) if fold else None
+    bn_between = stage.order == "bn_pool" and bn_mod is not None and alpha is not None
+    if not bn_between:
+        y = _conv_call(stage.conv, x, alpha, folded, allow_tf32)
+        return bn_mod(y) if (bn_mod is not None and not fold) else y
+    y = _conv_call(stage.conv, x, None, folded, allow_tf32)
+    if not fold:
+        y = bn_mod(y)
+    return stage.pool(y)

@@ -1,0 +1,678 @@
+"""Gabor convolution fused with ReLU, 2 x 2 mixed pooling and an inference BatchNorm: Triton kernels and autograd.
+
+The filter bank is never written to memory in the forward pass: each program generates the (reduction x output
+channel) tile of Gabor weights it needs from the four (out, in) parameter tensors, in registers, and feeds it to
+``tl.dot``. For output channel ``o``, input channel ``i`` and kernel tap ``(r, c)`` with sampling position
+``(x, y)`` (:func:`fusionkern.models.layers.gabor_grid`)::
+
+    x' = x cos(theta) + y sin(theta)          y' = -x sin(theta) + y cos(theta)
+    E  = exp(-(x'^2 + y'^2) / (2 sigma^2))     u  = freq x' + psi
+    W[o, i, r, c] = E cos(u)                                      (grid="centered")
+    W[o, i, r, c] = exp(-(x'^2 + y'^2) / (2 (sigma + 1e-3)^2)) cos(u) / (2 pi sigma^2)   (grid="legacy")
+
+Both grids of the reference are supported (the tap positions are read from a (2, k*k) buffer built by the
+reference's own ``gabor_grid``, so they are bit-identical).
+
+Contents, in order: the device helper that builds a weight tile, the forward kernel, the backward kernel
+(``dL/dz`` by recomputation plus the ``alpha`` partial sums), the bank and parameter-gradient kernels, the
+launchers, the ``autograd.Function`` and the functional API :func:`gabor_conv2d`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fusionkern.kernels._common import (
+    SUPPORTED_DTYPES,
+    ConvGeometry,
+    _conv_bwd_epilogue,
+    _conv_fwd_epilogue,
+    _store_grad_z,
+    _x_tile,
+    check_alpha,
+    check_bn,
+    check_device,
+    check_int32_indexable,
+    check_tensor,
+    compute_dtype,
+    conv_geometry,
+    cudnn_fp32_precision,
+    dot_precision,
+    pow2_block,
+    prune_block_configs,
+    square_int,
+    tl_acc_dtype,
+    tune_configs,
+    unsupported,
+)
+from fusionkern.models.layers import GRIDS, LEGACY_SIGMA_EPS, gabor_grid
+
+_SIGMA_EPS = tl.constexpr(LEGACY_SIGMA_EPS)
+_TWO_PI = tl.constexpr(2 * math.pi)
+
+_AUTOTUNE_KEY = ["B", "CI", "H", "W", "CO", "K", "POOL"]
+
+
+@triton.jit
+def _gabor_tile(
+    params_ptr,  # Gabor parameters, (4, CO, CI) contiguous: freq, theta, sigma, psi
+    taps_ptr,  # tap positions, (2, K * K) contiguous: x then y
+    ci,  # (BLOCK_R,) input channel of each reduction index
+    tap,  # (BLOCK_R,) kernel tap (kh * K + kw) of each reduction index
+    co,  # (BLOCK_CO,) output channels
+    mask,  # (BLOCK_R, BLOCK_CO) valid (ci, co) pairs
+    CI,  # input channels
+    CO,  # output channels
+    KK,  # K * K
+    LEGACY: tl.constexpr,
+):
+    """The weight tile ``T[r, o] = W[o, ci(r), tap(r)]`` of the Gabor bank (module docstring), zero where masked."""
+    off = co[None, :] * CI + ci[:, None]
+    n = CO * CI
+    f = tl.load(params_ptr + off, mask=mask, other=0.0)
+    th = tl.load(params_ptr + n + off, mask=mask, other=0.0)
+    s = tl.load(params_ptr + 2 * n + off, mask=mask, other=1.0)
+    ps = tl.load(params_ptr + 3 * n + off, mask=mask, other=0.0)
+    gx = tl.load(taps_ptr + tap)[:, None]
+    gy = tl.load(taps_ptr + KK + tap)[:, None]
+    cos_t = tl.cos(th)
+    sin_t = tl.sin(th)
+    xr = gx * cos_t + gy * sin_t
+    yr = -gx * sin_t + gy * cos_t
+    if LEGACY:
+        se = s + _SIGMA_EPS
+        w = tl.exp(-(xr * xr + yr * yr) / (2 * (se * se))) * tl.cos(f * xr + ps)
+        w = w / (_TWO_PI * (s * s))
+    else:
+        w = tl.exp(-(xr * xr + yr * yr) / (2 * (s * s))) * tl.cos(f * xr + ps)
+    return tl.where(mask, w, 0.0)
+
+
+@triton.jit
+def _gabor_conv_fwd_kernel(
+    x_ptr,  # input, (B, CI, H, W), any strides
+    params_ptr,  # Gabor parameters, (4, CO, CI) contiguous, accumulation dtype
+    taps_ptr,  # tap positions, (2, K * K) contiguous, accumulation dtype
+    alpha_ptr,  # mixing weight, () (read when POOL)
+    scale_ptr,  # folded BatchNorm scale, (CO,) (read when BN)
+    shift_ptr,  # folded BatchNorm shift, (CO,) (read when BN)
+    out_ptr,  # output, (B, CO, PH, PW)
+    B,  # batch size
+    CI,  # input channels
+    H,  # input height
+    W,  # input width
+    CO,  # output channels
+    PH,  # output rows: OH // 2 when POOL, else OH
+    PW,  # output columns: OW // 2 when POOL, else OW
+    stride_xb,  # x stride along batch, in elements
+    stride_xc,  # x stride along channel, in elements
+    stride_xh,  # x stride along row, in elements
+    stride_xw,  # x stride along column, in elements
+    stride_ob,  # out stride along batch, in elements
+    stride_oc,  # out stride along channel, in elements
+    stride_oh,  # out stride along row, in elements
+    stride_ow,  # out stride along column, in elements
+    conv_stride,  # convolution stride (square)
+    padding,  # zero padding (square)
+    dilation,  # dilation (square)
+    K: tl.constexpr,  # kernel size (square)
+    LEGACY: tl.constexpr,  # the authors' grid, sigma + 1e-3 and 1 / (2 pi sigma^2)
+    RELU: tl.constexpr,  # ReLU after the conv
+    POOL: tl.constexpr,  # 2 x 2 / stride 2 mixed pooling, floor mode
+    BN: tl.constexpr,  # per-channel affine after pooling
+    ACC_DTYPE: tl.constexpr,  # tl.float32 (tl.float64 for float64 inputs)
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    BLOCK_P: tl.constexpr,  # output pixels per program
+    BLOCK_CO: tl.constexpr,  # output channels per program
+    BLOCK_R: tl.constexpr,  # reduction chunk over (ci, kh, kw)
+):
+    """``y = bn(mixpool(relu(conv2d(x, W(freq, theta, sigma, psi)))))``, every stage after the conv optional.
+
+    Implicit GEMM: rows are output pixels (pooled pixels when POOL, four conv positions each), columns output
+    channels, the reduction runs over ``r = (ci, kh, kw)`` flattened (so a 3-channel first layer fills a 32-wide
+    chunk instead of wasting 13/16 of a 16-channel block). Per reduction chunk the Gabor weight tile is generated
+    once and shared by the four window positions. Pooling:
+    ``y = alpha * max(z_00, z_01, z_10, z_11) + (1 - alpha) * (z_00 + z_01 + z_10 + z_11) / 4``.
+    """
+    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO)); one program = BLOCK_P output pixels x BLOCK_CO channels
+    pid_p = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    p_mask = offs_p < B * PH * PW
+    co_mask = offs_co < CO
+    pw = offs_p % PW
+    ph = (offs_p // PW) % PH
+    b = offs_p // (PW * PH)
+    if POOL:
+        oh = ph * 2
+        ow = pw * 2
+    else:
+        oh = ph
+        ow = pw
+    ih = oh * conv_stride - padding
+    iw = ow * conv_stride - padding
+    row_off = b * stride_xb + ih * stride_xh + iw * stride_xw
+    step_h = conv_stride * stride_xh
+    step_w = conv_stride * stride_xw
+
+    acc00 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc01 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc10 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc11 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    R = CI * K * K
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        ci = offs_r // (K * K)
+        tap = offs_r % (K * K)
+        dh = (tap // K) * dilation
+        dw = (tap % K) * dilation
+        col_off = ci * stride_xc + dh * stride_xh + dw * stride_xw
+        w = _gabor_tile(params_ptr, taps_ptr, ci, tap, offs_co, r_mask[:, None] & co_mask[None, :], CI, CO, K * K,
+                        LEGACY)  # fmt: skip
+        w = w.to(x_ptr.dtype.element_ty)
+        xt = _x_tile(x_ptr, row_off, col_off, ih, iw, dh, dw, H, W, p_mask, r_mask)
+        acc00 = tl.dot(xt, w, acc00, input_precision=DOT_PRECISION)
+        if POOL:
+            xt = _x_tile(x_ptr, row_off + step_w, col_off, ih, iw + conv_stride, dh, dw, H, W, p_mask, r_mask)
+            acc01 = tl.dot(xt, w, acc01, input_precision=DOT_PRECISION)
+            xt = _x_tile(x_ptr, row_off + step_h, col_off, ih + conv_stride, iw, dh, dw, H, W, p_mask, r_mask)
+            acc10 = tl.dot(xt, w, acc10, input_precision=DOT_PRECISION)
+            xt = _x_tile(x_ptr, row_off + step_h + step_w, col_off, ih + conv_stride, iw + conv_stride, dh, dw, H, W,
+                         p_mask, r_mask)  # fmt: skip
+            acc11 = tl.dot(xt, w, acc11, input_precision=DOT_PRECISION)
+
+    y = _conv_fwd_epilogue(acc00, acc01, acc10, acc11, offs_co, co_mask, alpha_ptr, scale_ptr, shift_ptr, ACC_DTYPE,
+                           RELU, POOL, BN)  # fmt: skip
+    out_off = (b * stride_ob + ph * stride_oh + pw * stride_ow)[:, None] + (offs_co * stride_oc)[None, :]
+    tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
+
+
+@triton.jit
+def _gabor_conv_bwd_kernel(
+    x_ptr,  # input, (B, CI, H, W), any strides
+    params_ptr,  # Gabor parameters, (4, CO, CI) contiguous, accumulation dtype
+    taps_ptr,  # tap positions, (2, K * K) contiguous, accumulation dtype
+    alpha_ptr,  # mixing weight, () (read when POOL)
+    scale_ptr,  # folded BatchNorm scale, (CO,) (read when BN)
+    grad_out_ptr,  # dL/dy, (B, CO, PH, PW), any strides
+    grad_z_ptr,  # out: dL/dz (conv output, before ReLU), (B, CO, OH, OW)
+    alpha_part_ptr,  # out: per-program partial sums of g * (max - avg), (cdiv(B * PH * PW, 16), CO), zeroed
+    B,  # batch size
+    CI,  # input channels
+    H,  # input height
+    W,  # input width
+    CO,  # output channels
+    PH,  # output rows: OH // 2 when POOL, else OH
+    PW,  # output columns: OW // 2 when POOL, else OW
+    stride_xb,  # x stride along batch, in elements
+    stride_xc,  # x stride along channel, in elements
+    stride_xh,  # x stride along row, in elements
+    stride_xw,  # x stride along column, in elements
+    stride_gb,  # grad_output stride along batch, in elements
+    stride_gc,  # grad_output stride along channel, in elements
+    stride_gh,  # grad_output stride along row, in elements
+    stride_gw,  # grad_output stride along column, in elements
+    stride_zb,  # grad_z stride along batch, in elements
+    stride_zc,  # grad_z stride along channel, in elements
+    stride_zh,  # grad_z stride along row, in elements
+    stride_zw,  # grad_z stride along column, in elements
+    conv_stride,  # convolution stride (square)
+    padding,  # zero padding (square)
+    dilation,  # dilation (square)
+    K: tl.constexpr,  # kernel size (square)
+    LEGACY: tl.constexpr,  # the authors' grid, sigma + 1e-3 and 1 / (2 pi sigma^2)
+    RELU: tl.constexpr,  # ReLU after the conv
+    POOL: tl.constexpr,  # 2 x 2 / stride 2 mixed pooling, floor mode
+    BN: tl.constexpr,  # per-channel affine (folded BatchNorm) after pooling
+    ACC_DTYPE: tl.constexpr,  # tl.float32 (tl.float64 for float64 inputs)
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    BLOCK_P: tl.constexpr,  # output pixels per program
+    BLOCK_CO: tl.constexpr,  # output channels per program
+    BLOCK_R: tl.constexpr,  # reduction chunk over (ci, kh, kw)
+):
+    """``dL/dz`` of the fused layer, recomputing the conv tile instead of saving the pre-pool activation.
+
+    With ``g = dL/dy * scale`` (``scale`` = 1 without BN), for each window position ``k``:
+    ``dL/dz_k = [z_k > 0] * (alpha * [k is the first maximum of relu(z) in row-major order] + (1 - alpha) / 4) * g``
+    (ReLU factor only with RELU; without POOL, ``dL/dz = [z > 0] * g``). Pooled-away trailing rows/columns of an odd
+    conv output get no write (the launcher zeroes them). ``dL/dalpha = sum g * (max - avg)`` is reduced per program
+    over its pixels into row ``pid_p`` of ``alpha_part``; the launcher sums the rows.
+    """
+    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO)); one program = BLOCK_P output pixels x BLOCK_CO channels
+    pid_p = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    p_mask = offs_p < B * PH * PW
+    co_mask = offs_co < CO
+    pw = offs_p % PW
+    ph = (offs_p // PW) % PH
+    b = offs_p // (PW * PH)
+    if POOL:
+        oh = ph * 2
+        ow = pw * 2
+    else:
+        oh = ph
+        ow = pw
+    ih = oh * conv_stride - padding
+    iw = ow * conv_stride - padding
+    row_off = b * stride_xb + ih * stride_xh + iw * stride_xw
+    step_h = conv_stride * stride_xh
+    step_w = conv_stride * stride_xw
+
+    acc00 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc01 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc10 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc11 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    R = CI * K * K
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        ci = offs_r // (K * K)
+        tap = offs_r % (K * K)
+        dh = (tap // K) * dilation
+        dw = (tap % K) * dilation
+        col_off = ci * stride_xc + dh * stride_xh + dw * stride_xw
+        w = _gabor_tile(params_ptr, taps_ptr, ci, tap, offs_co, r_mask[:, None] & co_mask[None, :], CI, CO, K * K,
+                        LEGACY)  # fmt: skip
+        w = w.to(x_ptr.dtype.element_ty)
+        xt = _x_tile(x_ptr, row_off, col_off, ih, iw, dh, dw, H, W, p_mask, r_mask)
+        acc00 = tl.dot(xt, w, acc00, input_precision=DOT_PRECISION)
+        if POOL:
+            xt = _x_tile(x_ptr, row_off + step_w, col_off, ih, iw + conv_stride, dh, dw, H, W, p_mask, r_mask)
+            acc01 = tl.dot(xt, w, acc01, input_precision=DOT_PRECISION)
+            xt = _x_tile(x_ptr, row_off + step_h, col_off, ih + conv_stride, iw, dh, dw, H, W, p_mask, r_mask)
+            acc10 = tl.dot(xt, w, acc10, input_precision=DOT_PRECISION)
+            xt = _x_tile(x_ptr, row_off + step_h + step_w, col_off, ih + conv_stride, iw + conv_stride, dh, dw, H, W,
+                         p_mask, r_mask)  # fmt: skip
+            acc11 = tl.dot(xt, w, acc11, input_precision=DOT_PRECISION)
+
+    mask = p_mask[:, None] & co_mask[None, :]
+    g_off = (b * stride_gb + ph * stride_gh + pw * stride_gw)[:, None] + (offs_co * stride_gc)[None, :]
+    g = tl.load(grad_out_ptr + g_off, mask=mask, other=0.0).to(ACC_DTYPE)
+    if BN:
+        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)
+        g = g * scale[None, :]
+    d00, d01, d10, d11, dalpha = _conv_bwd_epilogue(acc00, acc01, acc10, acc11, g, alpha_ptr, ACC_DTYPE, RELU, POOL)
+    z_row = b * stride_zb + oh * stride_zh + ow * stride_zw
+    _store_grad_z(grad_z_ptr, z_row, offs_co * stride_zc, stride_zh, stride_zw, d00, d01, d10, d11, mask, POOL)
+    if POOL:
+        tl.store(alpha_part_ptr + pid_p * CO + offs_co, tl.sum(dalpha, axis=0), mask=co_mask)
+
+
+@triton.jit
+def _gabor_bank_kernel(
+    params_ptr,  # Gabor parameters, (4, CO, CI) contiguous, accumulation dtype
+    taps_ptr,  # tap positions, (2, K * K) contiguous, accumulation dtype
+    w_ptr,  # out: the bank, (CO, CI, K, K) contiguous
+    CI,  # input channels
+    CO,  # output channels
+    K: tl.constexpr,  # kernel size (square)
+    LEGACY: tl.constexpr,  # the authors' grid, sigma + 1e-3 and 1 / (2 pi sigma^2)
+    BLOCK_R: tl.constexpr,  # reduction indices (ci, kh, kw) per program
+    BLOCK_CO: tl.constexpr,  # output channels per program
+):
+    """Materialise ``W[o, i, r, c]`` (module docstring); used by the backward pass for ``dL/dx`` and by export."""
+    # grid: (cdiv(CI * K * K, BLOCK_R), cdiv(CO, BLOCK_CO)); one program = a BLOCK_R x BLOCK_CO tile of W^T
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    R = CI * K * K
+    mask = (offs_r < R)[:, None] & (offs_co < CO)[None, :]
+    w = _gabor_tile(params_ptr, taps_ptr, offs_r // (K * K), offs_r % (K * K), offs_co, mask, CI, CO, K * K, LEGACY)
+    tl.store(w_ptr + offs_co[None, :] * R + offs_r[:, None], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gabor_param_grad_kernel(
+    grad_w_ptr,  # dL/dW, (CO, CI, K, K) contiguous, x's dtype (read as the accumulation dtype)
+    params_ptr,  # Gabor parameters, (4, CO, CI) contiguous, accumulation dtype
+    taps_ptr,  # tap positions, (2, K * K) contiguous, accumulation dtype
+    grad_params_ptr,  # out: (4, CO, CI) contiguous, accumulation dtype: dL/dfreq, dL/dtheta, dL/dsigma, dL/dpsi
+    N,  # CO * CI filter pairs
+    K: tl.constexpr,  # kernel size (square)
+    LEGACY: tl.constexpr,  # the authors' grid, sigma + 1e-3 and 1 / (2 pi sigma^2)
+    BLOCK_N: tl.constexpr,  # filter pairs per program
+    BLOCK_T: tl.constexpr,  # next power of two >= K * K
+):
+    """Chain rule through the bank: ``dL/dp[o, i] = sum_taps dL/dW[o, i, tap] * dW[o, i, tap]/dp``.
+
+    With ``E``, ``u``, ``x'``, ``y'`` as in the module docstring and ``W = E cos(u)`` (centered):
+    ``dW/dfreq = -E sin(u) x'``, ``dW/dpsi = -E sin(u)``, ``dW/dtheta = -E sin(u) freq y'`` (``dx'/dtheta = y'``;
+    ``x'^2 + y'^2 = x^2 + y^2`` does not depend on theta), ``dW/dsigma = W (x'^2 + y'^2) / sigma^3``.
+    Legacy (``W = E_eps cos(u) / (2 pi sigma^2)``, ``E_eps`` with ``sigma + eps``): the first three carry the factor
+    ``1 / (2 pi sigma^2)`` and ``dW/dsigma = W ((x'^2 + y'^2) / (sigma + eps)^3 - 2 / sigma)``.
+    """
+    # grid: (cdiv(CO * CI, BLOCK_N),); one program = BLOCK_N filter pairs, all taps
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    taps = tl.arange(0, BLOCK_T)
+    n_mask = offs_n < N
+    t_mask = taps < K * K
+    f = tl.load(params_ptr + offs_n, mask=n_mask, other=0.0)[:, None]
+    th = tl.load(params_ptr + N + offs_n, mask=n_mask, other=0.0)[:, None]
+    s = tl.load(params_ptr + 2 * N + offs_n, mask=n_mask, other=1.0)[:, None]
+    ps = tl.load(params_ptr + 3 * N + offs_n, mask=n_mask, other=0.0)[:, None]
+    gx = tl.load(taps_ptr + taps, mask=t_mask, other=0.0)[None, :]
+    gy = tl.load(taps_ptr + K * K + taps, mask=t_mask, other=0.0)[None, :]
+    mask = n_mask[:, None] & t_mask[None, :]
+    gw = tl.load(grad_w_ptr + offs_n[:, None] * (K * K) + taps[None, :], mask=mask, other=0.0).to(f.dtype)
+
+    cos_t = tl.cos(th)
+    sin_t = tl.sin(th)
+    xr = gx * cos_t + gy * sin_t
+    yr = -gx * sin_t + gy * cos_t
+    r2 = xr * xr + yr * yr
+    u = f * xr + ps
+    if LEGACY:
+        se = s + _SIGMA_EPS
+        e = tl.exp(-r2 / (2 * (se * se))) / (_TWO_PI * (s * s))
+        d_sigma_log = r2 / (se * se * se) - 2 / s
+    else:
+        e = tl.exp(-r2 / (2 * (s * s)))
+        d_sigma_log = r2 / (s * s * s)
+    w = e * tl.cos(u)
+    d_u = tl.where(mask, -gw * e * tl.sin(u), 0.0)  # dL/du per tap
+    grad_f = tl.sum(d_u * xr, axis=1)
+    grad_t = tl.sum(d_u * f * yr, axis=1)
+    grad_s = tl.sum(tl.where(mask, gw * w * d_sigma_log, 0.0), axis=1)
+    grad_p = tl.sum(d_u, axis=1)
+    ty = grad_params_ptr.dtype.element_ty
+    tl.store(grad_params_ptr + offs_n, grad_f.to(ty), mask=n_mask)
+    tl.store(grad_params_ptr + N + offs_n, grad_t.to(ty), mask=n_mask)
+    tl.store(grad_params_ptr + 2 * N + offs_n, grad_s.to(ty), mask=n_mask)
+    tl.store(grad_params_ptr + 3 * N + offs_n, grad_p.to(ty), mask=n_mask)
+
+
+_gabor_conv_fwd = triton.autotune(
+    configs=tune_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_block_configs}
+)(_gabor_conv_fwd_kernel)
+_gabor_conv_bwd = triton.autotune(
+    configs=tune_configs(),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_block_configs},
+    reset_to_zero=["alpha_part_ptr"],
+)(_gabor_conv_bwd_kernel)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Static options of one call (everything but the tensors)."""
+
+    kernel_size: int
+    stride: int
+    padding: int
+    dilation: int
+    relu: bool
+    pool: bool
+    bn: bool
+    legacy: bool
+    allow_tf32: bool
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_grid(kernel_size: int, grid: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(2, k*k) contiguous: the reference's sampling x then y of each tap ``kh * k + kw``."""
+    x, y = gabor_grid(kernel_size, grid, device=device, dtype=dtype)
+    return torch.stack([x.reshape(-1), y.reshape(-1)]).contiguous()
+
+
+def _stack_params(freq, theta, sigma, psi, dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack([freq.detach(), theta.detach(), sigma.detach(), psi.detach()]).to(dtype).contiguous()
+
+
+def _launch_forward(
+    x: torch.Tensor, params: torch.Tensor, taps: torch.Tensor, alpha: torch.Tensor, scale, shift, geo: ConvGeometry,
+    opt: _Options,
+) -> torch.Tensor:  # fmt: skip
+    out = torch.empty(geo.out_shape, device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    check_int32_indexable("output", out)
+    scale = alpha if scale is None else scale
+    shift = alpha if shift is None else shift
+    _gabor_conv_fwd[geo.grid](
+        x, params, taps, alpha, scale, shift, out,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW,
+        *x.stride(), *out.stride(),
+        geo.stride, geo.padding, geo.dilation,
+        K=geo.K, LEGACY=opt.legacy, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
+        ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
+    )  # fmt: skip
+    return out
+
+
+def _launch_backward(
+    x: torch.Tensor, params: torch.Tensor, taps: torch.Tensor, alpha: torch.Tensor, scale, grad_out: torch.Tensor,
+    geo: ConvGeometry, opt: _Options,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dL/dz, dL/dalpha)``; ``dL/dz`` has the conv output's shape, ``dL/dalpha`` is 0-d."""
+    odd = geo.pool and (geo.OH % 2 or geo.OW % 2)
+    alloc = torch.zeros if odd else torch.empty
+    grad_z = alloc((geo.B, geo.CO, geo.OH, geo.OW), device=x.device, dtype=x.dtype)
+    cdtype = compute_dtype(x.dtype)
+    alpha_part = torch.zeros((geo.partial_rows if geo.pool else 1, geo.CO), device=x.device, dtype=cdtype)
+    if grad_z.numel() == 0:
+        return grad_z, alpha_part.sum()
+    check_int32_indexable("grad_output", grad_out)
+    check_int32_indexable("grad_z", grad_z)
+    scale = alpha if scale is None else scale
+    _gabor_conv_bwd[geo.grid](
+        x, params, taps, alpha, scale, grad_out, grad_z, alpha_part,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW,
+        *x.stride(), *grad_out.stride(), *grad_z.stride(),
+        geo.stride, geo.padding, geo.dilation,
+        K=geo.K, LEGACY=opt.legacy, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
+        ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
+    )  # fmt: skip
+    return grad_z, alpha_part.sum()
+
+
+def _launch_bank(params: torch.Tensor, taps: torch.Tensor, kernel_size: int, legacy: bool, dtype) -> torch.Tensor:
+    _, CO, CI = params.shape
+    w = torch.empty((CO, CI, kernel_size, kernel_size), device=params.device, dtype=dtype)
+    if w.numel() == 0:
+        return w
+    R = CI * kernel_size**2
+    block_r, block_co = pow2_block(R, 16, 64), pow2_block(CO, 16, 64)
+    # grid: one program per BLOCK_R x BLOCK_CO tile of the (CI*K*K, CO) transposed bank
+    _gabor_bank_kernel[(triton.cdiv(R, block_r), triton.cdiv(CO, block_co))](
+        params, taps, w, CI, CO, K=kernel_size, LEGACY=legacy, BLOCK_R=block_r, BLOCK_CO=block_co
+    )
+    return w
+
+
+def _launch_param_grad(
+    grad_w: torch.Tensor, params: torch.Tensor, taps: torch.Tensor, kernel_size: int, legacy: bool
+) -> torch.Tensor:
+    """(4, CO, CI): the gradients of freq, theta, sigma, psi."""
+    grad_params = torch.empty_like(params)
+    n = params.shape[1] * params.shape[2]
+    if n == 0:
+        return grad_params
+    block_n = pow2_block(n, 16, 128)
+    # grid: one program per BLOCK_N (out, in) filter pairs
+    _gabor_param_grad_kernel[(triton.cdiv(n, block_n),)](
+        grad_w.contiguous(), params, taps, grad_params, n,
+        K=kernel_size, LEGACY=legacy, BLOCK_N=block_n, BLOCK_T=triton.next_power_of_2(kernel_size**2),
+    )  # fmt: skip
+    return grad_params
+
+
+# --------------------------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------------------------
+
+
+class GaborConv2dFunction(torch.autograd.Function):
+    """Fused Gabor conv (+ ReLU, + mixed pooling, + folded BN) with gradients for x, the four parameters, alpha.
+
+    Backward: the kernel recomputes the conv tile and writes ``dL/dz`` (no pre-pool activation is saved) and the
+    ``alpha`` partial sums; ``dL/dx`` and ``dL/dW`` come from ``aten.convolution_backward`` (cuDNN on a GPU) on
+    ``dL/dz`` and the materialised bank; ``dL/dW`` is pulled back to the four parameters by
+    :func:`_gabor_param_grad_kernel`. Without pooling or BN, ``dL/dz`` is read off the saved output instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, freq, theta, sigma, psi, alpha, scale, shift, geo: ConvGeometry, opt: _Options):
+        cdtype = compute_dtype(x.dtype)
+        params = _stack_params(freq, theta, sigma, psi, cdtype)
+        taps = _tap_grid(opt.kernel_size, "legacy" if opt.legacy else "centered", x.device, cdtype)
+        alpha_c = alpha.detach().reshape(()).to(cdtype)
+        out = _launch_forward(x, params, taps, alpha_c, scale, shift, geo, opt)
+        saved_out = out if (opt.relu and not opt.pool and not opt.bn) else None
+        ctx.save_for_backward(x, params, taps, alpha_c, scale, saved_out)
+        ctx.geo, ctx.opt = geo, opt
+        ctx.param_dtypes = (freq.dtype, theta.dtype, sigma.dtype, psi.dtype)
+        ctx.alpha_like = (alpha.shape, alpha.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, params, taps, alpha_c, scale, saved_out = ctx.saved_tensors
+        geo, opt = ctx.geo, ctx.opt
+        need_x, *need_params, need_alpha = ctx.needs_input_grad[:6]
+        grads: list = [None] * 10
+        if not (need_x or any(need_params) or need_alpha):
+            return tuple(grads)
+
+        if opt.pool or opt.bn:
+            grad_z, grad_alpha = _launch_backward(x, params, taps, alpha_c, scale, grad_out, geo, opt)
+        else:
+            grad_z = torch.where(saved_out > 0, grad_out, 0) if opt.relu else grad_out
+            grad_alpha = None
+        if need_alpha and grad_alpha is not None:
+            shape, dtype = ctx.alpha_like
+            grads[5] = grad_alpha.to(dtype).reshape(shape)
+
+        if need_x or any(need_params):
+            weight = _launch_bank(params, taps, opt.kernel_size, opt.legacy, x.dtype)
+            with cudnn_fp32_precision(opt.allow_tf32):
+                grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                    grad_z.to(x.dtype), x, weight, None, [geo.stride] * 2, [geo.padding] * 2, [geo.dilation] * 2,
+                    False, [0, 0], 1, [need_x, any(need_params), False],
+                )  # fmt: skip
+            grads[0] = grad_x
+            if any(need_params):
+                grad_params = _launch_param_grad(grad_w, params, taps, opt.kernel_size, opt.legacy)
+                for k, (need, dtype) in enumerate(zip(need_params, ctx.param_dtypes)):
+                    if need:
+                        grads[1 + k] = grad_params[k].to(dtype)
+        return tuple(grads)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Functional API
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_params(freq, theta, sigma, psi, device) -> tuple[int, int]:
+    check_tensor("freq", freq, ndim=2, device=device)
+    shape = tuple(freq.shape)
+    for name, t in (("theta", theta), ("sigma", sigma), ("psi", psi)):
+        check_tensor(name, t, shape=shape, device=device)
+    return shape
+
+
+def gabor_conv2d(
+    x: torch.Tensor,  # (B, C_in, H, W)
+    freq: torch.Tensor,  # (C_out, C_in)
+    theta: torch.Tensor,  # (C_out, C_in)
+    sigma: torch.Tensor,  # (C_out, C_in)
+    psi: torch.Tensor,  # (C_out, C_in)
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    *,
+    relu: bool = False,
+    pool_alpha: torch.Tensor | float | None = None,
+    grid: str = "centered",
+    bn: tuple[torch.Tensor, torch.Tensor] | None = None,
+    groups: int = 1,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """Gabor convolution with the bank generated in-kernel, optionally fused with ReLU, mixed pooling and BN.
+
+    Equals ``MixPool2d(relu(F.conv2d(x, gabor_bank(freq, theta, sigma, psi, k, grid), None, stride, padding,
+    dilation))) * scale + shift`` of the reference, each stage present only when asked for. Differentiable in
+    ``x``, the four parameters and ``pool_alpha`` (when it is a tensor).
+
+    Args:
+        kernel_size: square kernel size ``k``.
+        stride, padding, dilation: ints (or equal pairs).
+        relu: apply ReLU to the conv output.
+        pool_alpha: ``None`` for no pooling; a 0-d tensor (trainable) or a float (constant; ``1.0`` is max pooling)
+            for 2 x 2 / stride 2 mixed pooling in floor mode (odd sizes drop the last row/column).
+        grid: ``"centered"`` or ``"legacy"`` (the authors' grid and normalisation), as in ``gabor_bank``.
+        bn: a folded inference BatchNorm ``(scale, shift)`` applied after the pooling (``fold_bn``); constants.
+        groups: only 1 is supported.
+        allow_tf32: let float32 dots (forward kernel and the cuDNN backward) use TF32.
+
+    Returns:
+        ``(B, C_out, OH // 2, OW // 2)`` with pooling, else ``(B, C_out, OH, OW)``, in ``x.dtype``.
+
+    Dtypes: ``x`` float32, bfloat16 or float16 (float64 for verification); accumulation in float32 (float64). The
+    parameters may have any of these dtypes; the bank is generated in the accumulation dtype and rounded to
+    ``x.dtype`` for the tensor-core dot.
+    """
+    check_tensor("x", x, ndim=4)
+    check_device("x", x)
+    CO, CI = _check_params(freq, theta, sigma, psi, x.device)
+    if x.shape[1] != CI:
+        unsupported("x", f"has {x.shape[1]} channels but the Gabor parameters are ({CO}, {CI}) (out, in)")
+    if groups != 1:
+        unsupported("groups", f"grouped convolutions are not supported (groups={groups}); use groups=1")
+    if grid not in GRIDS:
+        unsupported("grid", f"must be one of {GRIDS}, got {grid!r}")
+    k = square_int("kernel_size", kernel_size, minimum=1)
+    stride = square_int("stride", stride, minimum=1)
+    padding = square_int("padding", padding, minimum=0)
+    dilation = square_int("dilation", dilation, minimum=1)
+    check_int32_indexable("x", x)
+    alpha = check_alpha(pool_alpha, x, "pool_alpha")
+    scale, shift = check_bn(bn, CO, x)
+    geo = conv_geometry(x, CO, k, stride, padding, dilation, alpha is not None)
+    opt = _Options(k, stride, padding, dilation, bool(relu), alpha is not None, scale is not None, grid == "legacy",
+                   bool(allow_tf32))  # fmt: skip
+    if alpha is None:
+        alpha = torch.ones((), device=x.device, dtype=compute_dtype(x.dtype))
+    return GaborConv2dFunction.apply(x, freq, theta, sigma, psi, alpha, scale, shift, geo, opt)
+
+
+def gabor_weight(
+    freq: torch.Tensor,
+    theta: torch.Tensor,
+    sigma: torch.Tensor,
+    psi: torch.Tensor,
+    kernel_size: int,
+    grid: str = "centered",
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The bank ``(C_out, C_in, k, k)`` generated by the kernels' own Gabor code (no gradient).
+
+    Equals ``gabor_bank`` of the reference; useful to check the in-kernel generator and to export a fixed bank.
+    """
+    check_tensor("freq", freq, ndim=2)
+    check_device("freq", freq)
+    _check_params(freq, theta, sigma, psi, freq.device)
+    if grid not in GRIDS:
+        unsupported("grid", f"must be one of {GRIDS}, got {grid!r}")
+    k = square_int("kernel_size", kernel_size, minimum=1)
+    dtype = dtype or freq.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        unsupported("dtype", f"{dtype} is not supported")
+    cdtype = compute_dtype(dtype) if freq.dtype != torch.float64 else torch.float64
+    params = _stack_params(freq, theta, sigma, psi, cdtype)
+    return _launch_bank(params, _tap_grid(k, grid, freq.device, cdtype), k, grid == "legacy", dtype)

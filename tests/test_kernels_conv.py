@@ -1,0 +1,768 @@
+"""Kernels 1 and 2 of the FusionNet branch against the plain-PyTorch reference, forward and backward.
+
+``gabor_conv2d`` (Gabor bank generated in-kernel) and ``conv2d_mixpool`` (conv + bias), each fused with ReLU,
+2 x 2 mixed pooling and a folded inference BatchNorm. Every test builds the reference from
+``fusionkern.models.layers`` with the same parameter values, compares the forward, runs both backward passes with
+one shared ``grad_output`` and compares every gradient, reporting the first mismatching index.
+
+On a CPU machine the kernels run on the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest) with tiny
+shapes; with ``TRITON_INTERPRET=0`` and a GPU the same tests run compiled on CUDA, and :class:`TestGPUSweep` adds
+the paper and native layer shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusionkern.kernels import (
+    UnsupportedOptionError,
+    conv2d_mixpool,
+    fold_bn,
+    gabor_conv2d,
+    gabor_weight,
+    stage_forward,
+)
+from fusionkern.kernels import _common, conv_mixpool, gabor_conv
+from fusionkern.kernels._common import KernelSpec, compile_sm90_isolated, cudnn_fp32_precision, interpreting
+from fusionkern.models.layers import GaborConv2d, MixPool2d, gabor_bank
+from fusionkern.models.networks import ConvStage
+
+DEVICE = torch.device("cpu" if interpreting() else "cuda")
+needs_device = pytest.mark.skipif(
+    not interpreting() and not torch.cuda.is_available(),
+    reason="TRITON_INTERPRET=0 and no CUDA device: the kernels have nowhere to run",
+)
+pytestmark = needs_device
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tolerances, cases, comparison
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tol:
+    dtype: torch.dtype
+    allow_tf32: bool
+    atol: float
+    rtol: float
+    scaled: bool  # 16-bit rows: atol is relative to the tensor's largest magnitude
+
+
+# Tolerances per dtype. 16-bit and TF32 rows compare against float32 math on the same rounded inputs, with atol
+# relative to the tensor's largest magnitude; parameter gradients (sums over batch and pixels) always use that.
+DTYPES = {
+    "fp32": Tol(torch.float32, False, 1e-5, 1e-4, False),
+    "tf32": Tol(torch.float32, True, 5e-3, 5e-3, True),
+    "bf16": Tol(torch.bfloat16, False, 2e-2, 2e-2, True),
+    "fp16": Tol(torch.float16, False, 1e-2, 1e-2, True),
+}
+
+
+def dtype_param(name: str):
+    marks = []
+    if name == "bf16" and interpreting():
+        marks.append(pytest.mark.skip(reason="the Triton CPU interpreter multiplies bf16 tl.dot operands as raw uint16 "
+                                             "bits (triton 3.9); bf16 runs on the GPU"))  # fmt: skip
+    if name == "bf16" and not interpreting() and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        marks.append(pytest.mark.skip(reason="this GPU has no bf16 support"))
+    return pytest.param(name, marks=marks, id=name)
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    CI: int
+    CO: int
+    H: int
+    W: int
+    k: int = 3
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+
+
+CASES = {
+    "minimal": Case(1, 1, 1, 4, 4),
+    "batch 1": Case(1, 3, 8, 8, 8),
+    "odd H and W": Case(2, 3, 5, 9, 7),
+    "channels not a multiple of the block": Case(1, 5, 18, 6, 6),
+    "stride 2": Case(2, 3, 4, 9, 9, stride=2),
+    "dilation 2": Case(1, 2, 4, 9, 9, padding=2, dilation=2),
+    "padding 0": Case(2, 3, 4, 8, 8, padding=0),
+    "kernel 1 (native head)": Case(1, 4, 6, 6, 6, k=1, padding=0),
+}
+
+
+def assert_match(name: str, actual, expected, atol: float, rtol: float, scaled: bool = False) -> None:
+    """Elementwise ``|a - e| <= atol + rtol |e|``; on failure name the first bad index and the worst error."""
+    assert actual is not None, f"{name}: the kernel returned no gradient"
+    assert expected is not None, f"{name}: the reference has no gradient"
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != reference {tuple(e.shape)}"
+    if scaled and e.numel():
+        atol = atol * max(1.0, e.abs().max().item())
+    diff = (a - e).abs()
+    bad = ~(diff <= atol + rtol * e.abs())
+    if bad.any():
+        first = tuple(bad.nonzero()[0].tolist())
+        worst = tuple(torch.nonzero(diff == diff[~diff.isnan()].max())[0].tolist()) if (~diff.isnan()).any() else first
+        pytest.fail(
+            f"{name}: {int(bad.sum())} of {e.numel()} elements differ (atol {atol:g}, rtol {rtol:g}); "
+            f"first at {first}: kernel {a[first].item():.7g} vs reference {e[first].item():.7g}; "
+            f"worst at {worst}: |diff| {diff[worst].item():.3g}"
+        )
+
+
+def assert_norm_close(name: str, actual, expected, tol: float) -> None:
+    """``||a - e|| <= tol * ||e||`` (2-norm over the tensor), reporting the worst element on failure.
+
+    Used for gradients at full scale: over millions of pooling windows, two accumulation orders put a few dozen
+    values on different sides of a near-tie (max-pool argmax) or of zero (ReLU), each moving an O(1) gradient
+    entry; elementwise bounds (and, through the weight gradient, whole output channels) would flag those while
+    the tensor as a whole agrees.
+    """
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != reference {tuple(e.shape)}"
+    err, ref = (a - e).norm().item(), e.norm().item()
+    if not err <= tol * max(ref, 1e-30):
+        worst = tuple(torch.nonzero((a - e).abs() == (a - e).abs().max())[0].tolist())
+        pytest.fail(
+            f"{name}: relative error {err / max(ref, 1e-30):.3g} > {tol:g}; worst at {worst}: kernel "
+            f"{a[worst].item():.7g} vs reference {e[worst].item():.7g}"
+        )
+
+
+def grads_of(out: torch.Tensor, leaves: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor | None]:
+    return list(torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True))
+
+
+def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A fresh leaf on DEVICE with ``t``'s values (cast to ``dtype``)."""
+    return t.detach().to(DEVICE, dtype or t.dtype, copy=True).requires_grad_(True)
+
+
+def gabor_params(CO: int, CI: int, k: int, grid: str = "centered", seed: int = 0) -> list[torch.Tensor]:
+    """freq, theta, sigma, psi from GaborConv2d's random init plus noise (so no two pairs coincide)."""
+    torch.manual_seed(seed)
+    mod = GaborConv2d(CI, CO, k, init="random", grid=grid)
+    return [p.detach() + 0.05 * torch.randn_like(p) for p in (mod.freq, mod.theta, mod.sigma, mod.psi)]
+
+
+def random_bn(C: int, seed: int = 1) -> nn.BatchNorm2d:
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(C)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    return bn.eval()
+
+
+def mixpool_ref(z: torch.Tensor, alpha) -> torch.Tensor:
+    """MixPool2d's forward with ``alpha`` given (a leaf tensor or a float); test_mixpool_ref_is_the_module checks it."""
+    return alpha * F.max_pool2d(z, 2, 2) + (1 - alpha) * F.avg_pool2d(z, 2, 2)
+
+
+def test_mixpool_ref_is_the_module():
+    z = torch.randn(2, 3, 7, 6)
+    pool = MixPool2d(alpha=0.3)
+    assert torch.equal(mixpool_ref(z, pool.alpha), pool(z))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Harnesses: kernel and reference side by side, forward then every gradient
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_gabor(
+    c: Case, *, relu=True, alpha: float | None = 0.7, alpha_const=False, grid="centered", bn=False, tol="fp32",
+    channels_last=False, seed=0,
+) -> None:  # fmt: skip
+    t = DTYPES[tol]
+    params = gabor_params(c.CO, c.CI, c.k, grid, seed)
+    x = torch.randn(c.B, c.CI, c.H, c.W).to(t.dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    bn_mod = random_bn(c.CO) if bn else None
+
+    xk = leaf(x)
+    pk = [leaf(p) for p in params]
+    ak = None if alpha is None else (alpha if alpha_const else torch.tensor(alpha, device=DEVICE, requires_grad=True))
+    folded = None if bn_mod is None else tuple(v.to(DEVICE) for v in fold_bn(bn_mod))
+    y = gabor_conv2d(xk, *pk, c.k, c.stride, c.padding, c.dilation, relu=relu, pool_alpha=ak, grid=grid, bn=folded,
+                     allow_tf32=t.allow_tf32)  # fmt: skip
+
+    # reference: fp32 math on the same (possibly 16-bit-rounded) values, the bank rounded like the kernel's
+    xr = leaf(x, torch.float32)
+    pr = [leaf(p) for p in params]
+    ar = None if alpha is None else (alpha if alpha_const else torch.tensor(alpha, device=DEVICE, requires_grad=True))
+    with cudnn_fp32_precision(t.allow_tf32):
+        bank = gabor_bank(*pr, c.k, grid)
+        if t.dtype != torch.float32:
+            bank = bank + (bank.to(t.dtype).float() - bank).detach()  # the kernel's rounding, gradient untouched
+        z = F.conv2d(xr, bank, None, c.stride, c.padding, c.dilation)
+        z = F.relu(z) if relu else z
+        z = mixpool_ref(z, ar) if alpha is not None else z
+        ref = bn_mod.to(DEVICE)(z) if bn_mod is not None else z
+
+    assert y.dtype == t.dtype
+    assert_match("output", y, ref, t.atol, t.rtol, t.scaled)
+    torch.manual_seed(seed + 100)
+    go = torch.randn_like(ref)
+    names = ["x", "freq", "theta", "sigma", "psi"] + (["alpha"] if isinstance(ak, torch.Tensor) else [])
+    lk = [xk, *pk] + ([ak] if isinstance(ak, torch.Tensor) else [])
+    lr = [xr, *pr] + ([ar] if isinstance(ar, torch.Tensor) else [])
+    with cudnn_fp32_precision(t.allow_tf32):
+        gr = grads_of(ref, lr, go)
+    gk = grads_of(y, lk, go)
+    for name, a, e in zip(names, gk, gr):
+        # parameter gradients sum over the batch and every pixel: compare them relative to their scale
+        scaled = t.scaled or name not in ("x",)
+        assert_match(f"grad {name}", a, e, t.atol, t.rtol, scaled)
+
+
+def check_conv(
+    c: Case, *, relu=True, alpha: float | None = 0.6, alpha_const=False, bias=True, bn=False, tol="fp32",
+    channels_last=False, seed=0,
+) -> None:  # fmt: skip
+    t = DTYPES[tol]
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c.CI, c.CO, c.k, c.stride, c.padding, c.dilation, bias=bias)
+    x = torch.randn(c.B, c.CI, c.H, c.W).to(t.dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = conv.weight.detach().to(t.dtype)
+    b = conv.bias.detach().to(t.dtype) if bias else None
+    bn_mod = random_bn(c.CO) if bn else None
+
+    xk, wk = leaf(x), leaf(w)
+    bk = None if b is None else leaf(b)
+    ak = None if alpha is None else (alpha if alpha_const else torch.tensor(alpha, device=DEVICE, requires_grad=True))
+    folded = None if bn_mod is None else tuple(v.to(DEVICE) for v in fold_bn(bn_mod))
+    y = conv2d_mixpool(xk, wk, bk, ak, stride=c.stride, padding=c.padding, dilation=c.dilation, relu=relu, bn=folded,
+                       allow_tf32=t.allow_tf32)  # fmt: skip
+
+    xr, wr = leaf(x, torch.float32), leaf(w, torch.float32)
+    br = None if b is None else leaf(b, torch.float32)
+    ar = None if alpha is None else (alpha if alpha_const else torch.tensor(alpha, device=DEVICE, requires_grad=True))
+    with cudnn_fp32_precision(t.allow_tf32):
+        z = F.conv2d(xr, wr, br, c.stride, c.padding, c.dilation)
+        z = F.relu(z) if relu else z
+        z = mixpool_ref(z, ar) if alpha is not None else z
+        ref = bn_mod.to(DEVICE)(z) if bn_mod is not None else z
+
+    assert y.dtype == t.dtype
+    assert_match("output", y, ref, t.atol, t.rtol, t.scaled)
+    torch.manual_seed(seed + 100)
+    go = torch.randn_like(ref)
+    named = [("x", xk, xr), ("weight", wk, wr)]
+    if bias:
+        named.append(("bias", bk, br))
+    if isinstance(ak, torch.Tensor):
+        named.append(("alpha", ak, ar))
+    with cudnn_fp32_precision(t.allow_tf32):
+        gr = grads_of(ref, [r for _, _, r in named], go)
+    gk = grads_of(y, [k for _, k, _ in named], go)
+    for (name, _, _), a, e in zip(named, gk, gr):
+        assert_match(f"grad {name}", a, e, t.atol, t.rtol, t.scaled or name != "x")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward + backward against the reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_gabor_conv_relu_mixpool(case):
+    check_gabor(CASES[case])
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_conv_mixpool(case):
+    check_conv(CASES[case])
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(relu=False, alpha=None),  # plain conv
+        dict(relu=True, alpha=None),  # conv + ReLU (dL/dz from the saved output)
+        dict(relu=False, alpha=0.3),  # pooling without ReLU
+        dict(relu=True, alpha=1.0, alpha_const=True),  # MaxPool2d: constant alpha, no alpha gradient
+        dict(relu=True, alpha=0.8, bn=True),  # DGCNN eval epilogue: BN folded after the pool
+        dict(relu=True, alpha=None, bn=True),  # BN folded without a pool (recompute backward, no pool)
+        dict(relu=True, alpha=1.4),  # alpha trained out of [0, 1]
+    ],
+    ids=["conv", "relu", "pool-no-relu", "maxpool", "pool-bn", "relu-bn", "alpha-out-of-range"],
+)
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_epilogue_modes(op, mode):
+    case = CASES["odd H and W"]
+    (check_gabor if op == "gabor" else check_conv)(case, **mode)
+
+
+def test_gabor_legacy_grid():
+    check_gabor(CASES["batch 1"], grid="legacy")
+    check_gabor(Case(1, 2, 3, 9, 9, k=5, padding=2), grid="legacy", seed=3)  # kernel 5: non-integer legacy grid
+
+
+def test_conv_without_bias():
+    check_conv(CASES["odd H and W"], bias=False)
+
+
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_channels_last_input(op):
+    (check_gabor if op == "gabor" else check_conv)(CASES["batch 1"], channels_last=True)
+
+
+@pytest.mark.parametrize("tol", [dtype_param(n) for n in ("tf32", "bf16", "fp16")])
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_reduced_precision(op, tol):
+    (check_gabor if op == "gabor" else check_conv)(CASES["odd H and W"], tol=tol)
+
+
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_expanded_grad_output(op):
+    """``y.sum().backward()`` hands the kernel a stride-0 grad_output; explicit strides must cope."""
+    case = CASES["batch 1"]
+    torch.manual_seed(5)
+    x = torch.randn(case.B, case.CI, case.H, case.W, device=DEVICE, requires_grad=True)
+    if op == "gabor":
+        params = [p.to(DEVICE) for p in gabor_params(case.CO, case.CI, 3)]
+        y = gabor_conv2d(x, *params, 3, 1, 1, relu=True, pool_alpha=0.5)
+        ref = mixpool_ref(F.relu(F.conv2d(x, gabor_bank(*params, 3), None, 1, 1)), 0.5)
+    else:
+        w = torch.randn(case.CO, case.CI, 3, 3, device=DEVICE)
+        y = conv2d_mixpool(x, w, None, 0.5)
+        ref = mixpool_ref(F.relu(F.conv2d(x, w, None, 1, 1)), 0.5)
+    (gk,) = torch.autograd.grad(y.sum(), [x])
+    (gr,) = torch.autograd.grad(ref.sum(), [x])
+    assert_match("grad x", gk, gr, 1e-5, 1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Max-pool ties, saved tensors, the bank, BN folding
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_torch_max_pool_tie_goes_to_first_max():
+    """The convention the kernels copy: PyTorch's max-pool backward routes a tie to the first max (row-major)."""
+    z = torch.ones(1, 1, 2, 2, requires_grad=True)
+    F.max_pool2d(z, 2, 2).sum().backward()
+    assert z.grad.flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_max_pool_ties_match_reference(op):
+    """A constant input region makes all four window positions equal: gradients must still match exactly."""
+    B, CI, CO, H = 1, 2, 3, 8
+    x = torch.full((B, CI, H, H), 0.5, device=DEVICE)
+    x[..., :2, :] = torch.randn(B, CI, 2, H, device=DEVICE)  # one non-constant stripe next to the tie region
+    x.requires_grad_(True)
+    alpha = torch.tensor(0.75, device=DEVICE, requires_grad=True)
+    if op == "gabor":
+        params = [p.to(DEVICE) for p in gabor_params(CO, CI, 3, seed=7)]
+        params[3] = torch.zeros_like(params[3])  # psi = 0: cos(0) > 0 keeps the centre tap positive
+        y = gabor_conv2d(x, *params, 3, 1, 0, relu=True, pool_alpha=alpha)
+        with cudnn_fp32_precision(False):
+            ref = mixpool_ref(F.relu(F.conv2d(x, gabor_bank(*params, 3), None, 1, 0)), alpha)
+    else:
+        w = torch.full((CO, CI, 3, 3), 0.1, device=DEVICE)
+        b = torch.tensor([0.5, -0.2, 0.1], device=DEVICE)
+        y = conv2d_mixpool(x, w, b, alpha, padding=0)
+        with cudnn_fp32_precision(False):
+            ref = mixpool_ref(F.relu(F.conv2d(x, w, b, 1, 0)), alpha)
+    assert_match("output", y, ref, 1e-6, 1e-5)
+    go = torch.randn_like(ref)
+    gk = grads_of(y, [x, alpha], go)
+    with cudnn_fp32_precision(False):
+        gr = grads_of(ref, [x, alpha], go)
+    assert_match("grad x", gk[0], gr[0], 1e-5, 1e-4)
+    assert_match("grad alpha", gk[1], gr[1], 1e-5, 1e-4)
+
+
+def test_backward_saves_no_prepool_activation():
+    case = CASES["batch 1"]
+    x = torch.randn(case.B, case.CI, case.H, case.W, device=DEVICE, requires_grad=True)
+    w = torch.randn(case.CO, case.CI, 3, 3, device=DEVICE, requires_grad=True)
+    y = conv2d_mixpool(x, w, None, 0.5)
+    pre_pool = (case.B, case.CO, case.H, case.W)
+    assert all(tuple(t.shape) != pre_pool for t in y.grad_fn.saved_tensors if t is not None)
+
+
+@pytest.mark.parametrize("grid", ["centered", "legacy"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_gabor_weight_matches_bank(grid, k):
+    params = [p.to(DEVICE) for p in gabor_params(6, 3, k, grid)]
+    assert_match("bank", gabor_weight(*params, k, grid), gabor_bank(*params, k, grid), 1e-6, 1e-5)
+    p64 = [p.double() for p in params]
+    assert_match("bank float64", gabor_weight(*p64, k, grid), gabor_bank(*p64, k, grid), 1e-12, 1e-10)
+
+
+def test_fold_bn_equals_eval_batchnorm():
+    bn = random_bn(5)
+    y = torch.randn(2, 5, 3, 3)
+    scale, shift = fold_bn(bn)
+    assert_match("folded bn", y * scale[:, None, None] + shift[:, None, None], bn(y), 1e-6, 1e-5)
+    no_affine = nn.BatchNorm2d(5, affine=False).eval()
+    s2, b2 = fold_bn(no_affine)
+    assert_match("folded bn (no affine)", y * s2[:, None, None] + b2[:, None, None], no_affine(y), 1e-6, 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gradcheck in float64
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_gradcheck_gabor_float64():
+    """The interpreter (and the GPU) run float64 tl.dot, so the analytical gradients face finite differences."""
+    params = [p.double().to(DEVICE).requires_grad_(True) for p in gabor_params(2, 2, 3, seed=11)]
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    alpha = torch.tensor(0.6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def fn(x, f, t, s, p, a):
+        return gabor_conv2d(x, f, t, s, p, 3, 1, 1, relu=True, pool_alpha=a)
+
+    assert torch.autograd.gradcheck(fn, (x, *params, alpha), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+def test_gradcheck_conv_mixpool_float64():
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    alpha = torch.tensor(0.4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def fn(x, w, b, a):
+        return conv2d_mixpool(x, w, b, a)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, alpha), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stage_forward: reference ConvStage on the kernels, train and eval
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_stage(kind: str) -> ConvStage:
+    torch.manual_seed(21)
+    if kind == "dgcnn-gabor":  # branch layer 1: Gabor -> ReLU -> MixPool -> BN
+        return ConvStage(GaborConv2d(3, 6, 3, padding=1), MixPool2d(alpha=0.8), nn.BatchNorm2d(6), "pool_bn")
+    if kind == "dgcnn-conv":  # branch layers 2-4
+        return ConvStage(nn.Conv2d(3, 6, 3, padding=1), MixPool2d(alpha=0.6), nn.BatchNorm2d(6), "pool_bn")
+    if kind == "cnn5":  # CNN5 / head: conv -> ReLU -> BN -> MaxPool
+        return ConvStage(nn.Conv2d(3, 6, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(6), "bn_pool")
+    if kind == "gcnn5-gabor":  # Gabor first layer in CNN5 order
+        return ConvStage(GaborConv2d(3, 6, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(6), "bn_pool")
+    if kind == "before-dilated":  # last stage before the dilated block: no pool, no BN
+        return ConvStage(nn.Conv2d(3, 6, 3, padding=1), None, None, "pool_bn")
+    raise KeyError(kind)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["dgcnn-gabor", "dgcnn-conv", "cnn5", "gcnn5-gabor", "before-dilated"])
+def test_stage_forward(kind, train):
+    ref_stage = make_stage(kind).to(DEVICE)
+    if ref_stage.bn is not None:
+        with torch.no_grad():
+            ref_stage.bn.running_mean.normal_()
+            ref_stage.bn.running_var.uniform_(0.5, 2.0)
+            ref_stage.bn.weight.normal_()
+            ref_stage.bn.bias.normal_()
+    ker_stage = make_stage(kind).to(DEVICE)
+    ker_stage.load_state_dict(ref_stage.state_dict())
+    ref_stage.train(train)
+    ker_stage.train(train)
+    x = torch.randn(2, 3, 7, 8, device=DEVICE)
+    xr, xk = leaf(x), leaf(x)
+    with cudnn_fp32_precision(False):
+        ref = ref_stage(xr)
+    out = stage_forward(ker_stage, xk)
+    assert_match("output", out, ref, 1e-5, 1e-4)
+    if ref_stage.bn is not None:  # running statistics updated identically (training) or untouched (eval)
+        assert_match("running_mean", ker_stage.bn.running_mean, ref_stage.bn.running_mean, 1e-6, 1e-5)
+        assert_match("running_var", ker_stage.bn.running_var, ref_stage.bn.running_var, 1e-6, 1e-5)
+    go = torch.randn_like(ref)
+    names = ["x"] + [n for n, _ in ref_stage.named_parameters()]
+    with cudnn_fp32_precision(False):
+        gr = grads_of(ref, [xr, *ref_stage.parameters()], go)
+    gk = grads_of(out, [xk, *ker_stage.parameters()], go)
+    for name, a, e in zip(names, gk, gr):
+        if e is None:  # parameters the reference does not use (none expected) or a constant BN in eval
+            assert a is None, f"grad {name}: the kernel path produced a gradient the reference does not have"
+            continue
+        assert_match(f"grad {name}", a, e, 1e-5, 1e-4, scaled=name != "x")
+
+
+@pytest.mark.parametrize("kind", ["dgcnn-gabor", "dgcnn-conv", "cnn5"])
+def test_stage_forward_eval_folds_bn(kind, monkeypatch):
+    """Under no_grad an eval BN folds into the kernel epilogue (counted) and still equals the reference."""
+    stage = make_stage(kind).to(DEVICE).eval()
+    with torch.no_grad():
+        stage.bn.running_mean.normal_()
+        stage.bn.running_var.uniform_(0.5, 2.0)
+    calls = []
+    real = conv_mixpool.fold_bn
+    monkeypatch.setattr(conv_mixpool, "fold_bn", lambda bn: calls.append(bn) or real(bn))
+    x = torch.randn(2, 3, 8, 9, device=DEVICE)
+    with torch.no_grad(), cudnn_fp32_precision(False):
+        ref = stage(x)
+        out = stage_forward(stage, x)
+    assert calls == [stage.bn]
+    assert_match("output", out, ref, 1e-5, 1e-4)
+
+
+def test_autotune_setup():
+    """One deterministic config on the interpreter; on a GPU, pruning keeps tiles that fit the problem."""
+    if interpreting():
+        assert len(_common.tune_configs()) == 1
+    gpu = _common.make_configs(_common.GPU_CONV_CONFIGS)
+    kept = _common.prune_block_configs(gpu, {"CI": 3, "CO": 32}, K=3)  # paper layer 1: R = 27, CO = 32
+    assert kept and all(c.kwargs["BLOCK_CO"] <= 32 and c.kwargs["BLOCK_R"] <= 32 for c in kept)
+    assert len(_common.prune_block_configs(gpu, {"CI": 128, "CO": 256}, K=3)) == len(gpu)
+    assert _common.prune_block_configs(gpu, {"CI": 1, "CO": 1}, K=1)  # never empty
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Unsupported options raise a clear error naming the parameter
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def test_unsupported_option_error_is_a_value_error():
+    assert issubclass(UnsupportedOptionError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: conv2d_mixpool(_x(1, 4, 6, 6), _x(4, 2, 3, 3), None, 0.5, groups=2), "^groups"),
+        (lambda: conv2d_mixpool(_x(1, 4, 6, 6), _x(4, 2, 3, 3), None, 0.5), "^weight: has 2 input channels"),
+        (lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 1), None, 0.5), "^weight: non-square"),
+        (lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 3), None, 0.5, stride=(1, 2)), "^stride"),
+        (lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 3), None, 0.5, padding="same"), "^padding"),
+        (lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 3, dtype=torch.float64), None, 0.5), "^weight: dtype"),
+        (lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 3), _x(3), 0.5), "^bias"),
+        (lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 3), None, _x(2)), "^alpha"),
+        (lambda: conv2d_mixpool(_x(1, 2, 6, 6).int(), _x(4, 2, 3, 3).int(), None, 0.5), "^x: dtype int32"),
+        (lambda: conv2d_mixpool(_x(2, 6, 6), _x(4, 2, 3, 3), None, 0.5), "^x: expected a 4-D"),
+        (lambda: conv2d_mixpool(_x(1, 2, 1, 6), _x(4, 2, 1, 1), None, 0.5, padding=0), "^x: conv output 1 x 6"),
+        (lambda: conv2d_mixpool(_x(1, 2, 2, 2), _x(4, 2, 3, 3), None, 0.5, padding=0), "^x: input 2 x 2"),
+        (lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 3).to("meta"), None, 0.5), "^weight: is on meta"),
+        (lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 3), None, 0.5, bn=(_x(4),)), "^bn"),
+        (
+            lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 3), None, 0.5, bn=(_x(4).requires_grad_(), _x(4))),
+            "^bn scale: a folded BatchNorm",
+        ),
+        (lambda: gabor_conv2d(_x(1, 2, 6, 6), *[_x(4, 2)] * 4, 3, groups=2), "^groups"),
+        (lambda: gabor_conv2d(_x(1, 2, 6, 6), *[_x(4, 2)] * 4, (3, 5)), "^kernel_size"),
+        (lambda: gabor_conv2d(_x(1, 2, 6, 6), *[_x(4, 2)] * 4, 3, dilation=(2, 1)), "^dilation"),
+        (lambda: gabor_conv2d(_x(1, 2, 6, 6), *[_x(4, 2)] * 4, 3, grid="offset"), "^grid"),
+        (lambda: gabor_conv2d(_x(1, 3, 6, 6), *[_x(4, 2)] * 4, 3), "^x: has 3 channels"),
+        (lambda: gabor_conv2d(_x(1, 2, 6, 6), _x(4, 2), _x(4, 2), _x(4, 3), _x(4, 2), 3), "^sigma"),
+        (lambda: fold_bn(nn.BatchNorm2d(3)), "^bn: is in training mode"),
+        (lambda: fold_bn(nn.BatchNorm2d(3, track_running_stats=False).eval()), "^bn: has no running statistics"),
+        (lambda: fold_bn(nn.LayerNorm(3)), "^bn: expected a BatchNorm"),
+    ],
+    ids=[
+        "groups", "channel-mismatch", "non-square-kernel", "non-square-stride", "string-padding", "dtype-mix",
+        "bias-shape", "alpha-shape", "int-dtype", "3d-input", "too-small-to-pool", "too-small-to-convolve",
+        "device-mix", "bn-not-a-pair", "bn-requires-grad", "gabor-groups", "gabor-non-square-kernel",
+        "gabor-non-square-dilation", "gabor-grid", "gabor-channel-mismatch", "gabor-param-shape", "fold-bn-train",
+        "fold-bn-no-stats", "fold-bn-not-bn",
+    ],
+)  # fmt: skip
+def test_unsupported_options_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    "stage, channels, exc, match",
+    [
+        (lambda: ConvStage(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(3), None, "pool_bn"), 3, ValueError, "^pool"),
+        (lambda: ConvStage(nn.Conv2d(3, 4, 3, padding=1), MixPool2d(3, 3), None, "pool_bn"), 3, ValueError, "^pool"),
+        (lambda: ConvStage(nn.Conv2d(3, 4, 3, padding=1), nn.AvgPool2d(2), None, "pool_bn"), 3, ValueError, "^pool"),
+        (lambda: ConvStage(nn.Conv2d(3, 4, 3, padding="same"), None, None, "pool_bn"), 3, ValueError,
+         "^conv.padding"),
+        (lambda: ConvStage(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), None, None, "pool_bn"), 3,
+         ValueError, "^conv.padding_mode"),
+        (lambda: ConvStage(nn.Conv2d(4, 4, 3, padding=1, groups=2), None, None, "pool_bn"), 4, ValueError, "^groups"),
+        (lambda: ConvStage(nn.Linear(3, 4), None, None, "pool_bn"), 3, NotImplementedError,
+         "GaborConv2d and nn.Conv2d"),
+        (lambda: nn.Conv2d(3, 4, 3), 3, NotImplementedError, "runs a ConvStage"),
+    ],
+    ids=["maxpool-3", "mixpool-3", "avgpool", "same-padding", "reflect-padding", "groups", "linear", "not-a-stage"],
+)  # fmt: skip
+def test_stage_forward_unsupported(stage, channels, exc, match):
+    with pytest.raises(exc, match=match):
+        stage_forward(stage().to(DEVICE), _x(1, channels, 6, 6))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sm_90 compilation of every kernel (no GPU needed)
+# --------------------------------------------------------------------------------------------------------------
+
+# A small tile keeps the compile quick; the autotune list is compiled by test_sm90_compile_autotune_configs.
+_COMPILE_TILE = dict(BLOCK_P=32, BLOCK_CO=32, BLOCK_R=16)
+_CONV_CONSTEXPRS = dict(K=3, RELU=True, POOL=True, BN=True, ACC_DTYPE="tl.float32", DOT_PRECISION="ieee")
+_DATA_PTRS = {"x_ptr", "out_ptr", "grad_out_ptr", "grad_z_ptr", "w_ptr", "bias_ptr", "grad_w_ptr"}
+
+KERNELS = {
+    # (module, kernel name, constexprs, pointers that carry the data dtype)
+    "gabor_fwd": (gabor_conv, "_gabor_conv_fwd_kernel", {**_CONV_CONSTEXPRS, "LEGACY": False}, _DATA_PTRS),
+    "gabor_bwd": (gabor_conv, "_gabor_conv_bwd_kernel", {**_CONV_CONSTEXPRS, "LEGACY": False}, _DATA_PTRS),
+    "gabor_bank": (gabor_conv, "_gabor_bank_kernel", dict(K=3, LEGACY=False, BLOCK_R=32, BLOCK_CO=32), _DATA_PTRS),
+    "gabor_param_grad": (
+        gabor_conv, "_gabor_param_grad_kernel", dict(K=3, LEGACY=False, BLOCK_N=64, BLOCK_T=16), _DATA_PTRS
+    ),
+    "conv_mixpool_fwd": (conv_mixpool, "_conv_mixpool_fwd_kernel", {**_CONV_CONSTEXPRS, "HAS_BIAS": True},
+                         _DATA_PTRS),
+    "conv_mixpool_bwd": (conv_mixpool, "_conv_mixpool_bwd_kernel", {**_CONV_CONSTEXPRS, "HAS_BIAS": True},
+                         _DATA_PTRS),
+}  # fmt: skip
+
+
+def kernel_spec(key: str, dtype: str, tile: dict | None = None, label: str | None = None) -> KernelSpec:
+    module, name, constexprs, data_ptrs = KERNELS[key]
+    fn = getattr(module, name)
+    constexprs = dict(constexprs)
+    if "BLOCK_P" in fn.arg_names:
+        constexprs.update(tile or _COMPILE_TILE)
+    signature = {
+        a: "constexpr" if a in constexprs else ("*" + (dtype if a in data_ptrs else "fp32")) if a.endswith("_ptr")
+        else "i32"
+        for a in fn.arg_names
+    }  # fmt: skip
+    return KernelSpec(module.__name__, name, signature, constexprs, label or f"{key}[{dtype}]")
+
+
+def test_every_kernel_has_a_compile_spec():
+    jitted = {
+        f"{m.__name__}.{n}" for m in (gabor_conv, conv_mixpool, _common) for n, v in vars(m).items()
+        if type(v).__name__ in ("JITFunction", "InterpretedFunction") and n.endswith("_kernel")
+    }  # fmt: skip
+    assert jitted == {f"{m.__name__}.{n}" for m, n, _, _ in KERNELS.values()}
+
+
+@pytest.fixture(scope="module")
+def sm90_results():
+    specs = [kernel_spec(key, dtype) for key in KERNELS for dtype in ("fp32", "bf16")]
+    return compile_sm90_isolated(specs)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("key", list(KERNELS))
+def test_sm90_compile(sm90_results, key, dtype):
+    error = sm90_results[f"{key}[{dtype}]"]
+    assert error is None, f"{key} does not compile for sm_90 ({dtype}): {error}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("FUSIONKERN_SM90_ALL_CONFIGS") != "1",
+    reason="72 sm_90 compiles (minutes); set FUSIONKERN_SM90_ALL_CONFIGS=1 to run",
+)
+def test_sm90_compile_autotune_configs():
+    """Every GPU autotune config of the conv kernels lowers for sm_90 (fp32 IEEE, TF32 and bf16)."""
+    specs = []
+    for key in ("gabor_fwd", "gabor_bwd", "conv_mixpool_fwd", "conv_mixpool_bwd"):
+        for i, cfg in enumerate(_common.GPU_CONV_CONFIGS):
+            tile = {k: cfg[k] for k in ("BLOCK_P", "BLOCK_CO", "BLOCK_R")}
+            for dtype, precision in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "ieee")):
+                spec = kernel_spec(key, dtype, tile, f"{key}[{dtype},{precision},config{i}]")
+                specs.append(KernelSpec(spec.module, spec.kernel, spec.signature,
+                                        {**spec.constexprs, "DOT_PRECISION": precision}, spec.label))  # fmt: skip
+    failures = {k: v for k, v in compile_sm90_isolated(specs).items() if v is not None}
+    assert not failures, failures
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Full sweep on a GPU (benchmarks/gpu_check.sh runs these with TRITON_INTERPRET=0)
+# --------------------------------------------------------------------------------------------------------------
+
+# (label, C_in, C_out, H = W, gabor): the branch's pooled layers at the paper (256 px) and native (35 px) sizes
+GPU_LAYERS = [
+    ("paper L1", 3, 32, 256, True),
+    ("paper L2", 32, 64, 128, False),
+    ("paper L3", 64, 128, 64, False),
+    ("paper L4", 128, 256, 32, False),
+    ("native L1", 3, 32, 35, True),
+    ("native L2", 32, 64, 17, False),
+    ("native L3", 64, 128, 8, False),
+]
+
+
+def sweep_layer(layer: tuple, tol: str, batch: int, device: str) -> None:
+    """One pooled branch layer (Gabor or conv) at full size: forward and every gradient, scale-relative tolerances."""
+    _, CI, CO, HW, gabor = layer
+    t = DTYPES[tol]
+    atol = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 3e-2, "fp16": 1e-2}[tol]
+    rtol = 1e-4 if tol == "fp32" else 1e-2
+    # A real bug gives O(1) relative error; near-ties give about 1e-3 at batch 64 (tens of flipped windows).
+    norm_tol = {"fp32": 5e-3, "tf32": 1e-2, "bf16": 3e-2, "fp16": 2e-2}[tol]
+
+    def compare(name, a, e):
+        if name == "output":  # elementwise, atol relative to the tensor's max-abs
+            assert_match(name, a, e, atol, rtol, scaled=True)
+        else:  # see assert_norm_close: argmax near-ties at this scale
+            assert_norm_close(name, a, e, norm_tol)
+
+    def fresh(v, dtype=None):
+        return v.detach().to(device, dtype or v.dtype, copy=True).requires_grad_(True)
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, CI, HW, HW, device=device)
+    alpha = torch.tensor(0.8, device=device)
+    if gabor:
+        params = [p.to(device) for p in gabor_params(CO, CI, 3)]
+        kernel = [fresh(x, t.dtype), *[fresh(p) for p in params], fresh(alpha)]
+        ref = [fresh(x.to(t.dtype), torch.float32), *[fresh(p) for p in params], fresh(alpha)]
+        names = ["x", "freq", "theta", "sigma", "psi", "alpha"]
+        y = gabor_conv2d(kernel[0], *kernel[1:5], 3, 1, 1, relu=True, pool_alpha=kernel[5], allow_tf32=t.allow_tf32)
+        with cudnn_fp32_precision(t.allow_tf32):
+            bank = gabor_bank(*ref[1:5], 3)
+            if t.dtype != torch.float32:
+                bank = bank + (bank.to(t.dtype).float() - bank).detach()
+            out_ref = mixpool_ref(F.relu(F.conv2d(ref[0], bank, None, 1, 1)), ref[5])
+    else:
+        w = torch.randn(CO, CI, 3, 3, device=device) / math.sqrt(CI * 9)
+        b = torch.randn(CO, device=device) * 0.1
+        kernel = [fresh(x, t.dtype), fresh(w, t.dtype), fresh(b, t.dtype), fresh(alpha)]
+        ref = [fresh(v.to(t.dtype), torch.float32) for v in (x, w, b)] + [fresh(alpha)]
+        names = ["x", "weight", "bias", "alpha"]
+        y = conv2d_mixpool(*kernel, allow_tf32=t.allow_tf32)
+        with cudnn_fp32_precision(t.allow_tf32):
+            out_ref = mixpool_ref(F.relu(F.conv2d(ref[0], ref[1], ref[2], 1, 1)), ref[3])
+    compare("output", y, out_ref)
+    go = torch.randn_like(out_ref)
+    with cudnn_fp32_precision(t.allow_tf32):
+        gr = grads_of(out_ref, ref, go)
+    gk = grads_of(y, kernel, go)
+    for name, a, e in zip(names, gk, gr):
+        compare(f"grad {name}", a, e)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(interpreting(), reason="TRITON_INTERPRET=1: run with TRITON_INTERPRET=0 on the GPU machine")
+class TestGPUSweep:
+    """Paper and native layer shapes, batch 64, fp32 / tf32 / bf16 / fp16, forward and every gradient."""
+
+    @pytest.mark.parametrize("tol", [dtype_param(n) for n in ("fp32", "tf32", "bf16", "fp16")])
+    @pytest.mark.parametrize("layer", GPU_LAYERS, ids=[layer[0] for layer in GPU_LAYERS])
+    def test_layer(self, layer, tol):
+        sweep_layer(layer, tol, batch=64, device="cuda")
