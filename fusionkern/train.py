@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -178,6 +178,71 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="site", leave=False, disable=not enabled, dynamic_ncols=True)
 
 
+def split_loaders(train_ds, eval_ds, split, batch_size: int, workers: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Train (shuffled, augmented dataset), validation and test loaders of one split, seeded by the split."""
+    return (
+        _loader(train_ds, split.train, batch_size, True, workers, split.seed),
+        _loader(eval_ds, split.val, batch_size, False, workers, split.seed),
+        _loader(eval_ds, split.test, batch_size, False, workers, split.seed),
+    )
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    class_weights: Sequence[float],
+    device: torch.device,
+    on_best: Callable[[int, dict], None],
+    index: int = 0,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+) -> tuple[list[dict], int]:
+    """The paper's loop: Adam over the trainable parameters, weighted cross-entropy, validation every epoch.
+
+    ``on_best(epoch, val_metrics)`` is called whenever validation accuracy improves (to save the model).
+    Returns the per-epoch history and the best epoch. A non-finite loss stops training with a clear error.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    criterion = nn.CrossEntropyLoss(weight=torch.tensor(list(class_weights), dtype=torch.float32, device=device))
+    best_acc, best_epoch, history = -1.0, 0, []
+    n_train = len(train_loader.dataset)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        with _progress(n_train, f"split {index} epoch {epoch}/{epochs}", progress) as bar:
+            for x, y in train_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss = criterion(model(model_inputs(model, x)), y)
+                if not torch.isfinite(loss):
+                    raise FusionkernError(
+                        f"training loss became {loss.item()} at split {index} epoch {epoch}; "
+                        f"lower the learning rate (lr={lr}) or check the data for non-finite values"
+                    )
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                seen += len(y)
+                loss_sum += loss.item() * len(y)
+                bar.update(len(y))
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", sites_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        val = evaluate(model, val_loader, device)
+        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_accuracy": val["accuracy"],
+                  "sites_per_s": seen / (time.perf_counter() - t0)}  # fmt: skip
+        history.append(record)
+        if val["accuracy"] > best_acc:
+            best_acc, best_epoch = val["accuracy"], epoch
+            on_best(epoch, val)
+        log(f"split {index} epoch {epoch:3d}: loss {record['train_loss']:.4f}  "
+            f"val acc {val['accuracy']:.3f}  {record['sites_per_s']:.1f} sites/s")  # fmt: skip
+    return history, best_epoch
+
+
 def train_split(
     cfg: TrainConfig,
     train_ds,
@@ -192,53 +257,25 @@ def train_split(
     """Train one split; keep the best-on-validation checkpoint; return its validation and test metrics."""
     torch.manual_seed(split.seed)
     model = build_from_config(cfg).to(device).to_backend(cfg.backend)
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    criterion = nn.CrossEntropyLoss(weight=torch.tensor(cfg.class_weights, dtype=torch.float32, device=device))
-    train_loader = _loader(train_ds, split.train, cfg.batch_size, True, cfg.workers, split.seed)
-    val_loader = _loader(eval_ds, split.val, cfg.batch_size, False, cfg.workers, split.seed)
-    test_loader = _loader(eval_ds, split.test, cfg.batch_size, False, cfg.workers, split.seed)
-
-    best = {"val_accuracy": -1.0, "val_loss": math.inf, "epoch": 0}
+    train_loader, val_loader, test_loader = split_loaders(train_ds, eval_ds, split, cfg.batch_size, cfg.workers)
     best_path = split_dir / "best.pt"
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        with _progress(len(split.train), f"split {index} epoch {epoch}/{cfg.epochs}", cfg.progress) as bar:
-            for x, y in train_loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = criterion(model(model_inputs(model, x)), y)
-                if not torch.isfinite(loss):
-                    raise FusionkernError(
-                        f"training loss became {loss.item()} at split {index} epoch {epoch}; "
-                        f"lower the learning rate (lr={cfg.lr}) or check the data for non-finite values"
-                    )
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                seen += len(y)
-                loss_sum += loss.item() * len(y)
-                bar.update(len(y))
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", sites_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        val = evaluate(model, val_loader, device)
-        record = {"epoch": epoch, "train_loss": loss_sum / seen, "val_accuracy": val["accuracy"],
-                  "sites_per_s": seen / (time.perf_counter() - t0)}  # fmt: skip
-        history.append(record)
-        if val["accuracy"] > best["val_accuracy"]:
-            best = {"val_accuracy": val["accuracy"], "epoch": epoch}
-            save_checkpoint(
-                model, best_path, data=dict(checkpoint_data or {}, branch=None if isinstance(model, FusionNet) else cfg.branch),
-                epoch=epoch, split=index, split_seed=split.seed, val=val, train_config=dataclasses.asdict(cfg),
-            )  # fmt: skip
-        log(f"split {index} epoch {epoch:3d}: loss {record['train_loss']:.4f}  "
-            f"val acc {val['accuracy']:.3f}  {record['sites_per_s']:.1f} sites/s")  # fmt: skip
+    data = dict(checkpoint_data or {}, branch=None if isinstance(model, FusionNet) else cfg.branch)
 
+    def save_best(epoch: int, val: dict) -> None:
+        save_checkpoint(model, best_path, data=data, epoch=epoch, split=index, split_seed=split.seed, val=val,
+                        train_config=dataclasses.asdict(cfg))  # fmt: skip
+
+    history, best_epoch = fit(
+        model, train_loader, val_loader, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        class_weights=cfg.class_weights, device=device, on_best=save_best, index=index, log=log,
+        progress=cfg.progress,
+    )  # fmt: skip
     from fusionkern.models import load_checkpoint
 
     best_model = load_checkpoint(best_path, map_location=device).to_backend(cfg.backend)
     test = evaluate(best_model, test_loader, device)
     val = evaluate(best_model, val_loader, device)
-    return {"split": index, "seed": split.seed, "best_epoch": best["epoch"], "val": val, "test": test,
+    return {"split": index, "seed": split.seed, "best_epoch": best_epoch, "val": val, "test": test,
             "checkpoint": str(best_path), "history": history}  # fmt: skip
 
 

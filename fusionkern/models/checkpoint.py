@@ -83,6 +83,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
         "data": data,
         "metadata": _plain(metadata, "metadata"),
     }
+    return atomic_save(payload, path)
+
+
+def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a reader never sees a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
