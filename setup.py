@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -13,13 +13,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",  # match statements and PEP 604 unions in annotations
-    packages=[
-        "fusionkern",
-        "fusionkern.models",
-        "fusionkern.data",
-        "fusionkern.kernels",
-        "fusionkern.export",
-    ],
+    packages=find_packages(include=["fusionkern", "fusionkern.*"]) + ["fusionkern.kernels", "fusionkern.export"],
     # kernels/ and export/ live at the top of the repository but only ever install under fusionkern.
     package_dir={
         "fusionkern": "fusionkern",
@@ -51,6 +45,11 @@ setup(
         "ray": ["ray[data]>=2.9"],
         # Benchmarks. pytest-benchmark 4.0: the pedantic API and JSON output we parse; matplotlib 3.6 for plots.
         "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.6"],
+        # Paper experiments: matplotlib 3.6 for the figure API used; scikit-learn 1.2, the first release where
+        # TSNE's init="pca" and learning_rate="auto" (passed explicitly) are the settled defaults.
+        "experiments": ["matplotlib>=3.6", "scikit-learn>=1.2"],
+        # ImageNet baselines: torchvision 0.13 introduced the *_Weights API used; it must match the torch build.
+        "baselines": ["torchvision>=0.13"],
         # Tests. pytest 7.0: pytest.importorskip(..., reason=) and the ini options in pyproject.toml.
         "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", "matplotlib>=3.6"],
     },
