@@ -8,6 +8,7 @@ when a raster is actually opened, so the rest of fusionkern works without the ``
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -64,6 +65,12 @@ def _single(matches: list[Path], folder: Path, what: str) -> Path | None:
         names = ", ".join(p.name for p in matches)
         raise InputError(f"{what} is ambiguous in {folder}: {len(matches)} files match ({names})")
     return matches[0] if matches else None
+
+
+def is_gdal_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a GDAL virtual or remote path (``/vsicurl/...``, ``s3://...``) rather than a local file."""
+    text = os.fspath(path)
+    return text.startswith("/vsi") or "://" in text
 
 
 def find_band_file(scene_dir: str | Path, band: landsat.Band) -> Path:

@@ -44,6 +44,7 @@ from fusionkern.readers import (
     find_band_file,
     find_mtl,
     find_qa_file,
+    is_gdal_path,
     qa_invalid_mask,
 )
 
@@ -89,7 +90,7 @@ class BandInput:
         label: Description of the date (acquisition date, or the file name).
     """
 
-    path: Path
+    path: Path | str  # a local file, or a GDAL path (/vsicurl/..., s3://...) where the manifest allows them
     band: int
     mtl: Path | None = None
     label: str = ""
@@ -259,7 +260,7 @@ def inputs_from_scenes(scene_dirs: Sequence[str | Path]) -> ChipInputs:
     return ChipInputs(bands, qa)
 
 
-def inputs_from_manifest(path: str | Path) -> ChipInputs:
+def inputs_from_manifest(path: str | Path, allow_gdal: bool = False) -> ChipInputs:
     """Reads a YAML manifest listing three rasters per band, in date order.
 
     Example::
@@ -277,6 +278,8 @@ def inputs_from_manifest(path: str | Path) -> ChipInputs:
 
     Args:
         path: The manifest.
+        allow_gdal: Accept GDAL paths (``/vsicurl/...``, ``s3://...``) for the rasters and QA bands; they are
+            kept as strings and not checked for existence here (GDAL reports them when opened).
 
     Returns:
         The chip inputs.
@@ -294,12 +297,12 @@ def inputs_from_manifest(path: str | Path) -> ChipInputs:
     dates = _manifest_list(manifest, "dates", path, required=False)
     bands = {}
     for branch, number in INPUT_BANDS.items():
-        files = _manifest_paths(manifest, branch, path, required=True)
+        files = _manifest_paths(manifest, branch, path, required=True, allow_gdal=allow_gdal)
         bands[branch] = [
-            BandInput(file, number, mtl, str(date) if date is not None else file.name)
+            BandInput(file, number, mtl, str(date) if date is not None else Path(file).name)
             for file, mtl, date in zip(files, mtls, dates)
         ]
-    return ChipInputs(bands, _manifest_paths(manifest, "qa", path, required=False))
+    return ChipInputs(bands, _manifest_paths(manifest, "qa", path, required=False, allow_gdal=allow_gdal))
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -327,11 +330,16 @@ def _manifest_list(manifest: dict[str, Any], key: str, path: Path, required: boo
     return value
 
 
-def _manifest_paths(manifest: dict[str, Any], key: str, path: Path, required: bool) -> list[Path | None]:
-    paths: list[Path | None] = []
+def _manifest_paths(
+    manifest: dict[str, Any], key: str, path: Path, required: bool, allow_gdal: bool = False
+) -> list[Path | str | None]:
+    paths: list[Path | str | None] = []
     for entry in _manifest_list(manifest, key, path, required):
         if entry is None and not required:
             paths.append(None)
+            continue
+        if allow_gdal and is_gdal_path(str(entry).strip()):
+            paths.append(str(entry).strip())
             continue
         file = Path(str(entry)).expanduser()
         file = file if file.is_absolute() else path.parent / file

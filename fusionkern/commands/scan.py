@@ -1,0 +1,91 @@
+"""``fusionkern scan``: score a region of Landsat-8 rasters with a trained FusionNet and map the cement plants."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "scan"
+HELP = (
+    "Scan a region (one scene to a whole country) with a FusionNet checkpoint: scores COG, detections GeoJSON / "
+    "GeoParquet, quick look and scan.json."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``scan`` options to its subparser.
+
+    Args:
+        parser: The subcommand's parser.
+    """
+    parser.add_argument("checkpoint", help="FusionNet checkpoint (.pt) written by fusionkern train")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--scenes", nargs=3, metavar=("D1", "D2", "D3"),
+        help="three Landsat-8 scene folders, one per date, in the date order the model was trained with",
+    )
+    source.add_argument(
+        "--manifest", metavar="YAML",
+        help="YAML mapping b10, b11, b7, b6 to three rasters each (GeoTIFF, COG, VRT or any GDAL path); "
+        "optional mtl, qa and dates lists of three",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+
+    grid = parser.add_argument_group("scan grid (default: the first raster's)")
+    grid.add_argument("--crs", help="grid CRS, e.g. EPSG:32650 (projected)")
+    grid.add_argument("--resolution", type=float, help="grid pixel size in CRS units")
+    grid.add_argument(
+        "--bounds", nargs=4, type=float, metavar=("WEST", "SOUTH", "EAST", "NORTH"), help="region to scan"
+    )
+    grid.add_argument(
+        "--bounds-crs", default="auto",
+        help="CRS of --bounds: auto (lon/lat when the numbers fit, else the grid's), lonlat, grid, or a CRS",
+    )
+
+    work = parser.add_argument_group("chips")
+    work.add_argument("--stride", dest="stride_m", type=float, help="chip stride in metres (default: half a chip)")
+    work.add_argument(
+        "--max-invalid", type=float, default=0.0,
+        help="largest fraction of a chip's pixels that may be nodata or cloud (QA) for it to be scored; "
+        "default 0, the training set's rule",
+    )
+    work.add_argument("--threshold", type=float, default=0.5, help="cement probability of a positive chip (0.5)")
+    work.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                      help="keep raster values as stored instead of converting DN with the MTL files")  # fmt: skip
+    work.add_argument("--preset", choices=("paper", "native"), help="refuse a checkpoint of another preset")
+
+    run = parser.add_argument_group("execution")
+    run.add_argument("--backend", default="torch", choices=("torch", "triton", "onnxruntime", "tensorrt"),
+                     help="inference backend (default torch)")  # fmt: skip
+    run.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N (default auto)")
+    run.add_argument("--engine", default="local", choices=("local", "ray"), help="local (default) or ray")
+    run.add_argument("--address", help="Ray cluster address for --engine ray (default: a local Ray instance)")
+    run.add_argument("--batch-size", type=int, default=256, help="chips per model call (default 256)")
+    run.add_argument("--tile-px", type=int, default=1024, help="side of the windows read at once, px (default 1024)")
+    run.add_argument("--workers", type=int, default=2, help="reader threads, or Ray actors (default 2)")
+    run.add_argument("--queue", dest="queue_batches", type=int, default=8,
+                     help="batches in flight between readers and the model (default 8)")  # fmt: skip
+    run.add_argument("--resume", action="store_true", help="continue a killed scan in --out")
+    run.add_argument("--overwrite", action="store_true", help="replace a previous scan in --out")
+    run.add_argument("--no-checksums", dest="checksums", action="store_false",
+                     help="record size and modification time of the inputs instead of SHA-256")  # fmt: skip
+    run.add_argument("--no-quicklook", dest="quicklook", action="store_false", help="skip quicklook.png")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the scan and prints its summary.
+
+    Args:
+        args: Parsed options.
+
+    Returns:
+        0 on success (input errors raise :class:`fusionkern.errors.FusionkernError`).
+    """
+    from fusionkern.scan import ScanOptions, run_scan
+
+    fields = ScanOptions.__dataclass_fields__
+    options = ScanOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    result = run_scan(options, log=print)
+    for line in result.lines():
+        print(line)
+    return 0

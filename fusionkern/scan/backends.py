@@ -1,0 +1,298 @@
+"""Predictors: one interface over every backend, float32 chips (B, 5, 3, S, S) -> cement probability (B,).
+
+Chips come scaled to [0, 1] (per chip and channel, as in training), except to a predictor whose ``expects_raw`` is
+True: it gets the chips as read (NaN at invalid pixels) and scales them on its device with
+:func:`minmax_scale_torch`, the bit-identical torch twin of the training code's scaling. GPU predictors do that, so
+that the CPU only reads and cuts.
+
+* ``torch``: the reference model; chips are resized to the preset's input size on the device
+  (``model.prepare``), in batches.
+* ``triton``: the same weights on the fused Triton kernels (``model.to_backend("triton")``); needs a CUDA GPU.
+* ``onnxruntime``: the model exported with :func:`fusionkern.export.to_onnx` and run by onnxruntime; chips are
+  resized with torch on the CPU first when the preset needs it.
+* ``tensorrt``: a TensorRT engine built from that ONNX (:func:`fusionkern.export.build_engine`) and run with
+  :class:`fusionkern.export.EngineRunner`; needs TensorRT and a CUDA GPU.
+
+Exported artefacts are cached in a folder keyed by the checkpoint's SHA-256, so that a resumed scan (and the
+workers of a Ray scan on one machine) reuse them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusionkern import BRANCHES
+from fusionkern.errors import CheckpointError, ConfigError, MissingDependencyError
+from fusionkern.models import FusionNet, load_checkpoint
+from fusionkern.models.checkpoint import SCALING
+
+BACKENDS = ("torch", "triton", "onnxruntime", "tensorrt")
+CEMENT = 0
+"""Class index of cement in the model's output (``fusionkern.CLASSES``)."""
+
+
+def load_scan_model(path: str | os.PathLike, preset: str | None = None) -> FusionNet:
+    """Loads a FusionNet checkpoint and checks that it takes what the scan cuts.
+
+    Args:
+        path: The checkpoint.
+        preset: The preset the scan expects (None: any).
+
+    Returns:
+        The model, on the CPU, in eval mode, with ``model.checkpoint`` attached.
+
+    Raises:
+        CheckpointError: Not a FusionNet checkpoint, another preset than ``preset``, or chips described
+            differently (other branches or scaling) from what the scan produces.
+    """
+    model = load_checkpoint(path, expect=FusionNet)
+    data = model.checkpoint["data"]
+    if preset is not None and model.preset.name != preset:
+        raise CheckpointError(f"{path} holds a FusionNet of the '{model.preset.name}' preset, not '{preset}'")
+    if data.get("scaling") != SCALING:
+        raise CheckpointError(
+            f"{path} was trained on chips scaled by {data.get('scaling')!r}, the scan gives {SCALING!r}"
+        )
+    if list(data.get("branches") or []) != list(BRANCHES):
+        raise CheckpointError(f"{path} takes branches {data.get('branches')}, the scan gives {list(BRANCHES)}")
+    if int(data.get("chip_px", 0)) < 1 or float(data.get("resolution_m", 0)) <= 0:
+        raise CheckpointError(f"{path} does not say its chip size (data.chip_px, data.resolution_m)")
+    return model
+
+
+def chip_metres(model: nn.Module) -> float:
+    """The side of the model's chips in metres (``chip_px * resolution_m`` from the checkpoint)."""
+    data = model.checkpoint["data"]
+    return float(data["chip_px"]) * float(data["resolution_m"])
+
+
+def minmax_scale_torch(x: torch.Tensor) -> torch.Tensor:
+    """:func:`fusionkern.data.transforms.minmax_scale` in torch, on the chips' device, bit for bit the same.
+
+    The same float64 arithmetic in the same order (IEEE subtraction and division are correctly rounded on CPUs and
+    CUDA GPUs alike), so chips scaled on a GPU equal chips scaled by the training code. It lets a GPU scan scale its
+    batches on the device instead of on the CPU, where scaling would limit a fast model.
+
+    Args:
+        x: (..., H, W) float tensor, NaN (or any non-finite value) at invalid pixels.
+
+    Returns:
+        float32 tensor of the same shape, each (H, W) plane scaled to [0, 1], 0 at invalid pixels.
+    """
+    x = x.to(torch.float64)
+    finite = torch.isfinite(x)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
+    lo = torch.where(finite, x, inf).amin(dim=(-2, -1), keepdim=True)
+    hi = torch.where(finite, x, -inf).amax(dim=(-2, -1), keepdim=True)
+    has_data = torch.isfinite(lo)
+    lo, hi = torch.where(has_data, lo, zero), torch.where(has_data, hi, zero)
+    span = hi - lo
+    usable = torch.isfinite(span) & (span > 0)
+    span = torch.where(usable, span, torch.ones((), dtype=x.dtype, device=x.device))
+    scaled = torch.where(finite & usable, (torch.where(finite, x, zero) - lo) / span, zero)
+    return scaled.clamp_(0.0, 1.0).to(torch.float32)
+
+
+def _softmax_cement(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return (weights[:, CEMENT] / weights.sum(axis=1)).astype(np.float32)
+
+
+class TorchPredictor:
+    """The reference model (or its Triton form) on a torch device.
+
+    Args:
+        model: A FusionNet in eval mode.
+        device: Where it runs.
+        scale_on_device: Take raw chips (NaN at invalid pixels) and scale them on the device with
+            :func:`minmax_scale_torch` (``expects_raw``); default: on CUDA devices, where CPU-side scaling would
+            hold a fast model back.
+    """
+
+    name = "torch"
+
+    def __init__(self, model: FusionNet, device: torch.device | str = "cpu", scale_on_device: bool | None = None):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.input_size = model.input_size
+        self.expects_raw = self.device.type == "cuda" if scale_on_device is None else bool(scale_on_device)
+
+    @torch.inference_mode()
+    def __call__(self, chips: np.ndarray) -> np.ndarray:
+        """float32 (B, 5, 3, S, S) -> cement probability (B,); chips in [0, 1], or raw if ``expects_raw``."""
+        x = torch.from_numpy(np.ascontiguousarray(chips, dtype=np.float32)).to(self.device, non_blocking=True)
+        if self.expects_raw:
+            x = minmax_scale_torch(x)
+        logits = self.model(self.model.prepare(x))
+        return torch.softmax(logits.float(), dim=1)[:, CEMENT].cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        """Backend name and device, for ``scan.json``."""
+        return {"name": self.name, "device": str(self.device)}
+
+
+class TritonPredictor(TorchPredictor):
+    """The fused Triton kernels (``model.to_backend("triton")``); CUDA only.
+
+    Raises:
+        ConfigError: No CUDA device (the kernels would only run on Triton's slow CPU interpreter).
+        MissingDependencyError: Triton is not installed.
+    """
+
+    name = "triton"
+
+    def __init__(self, model: FusionNet, device: torch.device | str = "cuda", scale_on_device: bool | None = None):
+        device = torch.device(device)
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if device.type != "cuda" and not interpreted:
+            raise ConfigError(
+                "--backend triton needs a CUDA GPU (this run has none, or --device is not cuda); "
+                "use --backend torch or onnxruntime on a CPU"
+            )
+        super().__init__(model, device, scale_on_device)
+        self.model.to_backend("triton")
+
+
+class OnnxPredictor:
+    """The exported model run by onnxruntime.
+
+    Args:
+        model: A FusionNet (exported on first use into ``cache_dir``).
+        cache_dir: Where the ONNX file is kept.
+        threads: onnxruntime intra-op threads (None: its default).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, model: FusionNet, cache_dir: str | os.PathLike, threads: int | None = None):
+        export = _export_module("The onnxruntime backend")
+        self.path = _cached_onnx(model, Path(cache_dir), export)
+        self.session = export.onnx_session(self.path, threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_size = model.input_size
+        self.expects_raw = False
+
+    def __call__(self, chips: np.ndarray) -> np.ndarray:
+        """float32 (B, 5, 3, S, S) in [0, 1] -> cement probability (B,)."""
+        x = _resized(chips, self.input_size)
+        (logits,) = self.session.run(None, {self.input_name: x})
+        return _softmax_cement(np.asarray(logits))
+
+    def describe(self) -> dict[str, Any]:
+        """Backend name, device and artefact, for ``scan.json``."""
+        return {"name": self.name, "device": "cpu", "onnx": str(self.path)}
+
+
+class TensorRTPredictor:
+    """A TensorRT engine built from the exported model; CUDA and TensorRT only.
+
+    Args:
+        model: A FusionNet.
+        cache_dir: Where the ONNX file and the engine are kept.
+        batch_size: The engine profile's optimal and largest batch.
+        precision: ``fp16`` or ``fp32``.
+
+    Raises:
+        ConfigError: No CUDA device.
+        MissingDependencyError: TensorRT is not installed.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, model: FusionNet, cache_dir: str | os.PathLike, batch_size: int, precision: str = "fp16"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--backend tensorrt needs a CUDA GPU, and this run has none; use torch or onnxruntime")
+        export = _export_module("The tensorrt backend")
+        if not export.tensorrt_available():
+            raise MissingDependencyError("tensorrt", "trt", "The tensorrt backend")
+        cache = Path(cache_dir)
+        onnx_path = _cached_onnx(model, cache, export, precision=precision)
+        engine = cache / f"model-{precision}-b{batch_size}.engine"
+        if not engine.is_file():
+            export.build_engine(onnx_path, engine, precision=precision, opt_batch=batch_size, max_batch=batch_size)
+        self.runner = export.EngineRunner(engine)
+        self.engine, self.input_size = engine, model.input_size
+        self.expects_raw = True
+
+    def __call__(self, chips: np.ndarray) -> np.ndarray:
+        """Raw float32 (B, 5, 3, S, S) chips, NaN at invalid pixels -> cement probability (B,).
+
+        Chips are scaled (:func:`minmax_scale_torch`) and resized on the GPU.
+        """
+        from fusionkern.models import resize_chips
+
+        x = torch.from_numpy(np.ascontiguousarray(chips, dtype=np.float32)).to(self.runner.device)
+        logits = self.runner.run_torch(resize_chips(minmax_scale_torch(x), self.input_size)).float()
+        return torch.softmax(logits, dim=1)[:, CEMENT].cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        """Backend name, device and artefact, for ``scan.json``."""
+        return {"name": self.name, "device": str(self.runner.device), "engine": str(self.engine)}
+
+
+def _export_module(purpose: str) -> Any:
+    try:
+        import fusionkern.export as export
+    except ImportError as exc:  # onnx or the exporter's dependencies missing
+        raise MissingDependencyError(getattr(exc, "name", None) or "onnx", "export", purpose) from exc
+    return export
+
+
+def _cached_onnx(model: FusionNet, cache: Path, export: Any, precision: str = "fp32") -> Path:
+    path = cache / f"model-{precision}.onnx"
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        export.to_onnx(model, path, precision=precision)
+    return path
+
+
+def _resized(chips: np.ndarray, size: int) -> np.ndarray:
+    """Chips resized to the model's input size (as ``model.prepare``), float32, C-contiguous."""
+    chips = np.ascontiguousarray(chips, dtype=np.float32)
+    if chips.shape[-1] == size and chips.shape[-2] == size:
+        return chips
+    from fusionkern.models import resize_chips
+
+    return resize_chips(torch.from_numpy(chips), size).numpy()
+
+
+def make_predictor(
+    backend: str,
+    model: FusionNet,
+    device: torch.device | str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 256,
+) -> Any:
+    """The predictor of a backend.
+
+    Args:
+        backend: One of :data:`BACKENDS`.
+        model: The loaded FusionNet.
+        device: Torch device for ``torch`` and ``triton``.
+        cache_dir: Folder for exported artefacts (``onnxruntime``, ``tensorrt``).
+        batch_size: Largest batch (the TensorRT profile).
+
+    Raises:
+        ConfigError: Unknown backend, or one this machine cannot run (no CUDA for triton / tensorrt).
+        MissingDependencyError: The backend's package is not installed.
+    """
+    if backend == "torch":
+        return TorchPredictor(model, device)
+    if backend == "triton":
+        return TritonPredictor(model, device)
+    if backend in ("onnxruntime", "tensorrt"):
+        if cache_dir is None:
+            raise ConfigError(f"the {backend} backend needs a folder for the exported model")
+        if backend == "onnxruntime":
+            return OnnxPredictor(model, cache_dir)
+        return TensorRTPredictor(model, cache_dir, batch_size)
+    raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

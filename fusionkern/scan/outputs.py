@@ -1,0 +1,478 @@
+"""Where a scan's results leave: the scores COG, detections (GeoJSON and GeoParquet), a quick look and scan.json.
+
+* ``scores.tif``: float32 cement probability, one pixel per chip on the stride grid (pixel ``(i, j)`` is
+  ``stride`` wide and centred on chip ``(i, j)``), in the scan grid's CRS, NaN (the nodata value) where a chip was
+  skipped. A Cloud-Optimised GeoTIFF (GDAL's COG driver: tiled, DEFLATE, overviews averaged).
+* ``detections.geojson`` (RFC 7946: WGS 84 longitude/latitude, exterior rings counter-clockwise) and
+  ``detections.parquet`` (GeoParquet 1.1, WKB geometry, the same CRS): one feature per group of positive chips
+  (probability >= threshold) whose footprints touch or overlap, with the group's highest and mean probability,
+  its chip count, the probability-weighted centroid of its chip centres and the union of its chip footprints.
+* ``quicklook.png``: the scores over a false-colour composite of the first date (B7, B6, B10), detections
+  outlined.
+
+Every file is written under a temporary name in the output folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import struct
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from fusionkern.errors import MissingDependencyError
+from fusionkern.scan.grid import ChipLayout, ScanGrid
+
+SCORES = "scores.tif"
+GEOJSON = "detections.geojson"
+PARQUET = "detections.parquet"
+QUICKLOOK = "quicklook.png"
+SCAN_JSON = "scan.json"
+FINAL_OUTPUTS = (SCORES, GEOJSON, PARQUET, QUICKLOOK, SCAN_JSON)
+"""Every final output, in the order they are written (``scan.json`` last: its presence marks a finished scan)."""
+
+_COORD_DIGITS = 7  # about 1 cm in latitude
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``; renamed to ``path`` when the block succeeds, removed when it fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """JSON with a final newline, written atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------------------------
+
+
+def write_scores_cog(path: Path, scores: np.ndarray, grid: ScanGrid, layout: ChipLayout, tags: dict[str, Any]) -> None:
+    """Writes the scores as a Cloud-Optimised GeoTIFF.
+
+    Args:
+        path: Destination (``scores.tif``).
+        scores: (rows, cols) float32 probabilities, NaN where skipped.
+        grid: The scan grid (its CRS).
+        layout: The chips (the stride grid's transform).
+        tags: Extra GDAL metadata items.
+    """
+    import rasterio
+    import rasterio.shutil
+    from rasterio.io import MemoryFile
+
+    profile = {
+        "driver": "GTiff", "dtype": "float32", "count": 1, "height": scores.shape[0], "width": scores.shape[1],
+        "crs": grid.crs, "transform": layout.score_transform(grid), "nodata": float("nan"),
+    }  # fmt: skip
+    with atomic_output(path) as tmp, MemoryFile() as memory:
+        with memory.open(**profile) as mem:
+            mem.write(scores.astype(np.float32), 1)
+            mem.set_band_description(1, "cement probability")
+            mem.update_tags(**{k: str(v) for k, v in tags.items()})
+        with memory.open() as mem:
+            rasterio.shutil.copy(
+                mem, tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES", BLOCKSIZE=256,
+                OVERVIEW_RESAMPLING="AVERAGE",
+            )  # fmt: skip
+    with rasterio.open(path) as check:  # the COG driver keeps tags and description; verify the copy reads back
+        check.read(1, window=((0, 1), (0, 1)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Detections
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Detection:
+    """A group of positive chips whose footprints touch.
+
+    Attributes:
+        id: 1-based, in row-major order of each group's first chip.
+        score: Highest cement probability in the group.
+        mean_score: Mean probability over the group's chips.
+        chip_count: Chips in the group.
+        lon: Longitude of the probability-weighted centroid of the chip centres.
+        lat: Latitude of that centroid.
+        x: The centroid in the grid's CRS.
+        y: The centroid in the grid's CRS.
+        footprint: GeoJSON geometry (Polygon or MultiPolygon) of the chips' union, WGS 84 lon/lat.
+        footprint_grid: The same in the grid's CRS.
+        chips: (row, col) of the group's chips.
+    """
+
+    id: int
+    score: float
+    mean_score: float
+    chip_count: int
+    lon: float
+    lat: float
+    x: float
+    y: float
+    footprint: dict[str, Any]
+    footprint_grid: dict[str, Any] = field(repr=False)
+    chips: list[tuple[int, int]] = field(repr=False)
+
+    def properties(self) -> dict[str, Any]:
+        """The attributes written with the footprint."""
+        return {
+            "id": self.id,
+            "score": round(self.score, 6),
+            "mean_score": round(self.mean_score, 6),
+            "chip_count": self.chip_count,
+            "centroid_lon": round(self.lon, _COORD_DIGITS),
+            "centroid_lat": round(self.lat, _COORD_DIGITS),
+        }
+
+
+def touch_radius(layout: ChipLayout) -> int:
+    """How many stride cells apart two chips may be and still touch (share an edge or overlap)."""
+    return max(1, layout.chip_px // layout.stride_px)
+
+
+def group_positives(positive: np.ndarray, radius: int) -> list[np.ndarray]:
+    """Groups of positive cells within ``radius`` cells of each other (Chebyshev distance), transitively.
+
+    Args:
+        positive: (rows, cols) bool.
+        radius: Largest row and column distance of two cells of one group.
+
+    Returns:
+        One (n, 2) int array of (row, col) per group, groups in row-major order of their first cell, cells
+        row-major within a group.
+    """
+    cells = np.argwhere(positive)
+    index = {(int(r), int(c)): k for k, (r, c) in enumerate(cells)}
+    label = np.full(len(cells), -1, dtype=np.int64)
+    groups = []
+    for start in range(len(cells)):
+        if label[start] >= 0:
+            continue
+        label[start] = len(groups)
+        members, frontier = [start], [start]
+        while frontier:
+            r, c = cells[frontier.pop()]
+            for dr in range(-radius, radius + 1):
+                for dc in range(-radius, radius + 1):
+                    k = index.get((int(r) + dr, int(c) + dc))
+                    if k is not None and label[k] < 0:
+                        label[k] = label[start]
+                        members.append(k)
+                        frontier.append(k)
+        groups.append(cells[np.sort(members)])
+    return groups
+
+
+def _union_outline(chips: np.ndarray, layout: ChipLayout) -> list[list[list[tuple[float, float]]]]:
+    """The union of chip squares as polygons (lists of rings) in grid pixel coordinates (col, row).
+
+    The union is traced on the grid of the chips' own edge positions (a cell per pair of consecutive edges),
+    where it is exact, then the corner indices are mapped back to pixels.
+    """
+    from rasterio import features
+
+    s, c = layout.stride_px, layout.chip_px
+    rows = np.unique(np.concatenate([chips[:, 0] * s, chips[:, 0] * s + c]))
+    cols = np.unique(np.concatenate([chips[:, 1] * s, chips[:, 1] * s + c]))
+    mask = np.zeros((len(rows) - 1, len(cols) - 1), dtype=np.uint8)
+    for r, col in chips:
+        a0, a1 = np.searchsorted(rows, [r * s, r * s + c])
+        b0, b1 = np.searchsorted(cols, [col * s, col * s + c])
+        mask[a0:a1, b0:b1] = 1
+    polygons = []
+    for geometry, _ in features.shapes(mask, mask=mask.astype(bool), connectivity=4):
+        polygons.append([
+            [(float(cols[int(round(x))]), float(rows[int(round(y))])) for x, y in ring]
+            for ring in geometry["coordinates"]
+        ])  # fmt: skip
+    return polygons
+
+
+def _signed_area(ring: Sequence[Sequence[float]]) -> float:
+    x = np.asarray([p[0] for p in ring], dtype=np.float64)
+    y = np.asarray([p[1] for p in ring], dtype=np.float64)
+    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+
+
+def _orient(polygon: list[list[Any]]) -> list[list[Any]]:
+    """Exterior ring counter-clockwise, holes clockwise (RFC 7946 section 3.1.6), in x-right / y-up axes."""
+    out = []
+    for k, ring in enumerate(polygon):
+        ccw = _signed_area(ring) > 0
+        out.append(ring if ccw == (k == 0) else ring[::-1])
+    return out
+
+
+def _geometry(polygons: list[list[list[Any]]]) -> dict[str, Any]:
+    polygons = [_orient(p) for p in polygons]
+    if len(polygons) == 1:
+        return {"type": "Polygon", "coordinates": polygons[0]}
+    return {"type": "MultiPolygon", "coordinates": polygons}
+
+
+Rings = list[list[tuple[float, float]]]
+
+
+def _to_grid_crs(polygons: list[Rings], grid: ScanGrid) -> list[Rings]:
+    affine = grid.affine
+    return [[[tuple(affine * p) for p in ring] for ring in polygon] for polygon in polygons]
+
+
+def _round_geometry(geometry: dict[str, Any]) -> dict[str, Any]:
+    def walk(value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], (int, float)):
+            return [round(float(v), _COORD_DIGITS) for v in value]
+        return [walk(v) for v in value]
+
+    return {"type": geometry["type"], "coordinates": walk(geometry["coordinates"])}
+
+
+def find_detections(scores: np.ndarray, layout: ChipLayout, grid: ScanGrid, threshold: float) -> list[Detection]:
+    """Merges touching positive chips into detections.
+
+    Args:
+        scores: (rows, cols) probabilities, NaN where skipped.
+        layout: The chips.
+        grid: The scan grid.
+        threshold: Probability at or above which a chip is positive.
+
+    Returns:
+        The detections, by id.
+    """
+    from rasterio.warp import transform, transform_geom
+
+    with np.errstate(invalid="ignore"):
+        positive = np.nan_to_num(scores, nan=-1.0) >= threshold
+    detections = []
+    for number, chips in enumerate(group_positives(positive, touch_radius(layout)), start=1):
+        values = scores[chips[:, 0], chips[:, 1]].astype(np.float64)
+        xs, ys = layout.chip_centres(grid, chips[:, 0], chips[:, 1])
+        weights = values if values.sum() > 0 else np.ones_like(values)
+        x, y = float(np.average(xs, weights=weights)), float(np.average(ys, weights=weights))
+        (lon,), (lat,) = transform(grid.crs, "EPSG:4326", [x], [y])
+        footprint_grid = _geometry(_to_grid_crs(_union_outline(chips, layout), grid))
+        lonlat = transform_geom(grid.crs, "EPSG:4326", footprint_grid)
+        footprint = _round_geometry(_geometry([p for p in _polygons(lonlat)]))
+        detections.append(Detection(
+            number, float(values.max()), float(values.mean()), len(chips), float(lon), float(lat), x, y, footprint,
+            footprint_grid, [(int(r), int(c)) for r, c in chips],
+        ))  # fmt: skip
+    return detections
+
+
+def _polygons(geometry: dict[str, Any]) -> list[list[list[Any]]]:
+    coords = geometry["coordinates"]
+    polygons = [coords] if geometry["type"] == "Polygon" else list(coords)
+    return [[[tuple(p) for p in ring] for ring in polygon] for polygon in polygons]
+
+
+def write_geojson(path: Path, detections: Sequence[Detection], metadata: dict[str, Any] | None = None) -> None:
+    """Writes the detections as an RFC 7946 FeatureCollection (WGS 84 lon/lat), atomically.
+
+    Args:
+        path: Destination (``detections.geojson``).
+        detections: The detections.
+        metadata: Extra top-level members (foreign members, allowed by RFC 7946 section 6.1).
+    """
+    features = [
+        {"type": "Feature", "id": d.id, "geometry": d.footprint, "properties": d.properties()} for d in detections
+    ]
+    payload = {"type": "FeatureCollection", **(metadata or {}), "features": features}
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(payload, separators=(",", ":")) + "\n", encoding="utf-8")
+
+
+def wkb(geometry: dict[str, Any]) -> bytes:
+    """ISO WKB (little-endian) of a GeoJSON Polygon or MultiPolygon."""
+
+    def polygon(rings: Sequence[Sequence[Sequence[float]]]) -> bytes:
+        parts = [struct.pack("<BII", 1, 3, len(rings))]
+        for ring in rings:
+            parts.append(struct.pack("<I", len(ring)))
+            parts.append(np.asarray(ring, dtype="<f8")[:, :2].tobytes())
+        return b"".join(parts)
+
+    if geometry["type"] == "Polygon":
+        return polygon(geometry["coordinates"])
+    members = geometry["coordinates"]
+    return struct.pack("<BII", 1, 6, len(members)) + b"".join(polygon(p) for p in members)
+
+
+def _bbox(detections: Sequence[Detection]) -> list[float]:
+    points = np.asarray([p for d in detections for poly in _polygons(d.footprint) for ring in poly for p in ring])
+    return [float(points[:, 0].min()), float(points[:, 1].min()), float(points[:, 0].max()), float(points[:, 1].max())]
+
+
+def geo_metadata(detections: Sequence[Detection]) -> dict[str, Any]:
+    """GeoParquet 1.1 ``geo`` metadata of the detections table.
+
+    No ``crs`` member: GeoParquet then means OGC:CRS84, WGS 84 longitude/latitude, which the footprints are in.
+    """
+    column: dict[str, Any] = {
+        "encoding": "WKB",
+        "geometry_types": sorted({d.footprint["type"] for d in detections}),
+        "orientation": "counterclockwise",
+        "edges": "planar",
+    }
+    if detections:
+        column["bbox"] = _bbox(detections)
+    return {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}
+
+
+def write_geoparquet(path: Path, detections: Sequence[Detection]) -> None:
+    """Writes the detections as GeoParquet (WKB footprints in WGS 84 lon/lat), atomically.
+
+    Raises:
+        MissingDependencyError: pyarrow is not installed.
+    """
+    pa, pq = require_pyarrow()
+    table = pa.table({
+        "id": pa.array([d.id for d in detections], pa.int32()),
+        "score": pa.array([d.score for d in detections], pa.float64()),
+        "mean_score": pa.array([d.mean_score for d in detections], pa.float64()),
+        "chip_count": pa.array([d.chip_count for d in detections], pa.int32()),
+        "centroid_lon": pa.array([d.lon for d in detections], pa.float64()),
+        "centroid_lat": pa.array([d.lat for d in detections], pa.float64()),
+        "geometry": pa.array([wkb(d.footprint) for d in detections], pa.binary()),
+    })  # fmt: skip
+    table = table.replace_schema_metadata({b"geo": json.dumps(geo_metadata(detections)).encode()})
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def require_pyarrow() -> tuple[Any, Any]:
+    """``(pyarrow, pyarrow.parquet)``, or the extra that provides them."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise MissingDependencyError("pyarrow", "scan", "Writing detections.parquet") from exc
+    return pa, pq
+
+
+def require_matplotlib() -> Any:
+    """matplotlib, or the extra that provides it."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise MissingDependencyError("matplotlib", "scan", "Drawing quicklook.png") from exc
+    return matplotlib
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Quick look
+# --------------------------------------------------------------------------------------------------------------
+
+
+def overview_shape(grid: ScanGrid, max_side: int) -> tuple[int, int]:
+    """(rows, cols) of the grid scaled down to at most ``max_side`` on its longer side."""
+    scale = min(1.0, max_side / max(grid.width, grid.height))
+    return max(1, round(grid.height * scale)), max(1, round(grid.width * scale))
+
+
+def _stretch(band: np.ndarray) -> np.ndarray:
+    finite = band[np.isfinite(band)]
+    if finite.size == 0:
+        return np.zeros_like(band)
+    lo, hi = np.percentile(finite, [2, 98])
+    out = np.clip((band - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    return np.nan_to_num(out, nan=0.0)
+
+
+def write_quicklook(
+    path: Path,
+    composite: Sequence[np.ndarray],
+    scores: np.ndarray,
+    grid: ScanGrid,
+    layout: ChipLayout,
+    detections: Sequence[Detection],
+    threshold: float,
+    title: str = "",
+) -> None:
+    """Draws the scores over a band composite with the detections outlined, as a PNG, atomically.
+
+    Args:
+        path: Destination (``quicklook.png``).
+        composite: Three (h, w) bands covering the grid (red, green, blue), any scale.
+        scores: (rows, cols) probabilities, NaN where skipped.
+        grid: The scan grid.
+        layout: The chips.
+        detections: The detections.
+        threshold: The detection threshold (drawn on the colour bar).
+        title: Figure title.
+    """
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    west, south, east, north = grid.bounds
+    rgb = np.dstack([_stretch(b) for b in composite])
+    s_west, s_north = layout.score_transform(grid) * (0, 0)
+    s_east, s_south = layout.score_transform(grid) * (scores.shape[1], scores.shape[0])
+    aspect = (north - south) / max(east - west, 1e-9)
+    fig = Figure(figsize=(8.0, max(3.0, min(12.0, 7.0 * aspect + 1.0))), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(rgb, extent=(west, east, south, north), interpolation="nearest")
+    ax.imshow(_score_overlay(scores, threshold), extent=(s_west, s_east, s_south, s_north), interpolation="nearest")
+    for d in detections:
+        for polygon in _polygons(d.footprint_grid):
+            ring = np.asarray(polygon[0])
+            ax.plot(ring[:, 0], ring[:, 1], color="cyan", linewidth=1.0)
+        ax.plot([d.x], [d.y], marker="+", color="cyan", markersize=8)
+    ax.set_xlim(west, east)
+    ax.set_ylim(south, north)
+    ax.ticklabel_format(style="plain", useOffset=False)
+    ax.set_xlabel(f"{grid.describe()['crs'][:40]} x", fontsize=8)
+    ax.set_ylabel("y", fontsize=8)
+    ax.set_title(title or f"{len(detections)} detection(s), threshold {threshold:g}", fontsize=10)
+    ax.tick_params(labelsize=7)
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), "inferno"), ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label("cement probability", fontsize=8)
+    bar.ax.axhline(threshold, color="cyan", linewidth=1.0)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _score_overlay(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """RGBA scores: the colour map, fading in from half the threshold so that background leaves the bands visible."""
+    from matplotlib import colormaps
+
+    values = np.nan_to_num(scores, nan=0.0)
+    rgba = colormaps["inferno"](np.clip(values, 0.0, 1.0))
+    low = 0.5 * threshold
+    rgba[..., 3] = 0.85 * np.clip((values - low) / max(threshold - low, 1e-6), 0.0, 1.0)
+    return rgba
+
+
+def composite_bands(sources: Sequence[Any], grid: ScanGrid, max_side: int = 1024) -> list[np.ndarray]:
+    """Three bands read over the whole grid at reduced size, for the quick look."""
+    shape = overview_shape(grid, max_side)
+    return [source.read_overview(grid, shape) for source in sources]
+
+
+def safe_float(value: float) -> float | None:
+    """A JSON-friendly float (None for NaN or infinity)."""
+    return float(value) if math.isfinite(value) else None

@@ -1,0 +1,498 @@
+"""A whole scan: options checked, inputs placed on the grid, tiles scored by an engine, outputs written.
+
+:func:`run_scan` is what ``fusionkern scan`` calls. Every check that can fail on the user's input (checkpoint,
+inputs, grid, overlap, output folder) runs before any tile is read; a scan that fails later leaves its finished
+tiles in ``<out>/.tiles`` for ``--resume`` and no final output behind.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fusionkern import __version__
+from fusionkern.errors import ConfigError, InputError
+from fusionkern.scan import outputs
+from fusionkern.scan.backends import BACKENDS, chip_metres, load_scan_model, make_predictor
+from fusionkern.scan.engine import EngineOptions, EngineStats, run_local
+from fusionkern.scan.grid import (
+    ChipLayout,
+    GridSource,
+    ScanGrid,
+    chip_layout,
+    footprint_overlaps,
+    aligned_block,
+    make_grid,
+    on_grid,
+)
+from fusionkern.scan.inputs import ScanInputs, describe_inputs, file_identity, load_inputs, sha256_file
+from fusionkern.scan.resume import TILES_DIR, TileStore
+from fusionkern.scan.tiles import NODATA, REASONS, SCORED, Tile, TileResult, plan_tiles, tile_chips_for
+
+ENGINES = ("local", "ray")
+CACHE_DIR = ".cache"
+
+
+@dataclass
+class ScanOptions:
+    """Everything ``fusionkern scan`` takes.
+
+    Attributes:
+        checkpoint: A FusionNet checkpoint.
+        out: Output folder.
+        scenes: Three Landsat scene folders, one per date (or ``manifest``).
+        manifest: YAML manifest of the rasters (or ``scenes``).
+        crs: Scan grid CRS (default: the first raster's).
+        resolution: Scan grid pixel size in CRS units (default: the first raster's).
+        bounds: Region ``(west, south, east, north)`` (default: the first raster's extent).
+        bounds_crs: CRS of ``bounds``: ``auto``, ``lonlat``, ``grid`` or a CRS string.
+        stride_m: Stride in metres (default: half a chip).
+        threshold: Probability at or above which a chip is positive.
+        max_invalid: Largest fraction of a chip's pixels that may be nodata or cloudy for it to be scored.
+        batch_size: Chips per model call.
+        tile_px: Side of the tile windows read at once, in pixels.
+        workers: Reader threads (local engine) or actors (Ray engine).
+        queue_batches: Batches in flight between readers and the model (local engine).
+        backend: ``torch``, ``triton``, ``onnxruntime`` or ``tensorrt``.
+        device: Torch device (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+        engine: ``local`` or ``ray``.
+        address: Ray cluster address (``--engine ray``).
+        preset: Preset the checkpoint must have (None: any).
+        calibrate: Convert DN with the MTL files (or Level-2 scalings).
+        resume: Continue a killed scan in ``out``.
+        overwrite: Replace a previous scan in ``out``.
+        checksums: SHA-256 of local inputs in ``scan.json``.
+        quicklook: Draw ``quicklook.png``.
+        progress: Show a progress bar.
+    """
+
+    checkpoint: str
+    out: str
+    scenes: Sequence[str] | None = None
+    manifest: str | None = None
+    crs: str | None = None
+    resolution: float | None = None
+    bounds: Sequence[float] | None = None
+    bounds_crs: str = "auto"
+    stride_m: float | None = None
+    threshold: float = 0.5
+    max_invalid: float = 0.0
+    batch_size: int = 256
+    tile_px: int = 1024
+    workers: int = 2
+    queue_batches: int = 8
+    backend: str = "torch"
+    device: str = "auto"
+    engine: str = "local"
+    address: str | None = None
+    preset: str | None = None
+    calibrate: bool = True
+    resume: bool = False
+    overwrite: bool = False
+    checksums: bool = True
+    quicklook: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raises ConfigError on values that cannot work."""
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not 0.0 <= self.max_invalid < 1.0:
+            raise ConfigError(f"--max-invalid must be a fraction in [0, 1), got {self.max_invalid}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"--threshold must be a probability in [0, 1], got {self.threshold}")
+        for name in ("batch_size", "tile_px", "workers", "queue_batches"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+        if self.address and self.engine != "ray":
+            raise ConfigError("--address is for --engine ray")
+        if self.bounds is not None and len(self.bounds) != 4:
+            raise ConfigError(f"--bounds takes four numbers WEST SOUTH EAST NORTH, got {len(self.bounds)}")
+
+
+@dataclass
+class ScanResult:
+    """What a scan produced.
+
+    Attributes:
+        out: The output folder.
+        scores: (rows, cols) cement probability on the stride grid, NaN where skipped.
+        reasons: (rows, cols) SCORED / NODATA / CLOUD codes.
+        detections: The merged detections.
+        report: The contents of ``scan.json``.
+    """
+
+    out: Path
+    scores: np.ndarray
+    reasons: np.ndarray
+    detections: list[outputs.Detection]
+    report: dict[str, Any] = field(repr=False)
+
+    def lines(self) -> list[str]:
+        """A short human-readable summary."""
+        counts, timing = self.report["counts"], self.report["timings"]
+        skipped = ", ".join(f"{n} {why}" for why, n in counts["skipped"].items() if n) or "none"
+        return [
+            f"scored {counts['scored']} of {counts['chips']} chips (skipped: {skipped}); "
+            f"{counts['detections']} detection(s) from {counts['positive_chips']} positive chip(s)",
+            f"{timing['chips_per_s']['end_to_end']:.0f} chips/s end to end, {timing['wall_s']:.1f} s in all",
+            f"outputs in {self.out}: {', '.join(self.report['outputs'])}",
+        ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preparing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Checks the output folder; with ``overwrite``, removes a previous scan's outputs and records."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a folder")
+    previous = [name for name in (*outputs.FINAL_OUTPUTS, TILES_DIR) if (out / name).exists()]
+    if previous and not (resume or overwrite):
+        raise InputError(
+            f"output folder {out} holds a previous scan ({', '.join(previous)}); "
+            "pass --resume to continue it or --overwrite to start over"
+        )
+    if overwrite:
+        for name in outputs.FINAL_OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_overlap(inputs: ScanInputs, grid: ScanGrid) -> None:
+    for path in inputs.rasters():
+        if not footprint_overlaps(path, grid):
+            west, south, east, north = grid.bounds
+            raise InputError(
+                f"{path} does not overlap the scan region ({west:.0f}, {south:.0f}, {east:.0f}, {north:.0f} in "
+                f"{grid.describe()['crs']}): check --bounds and the inputs"
+            )
+
+
+def _resolve_device(name: str, backend: str) -> Any:
+    from fusionkern.train import resolve_device
+
+    if backend in ("onnxruntime",):
+        return resolve_device("cpu")
+    return resolve_device(name)
+
+
+@dataclass
+class _Plan:
+    inputs: ScanInputs
+    grid: ScanGrid
+    layout: ChipLayout
+    tiles: list[Tile]
+    tile_chips: int
+    model: Any
+    checkpoint_sha256: str
+
+
+def _plan(options: ScanOptions) -> _Plan:
+    model = load_scan_model(options.checkpoint, options.preset)
+    inputs = load_inputs(options.scenes, options.manifest, options.calibrate)
+    grid = make_grid(inputs.reference, options.crs, options.resolution, options.bounds, options.bounds_crs)
+    _check_overlap(inputs, grid)
+    layout = chip_layout(grid, chip_metres(model), options.stride_m)
+    tile_chips = tile_chips_for(layout, options.tile_px, aligned_block(inputs.reference, grid))
+    tiles = plan_tiles(layout, tile_chips)
+    return _Plan(inputs, grid, layout, tiles, tile_chips, model, sha256_file(options.checkpoint))
+
+
+def _params(options: ScanOptions, plan: _Plan) -> dict[str, Any]:
+    """Everything that decides a tile's scores (a resumed scan must match it)."""
+    return {
+        "inputs": plan.inputs.to_dict(),
+        "files": [file_identity(p) for p in plan.inputs.rasters() + plan.inputs.mtl_files()],
+        "checkpoint_sha256": plan.checkpoint_sha256,
+        "backend": options.backend,
+        "grid": asdict(plan.grid),
+        "layout": asdict(plan.layout),
+        "tile_chips": plan.tile_chips,
+        "batch_size": options.batch_size,
+        "max_invalid": options.max_invalid,
+    }
+
+
+class _Checksums(threading.Thread):
+    """Hashes the inputs in the background while the scan runs."""
+
+    def __init__(self, inputs: ScanInputs, enabled: bool):
+        super().__init__(name="scan-checksums", daemon=True)
+        self.inputs, self.enabled = inputs, enabled
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = describe_inputs(self.inputs, self.enabled)
+        except BaseException as exc:  # reported by join_result
+            self.error = exc
+
+    def join_result(self) -> dict[str, Any]:
+        self.join()
+        if self.error is not None:
+            raise InputError(f"cannot fingerprint the inputs: {self.error}") from self.error
+        return self.result or {}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Collector:
+    """Places finished tiles in the region's arrays, records them and advances the progress bar."""
+
+    def __init__(self, layout: ChipLayout, store: TileStore):
+        self.scores = np.full((layout.n_rows, layout.n_cols), np.nan, dtype=np.float32)
+        self.reasons = np.full((layout.n_rows, layout.n_cols), NODATA, dtype=np.uint8)
+        self.store = store
+        self.total = layout.n_chips
+        self.bar: Any = None
+
+    def place(self, tile: Tile, scores: np.ndarray, reasons: np.ndarray) -> None:
+        """Copies one tile's results into the region's arrays."""
+        rows = slice(tile.row0, tile.row0 + tile.rows)
+        cols = slice(tile.col0, tile.col0 + tile.cols)
+        self.scores[rows, cols] = scores
+        self.reasons[rows, cols] = reasons
+
+    def __call__(self, result: TileResult) -> None:
+        self.store.save(result.tile, result.scores, result.reasons)
+        self.place(result.tile, result.scores, result.reasons)
+        if self.bar is not None:
+            self.bar.update(result.tile.n_chips)
+
+    def resume(self, tiles: Sequence[Tile]) -> list[Tile]:
+        """Loads the recorded tiles; returns those still to do."""
+        todo = []
+        for tile in tiles:
+            record = self.store.load(tile)
+            if record is None:
+                todo.append(tile)
+            else:
+                self.place(tile, *record)
+        return todo
+
+    def start_bar(self, done: int, enabled: bool) -> None:
+        """A progress bar over all chips (chips/s and time left), starting at the chips already done."""
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, initial=done, unit="chip", unit_scale=True, desc="scan",
+                        disable=not enabled, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
+
+    def close(self) -> None:
+        """Closes the progress bar."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_engine(
+    options: ScanOptions, plan: _Plan, todo: list[Tile], collect: Callable[[TileResult], None], out: Path
+) -> tuple[EngineStats, dict[str, Any]]:
+    """Scores the tiles still to do with the chosen engine; returns its stats and the backend's description."""
+    engine_options = EngineOptions(options.batch_size, options.max_invalid, options.workers, options.queue_batches)
+    cache = str(out / CACHE_DIR / plan.checkpoint_sha256[:16])
+    if options.engine == "ray":
+        from fusionkern.scan.ray_engine import run_ray
+
+        stats = run_ray(plan.inputs, plan.grid, plan.layout, todo, plan.tile_chips, options.checkpoint,
+                        options.backend, engine_options, collect, options.address, cache, options.preset)  # fmt: skip
+        return stats, {"name": options.backend, "device": "ray actors"}
+    device = _resolve_device(options.device, options.backend)
+    predictor = make_predictor(options.backend, plan.model, device, cache, options.batch_size)
+    stats = run_local(plan.inputs, plan.grid, plan.layout, todo, predictor, engine_options, collect)
+    return stats, predictor.describe()
+
+
+def _timings(stats: EngineStats, setup_s: float, outputs_s: float, wall_s: float) -> dict[str, Any]:
+    def rate(seconds: float) -> float | None:
+        return round(stats.scored / seconds, 1) if seconds > 0 and stats.scored else None
+
+    stages = {k: round(v, 3) for k, v in stats.stage_s.items()}
+    return {
+        "setup_s": round(setup_s, 3),
+        "engine_s": round(stats.wall_s, 3),
+        "outputs_s": round(outputs_s, 3),
+        "wall_s": round(wall_s, 3),
+        "stage_s": stages,
+        "chips_per_s": {
+            "read": rate(stats.stage_s.get("read", 0.0)),
+            "cut": rate(stats.stage_s.get("cut", 0.0)),
+            "inference": rate(stats.stage_s.get("inference", 0.0)),
+            "end_to_end": rate(stats.wall_s) or 0.0,
+        },
+        "note": "stage seconds are summed over reader threads or actors; chips/s counts chips scored in this run",
+    }
+
+
+def _counts(collector: _Collector, detections: Sequence[outputs.Detection], threshold: float) -> dict[str, Any]:
+    reasons, scores = collector.reasons, collector.scores
+    with np.errstate(invalid="ignore"):
+        positive = int((np.nan_to_num(scores, nan=-1.0) >= threshold).sum())
+    return {
+        "chips": int(reasons.size),
+        "scored": int((reasons == SCORED).sum()),
+        "skipped": {name: int((reasons == code).sum()) for code, name in REASONS.items()},
+        "positive_chips": positive,
+        "detections": len(detections),
+    }
+
+
+def _describe_checkpoint(options: ScanOptions, plan: _Plan) -> dict[str, Any]:
+    model = plan.model
+    return {
+        "path": str(options.checkpoint),
+        "sha256": plan.checkpoint_sha256,
+        "class": type(model).__name__,
+        "preset": model.preset.name,
+        "config": model.config,
+        "data": model.checkpoint["data"],
+    }
+
+
+def _write_outputs(out: Path, options: ScanOptions, plan: _Plan, collector: _Collector) -> list[outputs.Detection]:
+    """Writes scores, detections and the quick look; on failure removes those already written."""
+    try:
+        return _write_maps(out, options, plan, collector)
+    except BaseException:
+        for name in outputs.FINAL_OUTPUTS:  # never a partial set of outputs
+            (out / name).unlink(missing_ok=True)
+        raise
+
+
+def _write_maps(out: Path, options: ScanOptions, plan: _Plan, collector: _Collector) -> list[outputs.Detection]:
+    grid, layout, scores = plan.grid, plan.layout, collector.scores
+    detections = outputs.find_detections(scores, layout, grid, options.threshold)
+    tags = {
+        "fusionkern_version": __version__, "checkpoint_sha256": plan.checkpoint_sha256, "threshold": options.threshold
+    }  # fmt: skip
+    outputs.write_scores_cog(out / outputs.SCORES, scores, grid, layout, tags)
+    meta = {"fusionkern": {"threshold": options.threshold, "checkpoint_sha256": plan.checkpoint_sha256}}
+    outputs.write_geojson(out / outputs.GEOJSON, detections, meta)
+    outputs.write_geoparquet(out / outputs.PARQUET, detections)
+    if options.quicklook:
+        first = [plan.inputs.bands[b][0].path for b in ("b7", "b6", "b10")]
+        sources = [GridSource(p, grid, layout.extent_px) for p in first]
+        try:
+            composite = outputs.composite_bands(sources, grid)
+        finally:
+            for source in sources:
+                source.close()
+        outputs.write_quicklook(out / outputs.QUICKLOOK, composite, scores, grid, layout, detections,
+                                options.threshold, f"{Path(out).name}: {len(detections)} detection(s)")  # fmt: skip
+    return detections
+
+
+def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: None) -> ScanResult:
+    """Scans a region and writes every output into ``options.out``.
+
+    Args:
+        options: The scan's options.
+        log: Receives a few progress lines.
+
+    Returns:
+        The scores, reasons, detections and the ``scan.json`` report.
+
+    Raises:
+        ConfigError: Invalid options, or ``--resume`` with other parameters.
+        CheckpointError: Not a FusionNet checkpoint, or not of the preset asked for.
+        InputError: A missing, unreadable or non-overlapping input, an output folder holding a previous scan,
+            or a region where no chip can be scored.
+        MissingDependencyError: A backend's, the Ray engine's or an output's package is missing.
+    """
+    t_start = time.perf_counter()
+    _check_dependencies(options)
+    out = Path(options.out)
+    plan = _plan(options)
+    _prepare_out(out, options.resume, options.overwrite)
+    store = TileStore(out, _params(options, plan))
+    store.start(options.resume)
+    checksums = _Checksums(plan.inputs, options.checksums)
+    checksums.start()
+    collector = _Collector(plan.layout, store)
+    todo = collector.resume(plan.tiles)
+    resumed = len(plan.tiles) - len(todo)
+    log(f"scan grid {plan.grid.width} x {plan.grid.height} px, {plan.layout.n_chips} chips of {plan.layout.chip_px} "
+        f"px every {plan.layout.stride_px} px in {len(plan.tiles)} tiles ({resumed} done before)")  # fmt: skip
+    collector.start_bar(sum(t.n_chips for t in plan.tiles) - sum(t.n_chips for t in todo), options.progress)
+    setup_s = time.perf_counter() - t_start
+    try:
+        stats, backend = _run_engine(options, plan, todo, collector, out)
+    finally:
+        collector.close()
+    _check_scored(collector, plan)
+    t_out = time.perf_counter()
+    report = _report(options, plan, checksums.join_result(), backend, resumed)
+    detections = _write_outputs(out, options, plan, collector)
+    report["counts"] = _counts(collector, detections, options.threshold)
+    written = [n for n in outputs.FINAL_OUTPUTS if n != outputs.SCAN_JSON and (out / n).exists()]
+    report["outputs"] = [*written, outputs.SCAN_JSON]
+    report["timings"] = _timings(stats, setup_s, time.perf_counter() - t_out, time.perf_counter() - t_start)
+    outputs.write_json(out / outputs.SCAN_JSON, report)
+    return ScanResult(out, collector.scores, collector.reasons, detections, report)
+
+
+def _check_dependencies(options: ScanOptions) -> None:
+    """Validates the options and imports what the outputs, the backend's engine and Ray need, before any work."""
+    options.validate()
+    outputs.require_pyarrow()
+    if options.quicklook:
+        outputs.require_matplotlib()
+    if options.engine == "ray":
+        from fusionkern.scan.ray_engine import require_ray
+
+        require_ray()
+
+
+def _check_scored(collector: _Collector, plan: _Plan) -> None:
+    """A region where no chip could be scored is an error, not an empty map."""
+    if (collector.reasons == SCORED).any():
+        return
+    counts = ", ".join(f"{int((collector.reasons == c).sum())} {n}" for c, n in REASONS.items())
+    raise InputError(
+        f"no chip of the region could be scored ({counts}): the inputs hold no valid data there "
+        f"(first raster {plan.inputs.reference}); check the bounds, the nodata values and --max-invalid"
+    )
+
+
+def _report(
+    options: ScanOptions, plan: _Plan, inputs: dict[str, Any], backend: dict[str, Any], resumed: int
+) -> dict[str, Any]:
+    """The parts of ``scan.json`` known before the outputs are written."""
+    grid, layout = plan.grid, plan.layout
+    return {
+        "fusionkern_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {**inputs, "warped": [p for p in plan.inputs.rasters() if not on_grid(p, grid)]},
+        "checkpoint": _describe_checkpoint(options, plan),
+        "backend": backend,
+        "engine": {
+            "name": options.engine, "address": options.address, "workers": options.workers,
+            "batch_size": options.batch_size, "tile_px": options.tile_px, "tile_chips": plan.tile_chips,
+            "tiles": len(plan.tiles), "tiles_resumed": resumed,
+        },  # fmt: skip
+        "grid": grid.describe(),
+        "chips": layout.describe(grid),
+        "scores": {
+            "transform": list(layout.score_transform(grid))[:6], "width": layout.n_cols, "height": layout.n_rows,
+            "nodata": "nan",
+        },  # fmt: skip
+        "thresholds": {"detection": options.threshold, "max_invalid": options.max_invalid},
+    }
+
+
+__all__ = ["ENGINES", "ScanOptions", "ScanResult", "run_scan"]
