@@ -7,7 +7,7 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= geo,kernels,export,bench,experiments,dev
+EXTRAS     ?= geo,kernels,export,scan,ray,bench,experiments,dev
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.fusionkern-installed
 DEMO_OUT   ?= demo-out

@@ -38,11 +38,14 @@ setup(
         # Triton kernels. 3.0: tl.extra-free API, triton.compile(ASTSource, target=GPUTarget) for the sm_90 test.
         "kernels": ["triton>=3.0"],
         # ONNX export. onnx 1.14 ships opset 18 (the default export opset); onnxruntime 1.16 runs opset 18.
-        "export": ["onnx>=1.14", "onnxruntime>=1.16"],
+        # onnxscript 0.7: the torch.export-based ONNX exporter of torch >= 2.11 imports its torch_2_11 API.
+        "export": ["onnx>=1.14", "onnxruntime>=1.16", "onnxscript>=0.7"],
         # TensorRT engines. 10.0: the execute_async_v3 / named-tensor API; 11 is also supported.
         "trt": ["tensorrt>=10.0"],
-        # Distributed scans. 2.9: Ray Data map_batches with actor pools (concurrency=...) as used by the scanner.
-        "ray": ["ray[data]>=2.9"],
+        # Distributed scans. 2.10: ray.data.from_items(override_num_blocks=...) and actor-pool map_batches.
+        "ray": ["ray[data]>=2.10"],
+        # Scan outputs. pyarrow 14.0.1 fixes CVE-2023-47248 (GeoParquet writing); matplotlib 3.6 for quicklooks.
+        "scan": ["pyarrow>=14.0.1", "matplotlib>=3.6"],
         # Benchmarks. pytest-benchmark 4.0: the pedantic API and JSON output we parse; matplotlib 3.6 for plots.
         "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.6"],
         # Paper experiments: matplotlib 3.6 for the figure API used; scikit-learn 1.2, the first release where

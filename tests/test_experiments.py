@@ -28,13 +28,8 @@ from fusionkern.experiments.report import markdown
 from fusionkern.models import CNN5, DGCNN, FusionNet, load_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-COMMANDS = tuple(cli.COMMANDS) + tuple(c for c in ("experiment", "explain") if c not in cli.COMMANDS)
-
-
 def run_cli(args: list[str]) -> int:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "COMMANDS", COMMANDS)
-        return cli.main(args)
+    return cli.main(args)
 
 
 def is_png(path: Path) -> bool:
