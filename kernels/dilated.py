@@ -305,12 +305,17 @@ def tap_plan(dilations: tuple[int, ...], height: int, width: int) -> TapPlan:
 
 @functools.lru_cache(maxsize=256)
 def _plan_tensors(plan: TapPlan, device: torch.device):
-    """Device copies of a plan: offsets (T, 2), negated offsets (T, 2), rounds, and the gather for the backward."""
-    off = torch.tensor(plan.offsets, dtype=torch.int32).reshape(-1, 2)
-    tap_of = torch.tensor(plan.tap_of, dtype=torch.int64)
-    kept = (tap_of >= 0).nonzero().flatten()
-    rounds = tuple((torch.tensor(t).to(device), torch.tensor(j).to(device)) for t, j in plan.rounds)
-    return off.to(device), (-off).contiguous().to(device), rounds, kept.to(device), tap_of[kept].to(device)
+    """Device copies of a plan: offsets (T, 2), negated offsets (T, 2), rounds, and the gather for the backward.
+
+    Built outside inference mode even when first asked for inside it: the cached tensors are reused by later
+    training steps, which must be able to save them for backward.
+    """
+    with torch.inference_mode(False):
+        off = torch.tensor(plan.offsets, dtype=torch.int32).reshape(-1, 2)
+        tap_of = torch.tensor(plan.tap_of, dtype=torch.int64)
+        kept = (tap_of >= 0).nonzero().flatten()
+        rounds = tuple((torch.tensor(t).to(device), torch.tensor(j).to(device)) for t, j in plan.rounds)
+        return off.to(device), (-off).contiguous().to(device), rounds, kept.to(device), tap_of[kept].to(device)
 
 
 def _branch_scales(n: int) -> list[float]:

@@ -423,9 +423,14 @@ class _Options:
 
 @functools.lru_cache(maxsize=64)
 def _tap_grid(kernel_size: int, grid: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(2, k*k) contiguous: the reference's sampling x then y of each tap ``kh * k + kw``."""
-    x, y = gabor_grid(kernel_size, grid, device=device, dtype=dtype)
-    return torch.stack([x.reshape(-1), y.reshape(-1)]).contiguous()
+    """(2, k*k) contiguous: the reference's sampling x then y of each tap ``kh * k + kw``.
+
+    Built outside inference mode even when first asked for inside it: the cached tensor is reused by later
+    training steps, which must be able to save it for backward.
+    """
+    with torch.inference_mode(False):
+        x, y = gabor_grid(kernel_size, grid, device=device, dtype=dtype)
+        return torch.stack([x.reshape(-1), y.reshape(-1)]).contiguous()
 
 
 def _stack_params(freq, theta, sigma, psi, dtype: torch.dtype) -> torch.Tensor:

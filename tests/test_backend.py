@@ -93,3 +93,18 @@ def test_checkpoint_trained_on_one_backend_runs_on_the_other(tmp_path):
 def test_unknown_backend():
     with pytest.raises(ConfigError, match="unknown backend"):
         FusionNet(preset="native", width=0.125).to_backend("cuda")
+
+
+def test_inference_mode_first_then_training_on_kernels():
+    """Kernel-side caches filled under inference_mode (as the scanner runs) must not break a later training step."""
+    import fusionkern.kernels.dilated as dilated
+    import fusionkern.kernels.gabor_conv as gabor_conv
+
+    gabor_conv._tap_grid.cache_clear()
+    dilated._plan_tensors.cache_clear()
+    model = DGCNN(preset="native", width=0.125).to(DEVICE, DTYPE).to_backend("triton")
+    x = torch.rand(2, 3, 32, 32, dtype=DTYPE).to(DEVICE)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).sum().backward()
+    assert model.features.stages[0].conv.freq.grad is not None
