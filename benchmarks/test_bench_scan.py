@@ -1,0 +1,60 @@
+"""The scan: end-to-end chips/s on a generated raster against I/O alone and inference alone, per backend.
+
+Group ``scan/<preset>/<backend>``, baseline ``inference`` (the predictor on chips already in memory).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fusionkern.bench.cases import (
+    SCAN_VARIANTS,
+    group_name,
+    record,
+    scan_call,
+    scan_predictor,
+    scan_unavailable,
+    variant_unavailable,
+)
+from fusionkern.bench.timing import measure
+from fusionkern.models import get_preset
+
+SCAN_BACKENDS = {"torch": "eager-fp32", "onnxruntime": "onnxruntime-fp32", "triton": "triton-fp32",
+                 "tensorrt": "tensorrt-fp16"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def scan_region(tmp_path_factory, plan):
+    """A generated region (four bands, three dates, tiled GeoTIFFs) and its manifest, written once per run."""
+    reason = scan_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from fusionkern.scan.engine import make_benchmark_region
+
+    folder = tmp_path_factory.mktemp("scan-region")
+    return make_benchmark_region(folder, plan.scan_size_px, block_px=min(512, plan.scan_size_px))
+
+
+@pytest.fixture(scope="session")
+def predictors(tmp_path_factory):
+    """One predictor per (preset, backend), shared by that group's variants (exports happen once)."""
+    return {"cache": tmp_path_factory.mktemp("scan-artefacts"), "built": {}}
+
+
+@pytest.mark.parametrize("variant", SCAN_VARIANTS)
+@pytest.mark.parametrize("backend", tuple(SCAN_BACKENDS))
+def test_scan(benchmark, scan_preset, backend, variant, plan, device, timing, scan_region, predictors):
+    record(benchmark, "scan", group_name("scan", scan_preset, backend), variant, preset=scan_preset, backend=backend,
+           device=plan.device, width=plan.model_width)  # fmt: skip
+    reason = variant_unavailable(SCAN_BACKENDS[backend], plan.device, plan)
+    if backend == "onnxruntime" and plan.device == "cuda":
+        reason = "the scanner's onnxruntime backend runs on the CPU: its scan figures come from a CPU run"
+    if reason:
+        pytest.skip(reason)
+    key = (scan_preset, backend)
+    if key not in predictors["built"]:
+        predictors["built"][key] = scan_predictor(backend, scan_preset, plan, device, predictors["cache"])
+    chip_px = get_preset(scan_preset).chip_px
+    call = scan_call(variant, scan_region, predictors["built"][key], chip_px, plan)
+    benchmark.extra_info.update(items=call.items, **call.info)
+    measure(benchmark, call.fn, timing, setup=call.setup, repeatable=call.repeatable)
