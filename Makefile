@@ -30,9 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q tests
+	# the benchmark suite in its quick mode: every case runs once on tiny shapes (timings are not checked)
+	$(TEST_ENV) $(PY) -m pytest -q benchmarks --benchmark-disable
 
 bench: $(STAMP)
-	$(VENV)/bin/fusionkern bench --quick --out benchmarks/results/latest
+	$(VENV)/bin/fusionkern bench --device cpu --out bench-out
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info

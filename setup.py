@@ -46,8 +46,9 @@ setup(
         "ray": ["ray[data]>=2.10"],
         # Scan outputs. pyarrow 14.0.1 fixes CVE-2023-47248 (GeoParquet writing); matplotlib 3.6 for quicklooks.
         "scan": ["pyarrow>=14.0.1", "matplotlib>=3.6"],
-        # Benchmarks. pytest-benchmark 4.0: the pedantic API and JSON output we parse; matplotlib 3.6 for plots.
-        "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.6"],
+        # Benchmarks (`fusionkern bench` runs pytest in-process). pytest 7.0 for the ini options in pyproject.toml;
+        # pytest-benchmark 4.0: the pedantic API and JSON output we parse; matplotlib 3.6 for plots.
+        "bench": ["pytest>=7.0", "pytest-benchmark>=4.0", "matplotlib>=3.6"],
         # Paper experiments: matplotlib 3.6 for the figure API used; scikit-learn 1.2, the first release where
         # TSNE's init="pca" and learning_rate="auto" (passed explicitly) are the settled defaults.
         "experiments": ["matplotlib>=3.6", "scikit-learn>=1.2"],

@@ -18,7 +18,7 @@ from fusionkern.errors import FusionkernError
 
 # Subcommands, in the order `fusionkern --help` lists them. Modules are imported lazily so that
 # `fusionkern --help` stays fast and a missing optional extra only affects the command that needs it.
-COMMANDS = ("demo", "train", "chips", "scan", "export", "experiment", "explain")
+COMMANDS = ("demo", "train", "chips", "scan", "export", "bench", "experiment", "explain")
 
 
 def _set_gdal_env() -> None:
