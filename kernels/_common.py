@@ -16,6 +16,8 @@ Host side:
 
 Device side (``@triton.jit`` helpers used by :mod:`.gabor_conv` and :mod:`.conv_mixpool`):
 
+* :func:`_window_pixels`: a program's output pixels and the input position of their first tap.
+* :func:`_window_dots`: one reduction chunk at the four window positions, the weight tile shared by the four.
 * :func:`_x_tile`: one implicit-GEMM operand tile of the input, rows = output pixels, columns = reduction
   indices ``(ci, kh, kw)`` flattened.
 * :func:`_mixpool_fwd` and :func:`_mixpool_bwd`: the 2 x 2 mixed pooling of four pre-pool tiles and its gradient.
@@ -341,6 +343,80 @@ def compile_sm90_isolated(
 # --------------------------------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _window_pixels(
+    pid_p,  # program index along output pixels
+    B,  # batch size
+    PH,  # output rows: OH // 2 when POOL, else OH
+    PW,  # output columns: OW // 2 when POOL, else OW
+    conv_stride,  # convolution stride (square)
+    padding,  # zero padding (square)
+    stride_xb,  # x stride along batch, in elements
+    stride_xh,  # x stride along row, in elements
+    stride_xw,  # x stride along column, in elements
+    POOL: tl.constexpr,  # each output pixel is a 2 x 2 window of conv positions
+    BLOCK_P: tl.constexpr,  # output pixels per program
+):
+    """A program's BLOCK_P output pixels ``(b, ph, pw)``, their top-left conv position ``(oh, ow)``, the input
+    position ``(ih, iw)`` of its first tap and that tap's offset in ``x``; ``p_mask`` marks real pixels."""
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < B * PH * PW
+    pw = offs_p % PW
+    ph = (offs_p // PW) % PH
+    b = offs_p // (PW * PH)
+    if POOL:
+        oh = ph * 2
+        ow = pw * 2
+    else:
+        oh = ph
+        ow = pw
+    ih = oh * conv_stride - padding
+    iw = ow * conv_stride - padding
+    row_off = b * stride_xb + ih * stride_xh + iw * stride_xw
+    return p_mask, b, ph, pw, oh, ow, ih, iw, row_off
+
+
+@triton.jit
+def _window_dots(
+    x_ptr,  # input, (B, CI, H, W), any strides
+    w,  # (BLOCK_R, BLOCK_CO) weight tile of this reduction chunk
+    acc00,  # (BLOCK_P, BLOCK_CO) conv at window position (0, 0)
+    acc01,  # (BLOCK_P, BLOCK_CO) conv at (0, 1) (used when POOL)
+    acc10,  # (BLOCK_P, BLOCK_CO) conv at (1, 0) (used when POOL)
+    acc11,  # (BLOCK_P, BLOCK_CO) conv at (1, 1) (used when POOL)
+    row_off,  # (BLOCK_P,) offset of each pixel's first tap
+    col_off,  # (BLOCK_R,) offset of each reduction index
+    ih,  # (BLOCK_P,) input row of the first tap
+    iw,  # (BLOCK_P,) input column of the first tap
+    dh,  # (BLOCK_R,) kh * dilation
+    dw,  # (BLOCK_R,) kw * dilation
+    H,  # input height
+    W,  # input width
+    p_mask,  # (BLOCK_P,)
+    r_mask,  # (BLOCK_R,)
+    conv_stride,  # convolution stride (square)
+    stride_xh,  # x stride along row, in elements
+    stride_xw,  # x stride along column, in elements
+    POOL: tl.constexpr,  # accumulate all four window positions
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+):
+    """One reduction chunk of the implicit GEMM: ``acc_ij += X_ij @ w`` at each window position, the weight tile
+    shared by the four (only ``acc00`` without POOL)."""
+    step_h = conv_stride * stride_xh
+    step_w = conv_stride * stride_xw
+    xt = _x_tile(x_ptr, row_off, col_off, ih, iw, dh, dw, H, W, p_mask, r_mask)
+    acc00 = tl.dot(xt, w, acc00, input_precision=DOT_PRECISION)
+    if POOL:
+        xt = _x_tile(x_ptr, row_off + step_w, col_off, ih, iw + conv_stride, dh, dw, H, W, p_mask, r_mask)
+        acc01 = tl.dot(xt, w, acc01, input_precision=DOT_PRECISION)
+        xt = _x_tile(x_ptr, row_off + step_h, col_off, ih + conv_stride, iw, dh, dw, H, W, p_mask, r_mask)
+        acc10 = tl.dot(xt, w, acc10, input_precision=DOT_PRECISION)
+        xt = _x_tile(x_ptr, row_off + step_h + step_w, col_off, ih + conv_stride, iw + conv_stride, dh, dw, H, W,
+                     p_mask, r_mask)  # fmt: skip
+        acc11 = tl.dot(xt, w, acc11, input_precision=DOT_PRECISION)
+    return acc00, acc01, acc10, acc11
 
 
 @triton.jit

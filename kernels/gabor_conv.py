@@ -34,7 +34,8 @@ from fusionkern.kernels._common import (
     _conv_bwd_epilogue,
     _conv_fwd_epilogue,
     _store_grad_z,
-    _x_tile,
+    _window_dots,
+    _window_pixels,
     check_alpha,
     check_bn,
     check_device,
@@ -95,6 +96,67 @@ def _gabor_tile(
 
 
 @triton.jit
+def _gabor_windows(
+    x_ptr,  # input, (B, CI, H, W), any strides
+    params_ptr,  # Gabor parameters, (4, CO, CI) contiguous, accumulation dtype
+    taps_ptr,  # tap positions, (2, K * K) contiguous, accumulation dtype
+    pid_p,  # program index along output pixels
+    pid_co,  # program index along output channels
+    B,  # batch size
+    CI,  # input channels
+    H,  # input height
+    W,  # input width
+    CO,  # output channels
+    PH,  # output rows
+    PW,  # output columns
+    stride_xb,  # x stride along batch, in elements
+    stride_xc,  # x stride along channel, in elements
+    stride_xh,  # x stride along row, in elements
+    stride_xw,  # x stride along column, in elements
+    conv_stride,  # convolution stride (square)
+    padding,  # zero padding (square)
+    dilation,  # dilation (square)
+    K: tl.constexpr,  # kernel size (square)
+    LEGACY: tl.constexpr,  # the authors' grid, sigma + 1e-3 and 1 / (2 pi sigma^2)
+    POOL: tl.constexpr,  # 2 x 2 windows
+    ACC_DTYPE: tl.constexpr,  # accumulation dtype
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    BLOCK_P: tl.constexpr,  # output pixels per program
+    BLOCK_CO: tl.constexpr,  # output channels per program
+    BLOCK_R: tl.constexpr,  # reduction chunk over (ci, kh, kw)
+):
+    """``z = conv2d(x, W(freq, theta, sigma, psi))`` at the four window positions of a program's tile (shared by
+    the forward and the recomputing backward kernel), with the tile's coordinates. Per reduction chunk the Gabor
+    weight tile is generated once, in registers, and shared by the four positions."""
+    p_mask, b, ph, pw, oh, ow, ih, iw, row_off = _window_pixels(
+        pid_p, B, PH, PW, conv_stride, padding, stride_xb, stride_xh, stride_xw, POOL, BLOCK_P
+    )
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_mask = offs_co < CO
+    acc00 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc01 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc10 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    acc11 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    R = CI * K * K
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        ci = offs_r // (K * K)
+        tap = offs_r % (K * K)
+        dh = (tap // K) * dilation
+        dw = (tap % K) * dilation
+        col_off = ci * stride_xc + dh * stride_xh + dw * stride_xw
+        w = _gabor_tile(params_ptr, taps_ptr, ci, tap, offs_co, r_mask[:, None] & co_mask[None, :], CI, CO, K * K,
+                        LEGACY)  # fmt: skip
+        w = w.to(x_ptr.dtype.element_ty)
+        acc00, acc01, acc10, acc11 = _window_dots(
+            x_ptr, w, acc00, acc01, acc10, acc11, row_off, col_off, ih, iw, dh, dw, H, W, p_mask, r_mask,
+            conv_stride, stride_xh, stride_xw, POOL, DOT_PRECISION,
+        )  # fmt: skip
+    return acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow
+
+
+@triton.jit
 def _gabor_conv_fwd_kernel(
     x_ptr,  # input, (B, CI, H, W), any strides
     params_ptr,  # Gabor parameters, (4, CO, CI) contiguous, accumulation dtype
@@ -142,52 +204,11 @@ def _gabor_conv_fwd_kernel(
     """
     # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO)); one program = BLOCK_P output pixels x BLOCK_CO channels
     pid_p = tl.program_id(0)
-    pid_co = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    p_mask = offs_p < B * PH * PW
-    co_mask = offs_co < CO
-    pw = offs_p % PW
-    ph = (offs_p // PW) % PH
-    b = offs_p // (PW * PH)
-    if POOL:
-        oh = ph * 2
-        ow = pw * 2
-    else:
-        oh = ph
-        ow = pw
-    ih = oh * conv_stride - padding
-    iw = ow * conv_stride - padding
-    row_off = b * stride_xb + ih * stride_xh + iw * stride_xw
-    step_h = conv_stride * stride_xh
-    step_w = conv_stride * stride_xw
-
-    acc00 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    acc01 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    acc10 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    acc11 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    R = CI * K * K
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        ci = offs_r // (K * K)
-        tap = offs_r % (K * K)
-        dh = (tap // K) * dilation
-        dw = (tap % K) * dilation
-        col_off = ci * stride_xc + dh * stride_xh + dw * stride_xw
-        w = _gabor_tile(params_ptr, taps_ptr, ci, tap, offs_co, r_mask[:, None] & co_mask[None, :], CI, CO, K * K,
-                        LEGACY)  # fmt: skip
-        w = w.to(x_ptr.dtype.element_ty)
-        xt = _x_tile(x_ptr, row_off, col_off, ih, iw, dh, dw, H, W, p_mask, r_mask)
-        acc00 = tl.dot(xt, w, acc00, input_precision=DOT_PRECISION)
-        if POOL:
-            xt = _x_tile(x_ptr, row_off + step_w, col_off, ih, iw + conv_stride, dh, dw, H, W, p_mask, r_mask)
-            acc01 = tl.dot(xt, w, acc01, input_precision=DOT_PRECISION)
-            xt = _x_tile(x_ptr, row_off + step_h, col_off, ih + conv_stride, iw, dh, dw, H, W, p_mask, r_mask)
-            acc10 = tl.dot(xt, w, acc10, input_precision=DOT_PRECISION)
-            xt = _x_tile(x_ptr, row_off + step_h + step_w, col_off, ih + conv_stride, iw + conv_stride, dh, dw, H, W,
-                         p_mask, r_mask)  # fmt: skip
-            acc11 = tl.dot(xt, w, acc11, input_precision=DOT_PRECISION)
+    acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow = _gabor_windows(
+        x_ptr, params_ptr, taps_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, PH, PW, stride_xb, stride_xc,
+        stride_xh, stride_xw, conv_stride, padding, dilation, K, LEGACY, POOL, ACC_DTYPE, DOT_PRECISION, BLOCK_P,
+        BLOCK_CO, BLOCK_R,
+    )  # fmt: skip
 
     y = _conv_fwd_epilogue(acc00, acc01, acc10, acc11, offs_co, co_mask, alpha_ptr, scale_ptr, shift_ptr, ACC_DTYPE,
                            RELU, POOL, BN)  # fmt: skip
@@ -248,52 +269,11 @@ def _gabor_conv_bwd_kernel(
     """
     # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO)); one program = BLOCK_P output pixels x BLOCK_CO channels
     pid_p = tl.program_id(0)
-    pid_co = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    p_mask = offs_p < B * PH * PW
-    co_mask = offs_co < CO
-    pw = offs_p % PW
-    ph = (offs_p // PW) % PH
-    b = offs_p // (PW * PH)
-    if POOL:
-        oh = ph * 2
-        ow = pw * 2
-    else:
-        oh = ph
-        ow = pw
-    ih = oh * conv_stride - padding
-    iw = ow * conv_stride - padding
-    row_off = b * stride_xb + ih * stride_xh + iw * stride_xw
-    step_h = conv_stride * stride_xh
-    step_w = conv_stride * stride_xw
-
-    acc00 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    acc01 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    acc10 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    acc11 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    R = CI * K * K
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        ci = offs_r // (K * K)
-        tap = offs_r % (K * K)
-        dh = (tap // K) * dilation
-        dw = (tap % K) * dilation
-        col_off = ci * stride_xc + dh * stride_xh + dw * stride_xw
-        w = _gabor_tile(params_ptr, taps_ptr, ci, tap, offs_co, r_mask[:, None] & co_mask[None, :], CI, CO, K * K,
-                        LEGACY)  # fmt: skip
-        w = w.to(x_ptr.dtype.element_ty)
-        xt = _x_tile(x_ptr, row_off, col_off, ih, iw, dh, dw, H, W, p_mask, r_mask)
-        acc00 = tl.dot(xt, w, acc00, input_precision=DOT_PRECISION)
-        if POOL:
-            xt = _x_tile(x_ptr, row_off + step_w, col_off, ih, iw + conv_stride, dh, dw, H, W, p_mask, r_mask)
-            acc01 = tl.dot(xt, w, acc01, input_precision=DOT_PRECISION)
-            xt = _x_tile(x_ptr, row_off + step_h, col_off, ih + conv_stride, iw, dh, dw, H, W, p_mask, r_mask)
-            acc10 = tl.dot(xt, w, acc10, input_precision=DOT_PRECISION)
-            xt = _x_tile(x_ptr, row_off + step_h + step_w, col_off, ih + conv_stride, iw + conv_stride, dh, dw, H, W,
-                         p_mask, r_mask)  # fmt: skip
-            acc11 = tl.dot(xt, w, acc11, input_precision=DOT_PRECISION)
+    acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow = _gabor_windows(
+        x_ptr, params_ptr, taps_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, PH, PW, stride_xb, stride_xc,
+        stride_xh, stride_xw, conv_stride, padding, dilation, K, LEGACY, POOL, ACC_DTYPE, DOT_PRECISION, BLOCK_P,
+        BLOCK_CO, BLOCK_R,
+    )  # fmt: skip
 
     mask = p_mask[:, None] & co_mask[None, :]
     g_off = (b * stride_gb + ph * stride_gh + pw * stride_gw)[:, None] + (offs_co * stride_gc)[None, :]
