@@ -38,6 +38,7 @@ from typing import Any, Iterator, NoReturn, Sequence
 import torch
 import triton
 import triton.language as tl
+from torch import nn
 
 from fusionkern.errors import ConfigError
 
@@ -129,8 +130,41 @@ def check_alpha(pool_alpha, x: torch.Tensor, name: str) -> torch.Tensor | None:
     return pool_alpha
 
 
+def fold_bn(bn: nn.BatchNorm2d, *, differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as a per-channel affine ``(scale, shift)``: ``bn(h) == h * scale + shift``.
+
+    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale`` (weight 1 and bias 0 when
+    the module has no affine parameters), computed in float32 (float64 for a float64 module). By default the pair is
+    detached: a constant inference epilogue. With ``differentiable=True`` it is built from differentiable torch ops,
+    so gradients of ``scale`` and ``shift`` reach ``bn.weight`` and ``bn.bias`` (eval-mode fine-tuning through the
+    dilated block).
+
+    Raises:
+        UnsupportedOptionError (a ValueError): ``bn`` is in training mode or keeps no running statistics (it then
+            normalises with batch statistics, which no fixed affine can reproduce).
+    """
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        unsupported("bn", f"expected a BatchNorm module, got {type(bn).__name__}")
+    if bn.training:
+        unsupported(
+            "bn",
+            "is in training mode, where BatchNorm normalises with batch statistics; fold it only in eval mode and "
+            "run it as a separate op in training",
+        )
+    if bn.running_mean is None or bn.running_var is None:
+        unsupported("bn", "has no running statistics (track_running_stats=False), so it cannot be folded")
+    dtype = compute_dtype(bn.running_var.dtype)
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        inv_std = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+        scale = inv_std if bn.weight is None else bn.weight.to(dtype) * inv_std
+        shift = -bn.running_mean.to(dtype) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(dtype)
+    return scale.contiguous(), shift.contiguous()
+
+
 def check_bn(bn, out_channels: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-    """Validate a folded BatchNorm ``(scale, shift)`` pair (see :func:`fusionkern.kernels.conv_mixpool.fold_bn`)."""
+    """Validate a folded BatchNorm ``(scale, shift)`` pair (see :func:`fold_bn`)."""
     if bn is None:
         return None, None
     if not isinstance(bn, (tuple, list)) or len(bn) != 2:

@@ -36,6 +36,7 @@ from fusionkern.kernels._common import (
     conv_geometry,
     cudnn_fp32_precision,
     dot_precision,
+    fold_bn,
     prune_block_configs,
     square_int,
     tl_acc_dtype,
@@ -453,31 +454,6 @@ def conv2d_mixpool(
 
 
 @torch.no_grad()
-def fold_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """An inference BatchNorm as ``(scale, shift)`` per channel: ``bn(y) == y * scale + shift`` in eval mode.
-
-    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale`` (weight 1 and bias 0
-    without ``affine``), float32 (float64 for a float64 module), detached.
-    """
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        unsupported("bn", f"expected a BatchNorm module, got {type(bn).__name__}")
-    if bn.training:
-        unsupported(
-            "bn",
-            "is in training mode, where BatchNorm normalises with batch statistics; fold it only in eval mode and "
-            "run it as a separate op in training",
-        )
-    if bn.running_mean is None or bn.running_var is None:
-        unsupported("bn", "has no running statistics (track_running_stats=False), so it cannot be folded")
-    dtype = compute_dtype(bn.running_var.dtype)
-    invstd = 1 / torch.sqrt(bn.running_var.to(dtype) + bn.eps)
-    weight = bn.weight.to(dtype) if bn.weight is not None else torch.ones_like(invstd)
-    bias = bn.bias.to(dtype) if bn.bias is not None else torch.zeros_like(invstd)
-    scale = weight * invstd
-    shift = bias - bn.running_mean.to(dtype) * scale
-    return scale.contiguous(), shift.contiguous()
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Reference stages on the kernels
 # --------------------------------------------------------------------------------------------------------------

@@ -53,7 +53,15 @@ import triton.language as tl
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._common import SUPPORTED_DTYPES, check_device, check_int32_indexable, compute_dtype, dot_precision, unsupported
+from ._common import (
+    SUPPORTED_DTYPES,
+    check_device,
+    check_int32_indexable,
+    compute_dtype,
+    dot_precision,
+    fold_bn,
+    unsupported,
+)
 
 __all__ = [
     "DilatedAvgBlockFunction",
@@ -540,34 +548,6 @@ class DilatedAvgBlockFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------------- public API
 
 
-def fold_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """An eval-mode BatchNorm as a per-channel affine ``(scale, shift)``: ``bn(h) == h * scale + shift``.
-
-    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale`` (weight 1 and bias 0 when
-    the module has no affine parameters), computed in float32 (float64 for a float64 module). Unlike the
-    inference-only fold of :mod:`.conv_mixpool`, this one is built from differentiable torch ops, so gradients of
-    ``scale`` and ``shift`` reach ``bn.weight`` and ``bn.bias`` (eval-mode fine-tuning through
-    :func:`block_forward`).
-
-    Raises:
-        UnsupportedOptionError (a ValueError): ``bn`` is in training mode or keeps no running statistics (it then
-            normalises with batch statistics, which no fixed affine can reproduce).
-    """
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        unsupported("bn", f"expected a BatchNorm module, got {type(bn).__name__}")
-    if bn.training:
-        unsupported("bn", "a BatchNorm in training mode normalises with batch statistics and cannot be folded")
-    if bn.running_mean is None or bn.running_var is None:
-        unsupported("bn", "a BatchNorm without running statistics (track_running_stats=False) cannot be folded")
-    dtype = compute_dtype(bn.running_var.dtype)
-    inv_std = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    scale = inv_std if bn.weight is None else bn.weight.to(dtype) * inv_std
-    shift = -bn.running_mean.to(dtype) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(dtype)
-    return scale, shift
-
-
 def _as_int_tuple(dilations) -> tuple[int, ...]:
     try:
         items = list(dilations)
@@ -653,7 +633,7 @@ def dilated_avg_block(
                 unsupported(f"biases[{j}]", f"on {bj.device}, x is on {x.device}")
     scale = shift = None
     if isinstance(bn, nn.Module):
-        scale, shift = fold_bn(bn)
+        scale, shift = fold_bn(bn, differentiable=True)
     elif bn is not None:
         if not (isinstance(bn, (tuple, list)) and len(bn) == 2 and all(isinstance(v, torch.Tensor) for v in bn)):
             unsupported("bn", "expected None, an eval-mode BatchNorm2d or a (scale, shift) pair of tensors")
@@ -723,4 +703,4 @@ def block_forward(block: nn.Module, x: torch.Tensor, *, allow_tf32: bool = False
     if bn.training or bn.running_mean is None:
         h = dilated_avg_block(x, weights, biases, dilations, bn=None, relu=False, allow_tf32=allow_tf32)
         return F.relu(bn(h))
-    return dilated_avg_block(x, weights, biases, dilations, bn=fold_bn(bn), relu=True, allow_tf32=allow_tf32)
+    return dilated_avg_block(x, weights, biases, dilations, bn=fold_bn(bn, differentiable=True), relu=True, allow_tf32=allow_tf32)
