@@ -28,9 +28,9 @@ $(STAMP): setup.py pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/fusionkern demo --out $(DEMO_OUT)
 
+# The tests, then the benchmark suite in its quick mode: every case runs once on tiny shapes (no timing is checked).
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q tests
-	# the benchmark suite in its quick mode: every case runs once on tiny shapes (timings are not checked)
 	$(TEST_ENV) $(PY) -m pytest -q benchmarks --benchmark-disable
 
 bench: $(STAMP)
