@@ -188,7 +188,7 @@ def test_exportable_single_input_models_match_reference(cls):
 
 def test_exportable_uses_only_plain_layers_and_folds_batchnorm(native):
     model = native
-    safe = exportable(model)
+    safe = exportable(model, fuse_branches=True)  # the grouped form: its structure is the one checked here
     kinds = {type(m) for m in safe.modules()}
     assert not kinds & {GaborConv2d, MixPool2d, nn.BatchNorm2d, DilatedAvgBlock, ChannelAttention}
     assert {DilatedSum, ExportAttention, ConstMixPool2d} <= kinds
@@ -272,7 +272,7 @@ def test_onnx_paper_preset_parity(paper, tmp_path):
 
 def test_onnx_cnn5_backbone_parity(tmp_path):
     model = stand_in(FusionNet, seed=9, preset="native", backbone="cnn5", width=0.25)
-    path = to_onnx(model, tmp_path / "cnn5.onnx", fuse_branches=False)  # five branch graphs: Slice, Squeeze
+    path = to_onnx(model, tmp_path / "cnn5.onnx", fuse_branches=True)  # one grouped branch network (group=5)
     report = check_parity(model, path, n_random=200, real_chips=False, seed=2)
     assert report.passed, str(report)
 
