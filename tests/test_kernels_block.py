@@ -40,9 +40,15 @@ def seed() -> int:
     return s
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, seed: int) -> None:
-    """``|actual - expected| <= atol + rtol * |expected|`` elementwise, reporting the first bad index."""
-    atol, rtol = TOL[dtype]
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, seed: int, atol=None
+) -> None:
+    """``|actual - expected| <= atol + rtol * |expected|`` elementwise, reporting the first bad index.
+
+    ``atol`` overrides the dtype's absolute tolerance (a number, or a tensor broadcast against ``expected``).
+    """
+    default_atol, rtol = TOL[dtype]
+    atol = default_atol if atol is None else atol
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().double()
     e = expected.detach().double()
@@ -52,9 +58,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise AssertionError(
             f"{what} ({dtype}, seed {seed}): {int(bad.sum())} of {bad.numel()} elements differ; first at {idx}: "
-            f"got {a[idx].item():.8g}, expected {e[idx].item():.8g} (atol {atol}, rtol {rtol}); "
+            f"got {a[idx].item():.8g}, expected {e[idx].item():.8g} (atol {_at(atol, idx):.3g}, rtol {rtol}); "
             f"max abs diff {(a - e).abs().max().item():.3g}"
         )
+
+
+def _at(atol, idx) -> float:
+    return float(atol[idx]) if isinstance(atol, torch.Tensor) else float(atol)
 
 
 def _make_block(c_in, c_out, dilations, dtype=torch.float32) -> DilatedAvgBlock:
@@ -68,21 +78,38 @@ def _make_block(c_in, c_out, dilations, dtype=torch.float32) -> DilatedAvgBlock:
 
 
 def _run_block(block, x, g, use_kernel: bool):
-    """Forward and backward of one block with one shared grad_output; returns output, x grad, param grads."""
+    """Forward and backward of one block with one shared grad_output; returns output, x grad, param grads, and
+    dL/dH (the gradient reaching the BatchNorm's input)."""
     x = x.detach().clone().requires_grad_()
-    y = block_forward(block, x) if use_kernel else block(x)
+    seen = {}
+
+    def keep_grad(_module, inputs):
+        if inputs[0].requires_grad:
+            inputs[0].register_hook(lambda grad: seen.setdefault("grad_h", grad.detach().clone()))
+
+    handle = block.bn.register_forward_pre_hook(keep_grad)
+    try:
+        y = block_forward(block, x) if use_kernel else block(x)
+    finally:
+        handle.remove()
     y.backward(g)
     grads = {name: p.grad.detach().clone() for name, p in block.named_parameters()}
-    return y.detach(), x.grad.detach(), grads
+    return y.detach(), x.grad.detach(), grads, seen.get("grad_h")
 
 
 def _compare_block(kernel_block, ref_block, x, g, dtype, seed):
-    y_k, gx_k, gp_k = _run_block(kernel_block, x, g, True)
-    y_r, gx_r, gp_r = _run_block(ref_block, x, g, False)
+    y_k, gx_k, gp_k, _ = _run_block(kernel_block, x, g, True)
+    y_r, gx_r, gp_r, grad_h = _run_block(ref_block, x, g, False)
     assert_close(y_k, y_r, dtype, "output", seed)
     assert_close(gx_k, gx_r, dtype, "grad x", seed)
     for name in gp_r:
-        assert_close(gp_k[name], gp_r[name], dtype, f"grad {name}", seed)
+        atol = None
+        if ref_block.training and name.startswith("convs.") and name.endswith(".bias") and grad_h is not None:
+            # A conv bias before a training-mode BatchNorm has an exact gradient of zero (BN removes any per-channel
+            # shift), so both sides are sums of dL/dH that cancel to rounding noise; the noise scales with the sum
+            # of the magnitudes, not with the (near-zero) result.
+            atol = TOL[dtype][0] + TOL[dtype][1] * grad_h.abs().sum(dim=(0, 2, 3)).double()
+        assert_close(gp_k[name], gp_r[name], dtype, f"grad {name}", seed, atol=atol)
     for name, buf in ref_block.named_buffers():
         assert_close(dict(kernel_block.named_buffers())[name].double(), buf.double(), torch.float32, name, seed)
 
@@ -90,7 +117,7 @@ def _compare_block(kernel_block, ref_block, x, g, dtype, seed):
 # ---------------------------------------------------------------------------------------------------- dilated block
 
 BLOCK_SHAPES = [  # (B, C_in, C_out, H, W, dilations)
-    pytest.param(2, 1, 1, 1, 1, (1, 2), id="minimal"),  # training BN needs two values per channel
+    pytest.param(2, 1, 1, 2, 2, (1, 2), id="minimal"),  # 8 values per channel: training BN on 2 is ill-conditioned
     pytest.param(1, 3, 4, 6, 6, (1, 3, 6, 9), id="batch 1"),
     pytest.param(2, 3, 5, 7, 9, (1, 3, 6, 9), id="odd H and W"),
     pytest.param(2, 5, 7, 5, 5, (1, 3, 6, 9), id="channels not a multiple of the block"),
