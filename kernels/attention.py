@@ -107,6 +107,25 @@ def _channel_pool_kernel(
 
 
 @triton.jit
+def _channel_pixel_tile(
+    pid_c,  # program index along channels
+    pid_hw,  # program index along pixels
+    C,  # channels
+    H,  # height
+    W,  # width
+    BLOCK_C: tl.constexpr,  # channels per program
+    BLOCK_HW: tl.constexpr,  # pixels per program
+):
+    """A program's BLOCK_C channels and BLOCK_HW pixels of one sample: flat pixel index ``hw`` and ``(h, w)``, with
+    the validity masks."""
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = pid_hw * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c_mask = offs_c < C
+    mask = c_mask[:, None] & (hw < H * W)[None, :]
+    return offs_c, c_mask, mask, hw, hw // W, hw % W
+
+
+@triton.jit
 def _channel_scale_kernel(
     f_ptr,  # fused map F, (B, C, H, W), any strides
     a_ptr,  # attention A, (B, C) fp32 (fp64 for fp64 F), contiguous
@@ -127,14 +146,7 @@ def _channel_scale_kernel(
     # grid: (B, cdiv(C, BLOCK_C), cdiv(H * W, BLOCK_HW)); one program: a BLOCK_C x BLOCK_HW tile of one sample
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
-    pid_hw = tl.program_id(2)
-    HW = H * W
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = pid_hw * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    c_mask = offs_c < C
-    mask = c_mask[:, None] & (hw < HW)[None, :]
-    h = hw // W
-    w = hw % W
+    offs_c, c_mask, mask, hw, h, w = _channel_pixel_tile(pid_c, tl.program_id(2), C, H, W, BLOCK_C, BLOCK_HW)
     acc_dtype = a_ptr.dtype.element_ty
     a = tl.load(a_ptr + pid_b * C + offs_c, mask=c_mask, other=0.0)  # (BLOCK_C,)
     f_off = pid_b.to(tl.int64) * stride_fb + offs_c[:, None].to(tl.int64) * stride_fc
@@ -208,14 +220,7 @@ def _channel_attention_grad_input_kernel(
     # grid: (B, cdiv(C, BLOCK_C), cdiv(H * W, BLOCK_HW)); one program: a BLOCK_C x BLOCK_HW tile of grad_F
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
-    pid_hw = tl.program_id(2)
-    HW = H * W
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = pid_hw * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    c_mask = offs_c < C
-    mask = c_mask[:, None] & (hw < HW)[None, :]
-    h = hw // W
-    w = hw % W
+    offs_c, c_mask, mask, hw, h, w = _channel_pixel_tile(pid_c, tl.program_id(2), C, H, W, BLOCK_C, BLOCK_HW)
     acc_dtype = a_ptr.dtype.element_ty
     vec = pid_b * C + offs_c
     a = tl.load(a_ptr + vec, mask=c_mask, other=0.0)
@@ -225,7 +230,7 @@ def _channel_attention_grad_input_kernel(
     g_off = pid_b.to(tl.int64) * stride_gb + offs_c[:, None].to(tl.int64) * stride_gc
     g_off += (h * stride_gh + w * stride_gw)[None, :]
     gv = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(acc_dtype)
-    out = gv * (1.0 + a[:, None]) + (g_avg / HW)[:, None]
+    out = gv * (1.0 + a[:, None]) + (g_avg / (H * W))[:, None]
     out += tl.where(hw[None, :] == idx[:, None], g_max[:, None], 0.0)
     o_off = pid_b.to(tl.int64) * stride_ob + offs_c[:, None].to(tl.int64) * stride_oc
     o_off += (h * stride_oh + w * stride_ow)[None, :]
