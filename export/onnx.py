@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +33,7 @@ from torch import nn
 
 from fusionkern import BRANCHES, CLASSES, __version__
 from fusionkern.errors import ConfigError, FusionkernError, InputError, MissingDependencyError
+from fusionkern.files import atomic_output
 from fusionkern.export.exportable import Fp16Body, exportable
 
 __all__ = [
@@ -221,11 +221,7 @@ def to_onnx(
     batch = torch.export.Dim("batch", min=1, max=max(int(max_batch), 2))
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_output(path) as tmp:
         with _quiet_exporter():
             program = torch.onnx.export(
                 graph_module, (example,), None, input_names=[name], output_names=[OUTPUT_NAME],
@@ -240,10 +236,6 @@ def to_onnx(
         _check_ops(proto, path)
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -18,10 +18,8 @@ Everything here needs the ``tensorrt`` package and a CUDA GPU visible to PyTorch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +30,7 @@ import torch
 
 from fusionkern import __version__
 from fusionkern.errors import ConfigError, FusionkernError, InputError, MissingDependencyError
+from fusionkern.files import sha256_file, write_bytes_atomic
 
 __all__ = [
     "ENGINE_FORMAT",
@@ -96,14 +95,6 @@ def engine_sidecar_path(engine_path: str | os.PathLike) -> Path:
     """``model.engine`` -> ``model.engine.json``."""
     engine_path = Path(engine_path)
     return engine_path.with_name(engine_path.name + ".json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _make_logger(trt: ModuleType):
@@ -236,7 +227,7 @@ def build_engine(
         detail = "; ".join(logger.errors)[:500] or "see the TensorRT log above"
         raise FusionkernError(f"TensorRT could not build an engine from {onnx_path} ({detail})")
     build_s = time.perf_counter() - t0
-    _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
 
     engine = {
         "tensorrt": str(trt.__version__),
@@ -247,30 +238,18 @@ def build_engine(
         "profile": {"min": int(min_batch), "opt": opt_batch, "max": max_batch},
         "workspace_gib": workspace_gib,
         "build_seconds": round(build_s, 2),
-        "onnx_sha256": _sha256(onnx_path),
+        "onnx_sha256": sha256_file(onnx_path),
     }
-    _write_atomic(engine_path, bytes(serialized))
-    engine["sha256"] = _sha256(engine_path)
+    write_bytes_atomic(engine_path, bytes(serialized))
+    engine["sha256"] = sha256_file(engine_path)
     info = {"format": ENGINE_FORMAT, "engine": engine, "onnx_metadata": meta, "fusionkern_version": __version__}
-    _write_atomic(engine_sidecar_path(engine_path), (json.dumps(info, indent=2) + "\n").encode())
+    write_bytes_atomic(engine_sidecar_path(engine_path), (json.dumps(info, indent=2) + "\n").encode())
     return engine_path
 
 
 def _default_timing_cache(trt: ModuleType, gpu: dict[str, str]) -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fusionkern"
     return root / f"tensorrt-{trt.__version__}-sm{gpu['compute_capability'].replace('.', '')}.timing-cache"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------------------------------------------

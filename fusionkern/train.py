@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 
 from fusionkern import BRANCHES, CLASSES
 from fusionkern.errors import ConfigError, FusionkernError
+from fusionkern.files import write_text_atomic
 from fusionkern.metrics import SUMMARY_KEYS, classification_metrics, summarise
 from fusionkern.models import FusionNet, SINGLE_INPUT_MODELS, build_model, get_preset, save_checkpoint
 from fusionkern.models.layers import BACKENDS
@@ -279,13 +279,6 @@ def train_split(
             "checkpoint": str(best_path), "history": history}  # fmt: skip
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -349,8 +342,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     summary = summarise(r["test"] for r in runs)
     result = {"config": dataclasses.asdict(cfg), "classes": list(CLASSES), "sites": counts, "splits": runs,
               "summary": summary}  # fmt: skip
-    _write_atomic(out / "metrics.json", json.dumps(result, indent=2, default=float))
-    _write_atomic(out / "report.md", markdown_report(cfg, runs, summary))
+    write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, default=float))
+    write_text_atomic(out / "report.md", markdown_report(cfg, runs, summary))
     return result
 
 

@@ -220,7 +220,7 @@ def test_cell_store_records_atomically_and_treats_damaged_records_as_unfinished(
     assert store.get("cnn5", "b76", 0) is None
     store.put("cnn5", "b76", 0, {"test": {"accuracy": 0.5}, "seed": 0})
     assert store.get("cnn5", "b76", 0)["test"]["accuracy"] == 0.5
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob(".*.tmp*"))
     (store.cell_dir("cnn5", "b76", 0) / "record.json").write_text('{"split": 0, "te')
     assert store.get("cnn5", "b76", 0) is None
     with pytest.raises(ConfigError, match="'ablation' experiment, not 'fusion'"):

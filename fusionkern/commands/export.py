@@ -9,7 +9,6 @@ check leaves nothing at ``--out``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fusionkern.errors import ConfigError
+from fusionkern.files import sha256_file
 
 NAME = "export"
 HELP = "Export a checkpoint to ONNX or a TensorRT engine, verified against the reference model (parity)."
@@ -64,14 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the random parity sites")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tool_versions(*packages: str) -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("fusionkern", "torch", "onnx", "onnxscript", "onnxruntime", *packages):
@@ -107,7 +99,7 @@ def _sidecar(args, fmt: str, precision: str, ckpt: Path, model, artefact: Path, 
         "artefact": {
             "path": artefact.name,
             "format": fmt,
-            "sha256": _sha256(artefact),
+            "sha256": sha256_file(artefact),
             "bytes": artefact.stat().st_size,
         },
         "model": {
@@ -115,7 +107,7 @@ def _sidecar(args, fmt: str, precision: str, ckpt: Path, model, artefact: Path, 
             "config": model.config,
             "preset": model.config.get("preset"),
             "checkpoint": str(ckpt),
-            "checkpoint_sha256": _sha256(ckpt),
+            "checkpoint_sha256": sha256_file(ckpt),
         },
         "input": {
             "name": input_name(model),

@@ -36,7 +36,8 @@ from fusionkern import BRANCHES, CLASSES
 from fusionkern.errors import CheckpointError, ConfigError
 from fusionkern.experiments.core import BAND_LABELS
 from fusionkern.experiments.report import CEMENT_COLOUR, LANDCOVER_COLOUR
-from fusionkern.experiments.resume import to_json, write_atomic
+from fusionkern.experiments.resume import to_json
+from fusionkern.files import write_text_atomic
 
 CAM_CLASSES = ("predicted", "true", "cement", "landcover")
 SITE_CHOICES = ("test", "all")
@@ -279,7 +280,7 @@ def run_explain(
                             labels=labels[picks], models=np.array([models[i].label for i in with_cam]))  # fmt: skip
         result["files"]["cam_npz"] = str(out / "cam.npz")
     result["files"].update(_figures(result, cams, overlays, out, log))
-    write_atomic(out / "explain.json", to_json(result))
+    write_text_atomic(out / "explain.json", to_json(result))
     result["files"]["json"] = str(out / "explain.json")
     return result
 

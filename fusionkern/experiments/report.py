@@ -31,7 +31,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from fusionkern.experiments.resume import to_json, write_atomic
+from fusionkern.experiments.resume import to_json
+from fusionkern.files import write_text_atomic
 
 METRIC_NAMES = {
     "accuracy": "Accuracy",
@@ -182,8 +183,8 @@ def write_report(
         files.update(write_figures(data, out, log=log))
     result["figures"] = data
     result["files"] = files
-    write_atomic(out / "table.md", markdown(result))
-    write_atomic(out / "results.json", to_json(result))
+    write_text_atomic(out / "table.md", markdown(result))
+    write_text_atomic(out / "results.json", to_json(result))
     return files
 
 

@@ -19,11 +19,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from fusionkern.errors import ConfigError
+from fusionkern.files import write_text_atomic
 
 MANIFEST = "experiment.json"
 CELLS_DIR = "cells"
@@ -32,23 +32,6 @@ FORMAT = "fusionkern-experiment"
 VERSION = 1
 
 _SAFE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def to_json(value: Any) -> str:
@@ -110,7 +93,7 @@ class CellStore:
                 "continue it, --overwrite to start over, or choose another --out"
             )
         self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(manifest, to_json({"format": FORMAT, "version": VERSION, "experiment": experiment,
+        write_text_atomic(manifest, to_json({"format": FORMAT, "version": VERSION, "experiment": experiment,
                                         "fingerprint": self.fingerprint}))  # fmt: skip
 
     @staticmethod
@@ -163,7 +146,7 @@ class CellStore:
     def put(self, row: str, column: str, split: int, record: Mapping[str, Any]) -> dict:
         """Record a finished cell atomically; returns the record as stored."""
         record = dict(record, row=row, column=column, split=int(split))
-        write_atomic(self.cell_dir(row, column, split) / RECORD, to_json(record))
+        write_text_atomic(self.cell_dir(row, column, split) / RECORD, to_json(record))
         return json.loads(to_json(record))
 
     def _record_paths(self) -> Iterator[Path]:
@@ -176,4 +159,4 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-__all__ = ["CellStore", "write_atomic", "to_json"]
+__all__ = ["CellStore", "to_json"]

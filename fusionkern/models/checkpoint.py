@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torch import nn
 
 from fusionkern import BRANCHES
 from fusionkern.errors import CheckpointError
+from fusionkern.files import atomic_output
 from fusionkern.models.networks import MODEL_CLASSES, FusionNet
 
 FORMAT = "fusionkern-checkpoint"
@@ -88,17 +88,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
 
 def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: a reader never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

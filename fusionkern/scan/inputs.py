@@ -8,7 +8,6 @@ raster may also be any GDAL path (``/vsicurl/https://...``, ``/vsis3/...``, ``s3
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +17,8 @@ from fusionkern import landsat
 from fusionkern.data import chips as _chips
 from fusionkern.data.chips import INPUT_BANDS, N_DATES, inputs_from_manifest, inputs_from_scenes
 from fusionkern.errors import ConfigError
+from fusionkern.files import sha256_file
 from fusionkern.readers import is_gdal_path
-
-_HASH_CHUNK = 1 << 22
-
 
 @dataclass(frozen=True)
 class BandRaster:
@@ -170,15 +167,6 @@ def file_identity(path: str) -> dict[str, Any]:
             "transform": list(src.transform)[:6], "crs": src.crs.to_string() if src.crs else None,
         }  # fmt: skip
     return {"path": str(path), "remote": True, "header": header}
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a local file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def describe_inputs(inputs: ScanInputs, checksums: bool = True) -> dict[str, Any]:

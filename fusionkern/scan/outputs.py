@@ -15,19 +15,17 @@ Every file is written under a temporary name in the output folder and renamed wh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import struct
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from fusionkern.errors import MissingDependencyError
+from fusionkern.files import atomic_output
 from fusionkern.scan.grid import ChipLayout, ScanGrid
 
 SCORES = "scores.tif"
@@ -39,19 +37,6 @@ FINAL_OUTPUTS = (SCORES, GEOJSON, PARQUET, QUICKLOOK, SCAN_JSON)
 """Every final output, in the order they are written (``scan.json`` last: its presence marks a finished scan)."""
 
 _COORD_DIGITS = 7  # about 1 cm in latitude
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``; renamed to ``path`` when the block succeeds, removed when it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_json(path: Path, payload: Any) -> None:

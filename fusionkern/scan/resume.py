@@ -9,35 +9,20 @@ scan must have the same parameters; it then skips the recorded tiles and its out
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from fusionkern.errors import ConfigError
+from fusionkern.files import write_bytes_atomic
 from fusionkern.scan.tiles import Tile
 
 TILES_DIR = ".tiles"
 PARAMS = "params.json"
 FORMAT = "fusionkern-scan-tiles"
 VERSION = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``path``, then renames it to ``path``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _differences(old: Any, new: Any, where: str = "") -> Iterator[str]:
@@ -76,7 +61,7 @@ class TileStore:
         self.clear()
         self.folder.mkdir(parents=True)
         payload = {"format": FORMAT, "version": VERSION, "params": self.params}
-        atomic_write_bytes(self.folder / PARAMS, (json.dumps(payload, indent=1) + "\n").encode())
+        write_bytes_atomic(self.folder / PARAMS, (json.dumps(payload, indent=1) + "\n").encode())
 
     def _check_params(self) -> None:
         try:
@@ -108,7 +93,7 @@ class TileStore:
 
         buffer = io.BytesIO()
         np.savez(buffer, scores=scores, reasons=reasons, shape=np.array([tile.rows, tile.cols]))
-        atomic_write_bytes(self.path(tile), buffer.getvalue())
+        write_bytes_atomic(self.path(tile), buffer.getvalue())
 
     def load(self, tile: Tile) -> tuple[np.ndarray, np.ndarray] | None:
         """A tile's recorded scores and reasons, or None when it has no complete record."""

@@ -31,7 +31,8 @@ from fusionkern.scan.grid import (
     make_grid,
     on_grid,
 )
-from fusionkern.scan.inputs import ScanInputs, describe_inputs, file_identity, load_inputs, sha256_file
+from fusionkern.files import sha256_file
+from fusionkern.scan.inputs import ScanInputs, describe_inputs, file_identity, load_inputs
 from fusionkern.scan.resume import TILES_DIR, TileStore
 from fusionkern.scan.tiles import NODATA, REASONS, SCORED, Tile, TileResult, plan_tiles, tile_chips_for
 
