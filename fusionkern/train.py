@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from fusionkern import BRANCHES, CLASSES
+from fusionkern.devices import resolve_device  # noqa: F401  (re-exported: the trainer's callers import it here)
 from fusionkern.errors import ConfigError, FusionkernError
 from fusionkern.files import write_text_atomic
 from fusionkern.metrics import SUMMARY_KEYS, classification_metrics, summarise

@@ -401,7 +401,7 @@ def run_baselines(
         MissingDependencyError: torchvision is not installed and no ``factory`` is given.
     """
     from fusionkern.experiments.report import write_report
-    from fusionkern.train import resolve_device
+    from fusionkern.devices import resolve_device
 
     if factory is None:
         _import_torchvision_models()  # the one-line "needs torchvision" before any data is read

@@ -205,7 +205,7 @@ def run_explain(
         What ``explain.json`` holds.
     """
     from fusionkern.data import SiteDataset, load_sites
-    from fusionkern.train import resolve_device
+    from fusionkern.devices import resolve_device
 
     if not checkpoints:
         raise ConfigError("explain needs at least one checkpoint")

@@ -183,7 +183,7 @@ def _check_overlap(inputs: ScanInputs, grid: ScanGrid) -> None:
 
 
 def _resolve_device(name: str, backend: str) -> Any:
-    from fusionkern.train import resolve_device
+    from fusionkern.devices import resolve_device
 
     if backend in ("onnxruntime",):
         return resolve_device("cpu")
