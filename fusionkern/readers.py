@@ -1,4 +1,5 @@
-"""Where rasters enter fusionkern: Landsat file discovery, windowed reads with nodata as NaN, DN calibration.
+"""Where rasters enter fusionkern: Landsat file discovery, windowed reads with nodata as NaN, DN calibration, and
+what to read (three scene folders or a manifest), shared by ``fusionkern chips`` and ``fusionkern scan``.
 
 Every failure to find or read a file (missing, truncated, not a raster, a band that is not there) becomes an
 :class:`~fusionkern.errors.InputError` that names the file, never a bare GDAL traceback. rasterio is imported only
@@ -10,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -376,21 +378,27 @@ def read_scene_band(
     Args:
         scene_dir: Scene folder (see :func:`find_band_file` for the names recognised).
         band: Band number or name.
-        calibrate: Convert DN with :func:`calibrate_band` (MTL constants, or Level-2 scalings). Without an MTL a
-            Level-1 band is returned as stored.
+        calibrate: Convert DN with :func:`calibrate_band` (MTL constants, or Level-2 scalings). A Level-1 band
+            without an MTL in its folder is an error, never DN passed off as calibrated values.
         window: Part to read (None: everything).
 
     Returns:
         ``(array, profile)`` as :func:`read_raster`, float32 with NaN at nodata.
 
     Raises:
-        InputError: The band, the raster or the MTL cannot be found or read.
+        InputError: The band, the raster or the MTL cannot be found or read, or (``calibrate``) a Level-1 band
+            has no MTL.
     """
     path = find_band_file(scene_dir, band)
+    mtl = find_mtl(scene_dir) if calibrate else None
+    if calibrate and mtl is None and calibration_of(path, None) == "stored":
+        raise InputError(
+            f"scene folder {scene_dir} has no *_MTL.txt to convert the DN of {path.name}; add the scene's MTL "
+            "file, or read it with calibrate=False"
+        )
     values, profile = read_raster(path, window=window)
     if not calibrate:
         return values, profile
-    mtl = find_mtl(scene_dir)
     return calibrate_band(values, path, band, landsat.read_mtl(mtl) if mtl else None), profile
 
 
@@ -410,3 +418,269 @@ def qa_invalid_mask(qa: np.ndarray, path: str | Path) -> np.ndarray:
     if _C1_QA_RE.search(Path(path).name):
         return landsat.cloud_mask_c1_bqa(qa)
     return landsat.cloud_mask_c2_qa_pixel(qa)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What to read: scene folders and manifests (shared by ``fusionkern chips`` and ``fusionkern scan``)
+# --------------------------------------------------------------------------------------------------------------
+
+INPUT_BANDS = {"b10": 10, "b11": 11, "b7": 7, "b6": 6}
+"""Branches read from rasters and their Landsat-8 band; ``b76`` is computed from b7 and b6."""
+
+N_DATES = 3
+"""Dates per branch: one image channel each."""
+
+MANIFEST_KEYS = (*INPUT_BANDS, "mtl", "qa", "dates")
+
+# A Landsat-8/9 product name (Collection 1/2 ``LC08_...``, pre-collection ``LC8...``): such a file holds DN unless
+# it is a Level-2 ``_SR_`` / ``_ST_`` band.
+_PRODUCT_RE = re.compile(r"^L[COT]0?[89]", re.IGNORECASE)
+
+CALIBRATIONS = {
+    "mtl": "Level-1 DN to TOA reflectance and brightness temperature (K) with the MTL constants",
+    "level2": "Collection 2 Level-2 scaling (surface reflectance, surface temperature in K)",
+    "stored": "values as stored",
+}
+"""How the values of one raster become physical units (recorded per date in ``scan.json``)."""
+
+
+@dataclass(frozen=True)
+class BandInput:
+    """One date of one input band.
+
+    Attributes:
+        path: The raster file.
+        band: Landsat-8 band number (10, 11, 7 or 6).
+        mtl: MTL metadata file for calibrating Level-1 DN, if any.
+        label: Description of the date (acquisition date, or the file name).
+    """
+
+    path: Path | str  # a local file, or a GDAL path (/vsicurl/..., s3://...) where the manifest allows them
+    band: int
+    mtl: Path | None = None
+    label: str = ""
+
+
+@dataclass
+class ChipInputs:
+    """The rasters of three dates, per band: what ``chips`` cuts and ``scan`` reads.
+
+    Attributes:
+        bands: ``b10|b11|b7|b6`` -> three :class:`BandInput`, in date order.
+        qa: Per date, a QA band (Collection 1 BQA or Collection 2 QA_PIXEL) or None.
+    """
+
+    bands: dict[str, list[BandInput]]
+    qa: list[Path | None] = field(default_factory=lambda: [None] * N_DATES)
+
+
+def calibration_of(path: str | Path, mtl: Any, calibrate: bool = True) -> str:
+    """How the values of one band file become physical units: a key of :data:`CALIBRATIONS`.
+
+    Args:
+        path: The band file (its name tells the product).
+        mtl: Its MTL file (or parsed metadata), or None.
+        calibrate: False: values are used as stored.
+    """
+    name = Path(str(path)).name
+    if not calibrate:
+        return "stored"
+    if _SR_RE.search(name) or _ST_RE.search(name):
+        return "level2"
+    return "mtl" if mtl else "stored"
+
+
+def _is_level1(path: str | Path) -> bool:
+    """Whether a file name is a Landsat Level-1 band (DN), by its product name."""
+    name = Path(str(path)).name
+    return bool(_PRODUCT_RE.match(name)) and not (_SR_RE.search(name) or _ST_RE.search(name))
+
+
+def describe_calibration(bands: Mapping[str, Sequence[Any]], calibrate: bool = True) -> list[dict[str, Any]]:
+    """Per date, how each band is calibrated (for ``scan.json`` and the chips report).
+
+    Args:
+        bands: ``b10|b11|b7|b6`` -> three entries with ``path``, ``mtl`` and ``label`` attributes.
+        calibrate: Whether DN are converted at all.
+
+    Returns:
+        One dict per date: ``date``, ``mtl`` (the file or None) and ``bands`` (branch -> a key of
+        :data:`CALIBRATIONS`).
+    """
+    dates = []
+    for date in range(N_DATES):
+        entries = {branch: rasters[date] for branch, rasters in bands.items()}
+        first = next(iter(entries.values()))
+        mtl = first.mtl if calibrate else None
+        dates.append({
+            "date": first.label,
+            "mtl": str(mtl) if mtl else None,
+            "bands": {branch: calibration_of(e.path, e.mtl, calibrate) for branch, e in entries.items()},
+        })  # fmt: skip
+    return dates
+
+
+def check_calibration(inputs: ChipInputs, calibrate: bool, source: str) -> None:
+    """Refuses inputs whose DN would silently stay DN, or whose dates would mix calibrated and stored values.
+
+    Args:
+        inputs: The rasters found.
+        calibrate: Whether DN are to be converted (False: ``--no-calibrate``, nothing to check).
+        source: What the inputs came from, for the message (e.g. ``manifest inputs.yaml``).
+
+    Raises:
+        InputError: A Level-1 band without MTL metadata, or some dates calibrated with an MTL and others not.
+    """
+    if not calibrate:
+        return
+    hint = "or pass --no-calibrate to use the values as stored"
+    for rasters in inputs.bands.values():
+        for date, band in enumerate(rasters, start=1):
+            if band.mtl is None and _is_level1(band.path):
+                raise InputError(
+                    f"{band.path} (band {band.band}, date {date}) is a Landsat Level-1 file holding DN, and the "
+                    f"{source} gives no MTL to convert it to kelvin or reflectance: list the MTL files under 'mtl', "
+                    f"{hint}"
+                )
+    methods = [set(m["bands"].values()) for m in describe_calibration(inputs.bands, calibrate)]
+    converted = [d for d, m in enumerate(methods, start=1) if m & {"mtl", "level2"}]
+    stored = [d for d, m in enumerate(methods, start=1) if "stored" in m]
+    if converted and stored:
+        raise InputError(
+            f"the {source} gives MTL metadata (or Level-2 files) for date(s) {', '.join(map(str, converted))} but "
+            f"not for {', '.join(map(str, stored))}: the dates would mix calibrated and raw values; give every date "
+            f"its MTL, {hint}"
+        )
+
+
+def inputs_from_scenes(scene_dirs: Sequence[str | Path], calibrate: bool = True) -> ChipInputs:
+    """Finds the input bands, MTL and QA files in three Landsat scene folders, one per date.
+
+    Args:
+        scene_dirs: Three scene folders, in date order.
+        calibrate: DN will be converted: every folder of Level-1 bands must hold its ``*_MTL.txt``.
+
+    Returns:
+        The inputs; date labels are the MTL's ``DATE_ACQUIRED`` (or the folder names).
+
+    Raises:
+        InputError: Not three folders, a band missing or ambiguous in one of them, an unreadable MTL, or (with
+            ``calibrate``) a folder of Level-1 bands without an MTL.
+    """
+    if len(scene_dirs) != N_DATES:
+        raise InputError(f"expected {N_DATES} scene folders (one per date), got {len(scene_dirs)}")
+    bands: dict[str, list[BandInput]] = {branch: [] for branch in INPUT_BANDS}
+    qa: list[Path | None] = []
+    for scene in map(Path, scene_dirs):
+        mtl = find_mtl(scene)
+        label = str(landsat.read_mtl(mtl).get("DATE_ACQUIRED", scene.name)) if mtl else scene.name
+        files = {branch: find_band_file(scene, number) for branch, number in INPUT_BANDS.items()}
+        level1 = [f for f in files.values() if not (_SR_RE.search(f.name) or _ST_RE.search(f.name))]
+        if calibrate and mtl is None and level1:
+            raise InputError(
+                f"scene folder {scene} has no *_MTL.txt: its Level-1 band files ({level1[0].name}, ...) hold DN "
+                "that need the MTL constants to become kelvin and reflectance; add the scene's MTL file, or pass "
+                "--no-calibrate to use the values as stored"
+            )
+        for branch, number in INPUT_BANDS.items():
+            bands[branch].append(BandInput(files[branch], number, mtl, label))
+        qa.append(find_qa_file(scene))
+    return ChipInputs(bands, qa)
+
+
+def inputs_from_manifest(path: str | Path, allow_gdal: bool = False, calibrate: bool = True) -> ChipInputs:
+    """Reads a YAML manifest listing three rasters per band, in date order.
+
+    Example::
+
+        b10: [d1_b10.tif, d2_b10.tif, d3_b10.tif]
+        b11: [...]
+        b7: [...]
+        b6: [...]
+        mtl: [d1_MTL.txt, d2_MTL.txt, d3_MTL.txt]   # calibrate Level-1 DN (required for Landsat Level-1 files)
+        qa: [d1_BQA.TIF, null, null]                # optional: cloud masks
+        dates: ["2018-01", "2017-01", "2017-04"]    # optional: band descriptions
+
+    Relative paths are relative to the manifest's folder. Without ``dates`` the band descriptions are the
+    input file names. Without ``mtl`` the rasters are taken to hold physical values already (kelvin and
+    reflectance), except files named as Landsat Level-1 products, which are refused.
+
+    Args:
+        path: The manifest.
+        allow_gdal: Accept GDAL paths (``/vsicurl/...``, ``s3://...``) for the rasters and QA bands; they are
+            kept as strings and not checked for existence here (GDAL reports them when opened).
+        calibrate: DN will be converted (see :func:`check_calibration`).
+
+    Returns:
+        The inputs.
+
+    Raises:
+        InputError: Missing manifest, unknown key, a band without three entries, a file that does not exist, or
+            (with ``calibrate``) Level-1 files without MTL or dates that would mix calibrated and raw values.
+    """
+    path = Path(path)
+    manifest = _load_yaml(path)
+    unknown = sorted(set(manifest) - set(MANIFEST_KEYS))
+    if unknown:
+        raise InputError(f"manifest {path}: unknown key(s) {', '.join(map(str, unknown))}; "
+                         f"allowed: {', '.join(MANIFEST_KEYS)}")  # fmt: skip
+    mtls = _manifest_paths(manifest, "mtl", path, required=False)
+    if calibrate:
+        for mtl in mtls:
+            if mtl is not None:
+                landsat.read_mtl(mtl)  # a malformed MTL fails here, naming the file, before any raster is read
+    dates = _manifest_list(manifest, "dates", path, required=False)
+    bands = {}
+    for branch, number in INPUT_BANDS.items():
+        files = _manifest_paths(manifest, branch, path, required=True, allow_gdal=allow_gdal)
+        bands[branch] = [
+            BandInput(file, number, mtl, str(date) if date is not None else Path(file).name)
+            for file, mtl, date in zip(files, mtls, dates)
+        ]
+    inputs = ChipInputs(bands, _manifest_paths(manifest, "qa", path, required=False, allow_gdal=allow_gdal))
+    check_calibration(inputs, calibrate, f"manifest {path}")
+    return inputs
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError as exc:  # pragma: no cover - pyyaml is a core dependency
+        raise MissingDependencyError("pyyaml", "geo", "Reading a manifest") from exc
+    if not path.is_file():
+        raise InputError(f"manifest not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"manifest {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"manifest {path} must map b10, b11, b7, b6 to lists of {N_DATES} rasters")
+    return data
+
+
+def _manifest_list(manifest: dict[str, Any], key: str, path: Path, required: bool) -> list[Any]:
+    value = manifest.get(key)
+    if value is None and not required:
+        return [None] * N_DATES
+    if not isinstance(value, list) or len(value) != N_DATES:
+        raise InputError(f"manifest {path}: '{key}' must be a list of {N_DATES} entries, one per date")
+    return value
+
+
+def _manifest_paths(
+    manifest: dict[str, Any], key: str, path: Path, required: bool, allow_gdal: bool = False
+) -> list[Path | str | None]:
+    paths: list[Path | str | None] = []
+    for entry in _manifest_list(manifest, key, path, required):
+        if entry is None and not required:
+            paths.append(None)
+            continue
+        if allow_gdal and is_gdal_path(str(entry).strip()):
+            paths.append(str(entry).strip())
+            continue
+        file = Path(str(entry)).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        if not file.is_file():
+            raise InputError(f"manifest {path}: '{key}' file not found: {file}")
+        paths.append(file)
+    return paths

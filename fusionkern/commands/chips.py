@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-calibrate", dest="calibrate", action="store_false",
-        help="keep raster values as stored instead of converting DN with the MTL",
+        help="keep raster values as stored instead of converting DN with the MTL (needed for Level-1 bands without MTL)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
 
@@ -72,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
         calibrate=args.calibrate,
     )
     options.validate()
-    inputs = inputs_from_scenes(args.scenes) if args.scenes else inputs_from_manifest(args.manifest)
+    if args.scenes:
+        inputs = inputs_from_scenes(args.scenes, calibrate=args.calibrate)
+    else:
+        inputs = inputs_from_manifest(args.manifest, calibrate=args.calibrate)
     plants = read_plants(args.plants)
     report = write_chip_dataset(inputs, plants, args.out, options, overwrite=args.overwrite)
     for line in report.lines():

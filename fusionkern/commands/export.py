@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fusionkern.errors import ConfigError
-from fusionkern.files import sha256_file
+from fusionkern.files import check_writable, sha256_file
 
 NAME = "export"
 HELP = "Export a checkpoint to ONNX or a TensorRT engine, verified against the reference model (parity)."
@@ -82,6 +82,12 @@ def _check_out(out: Path, fmt: str) -> None:
         raise ConfigError(f"--out {out} must end in {' or '.join(want)} for --format {fmt}")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the artefact's file name")
+    check_writable(out, "--out")
+
+
+def _stage(text: str) -> None:
+    """One line per stage, at once: an export of the paper preset takes minutes, and should not look stuck."""
+    print(f"export: {text}", flush=True)
 
 
 def _sidecar(args, fmt: str, precision: str, ckpt: Path, model, artefact: Path, report, extra: dict) -> dict[str, Any]:
@@ -114,6 +120,7 @@ def _sidecar(args, fmt: str, precision: str, ckpt: Path, model, artefact: Path, 
             "shape": shape,
             "dtype": "float32",
             "chip_px": data.get("chip_px"),
+            "resolution_m": data.get("resolution_m"),
             "input_size": size,
             "scaling": data.get("scaling"),
             "branches": list(BRANCHES) if fusion else [data.get("branch") or "b76"],
@@ -153,11 +160,13 @@ def run(args: argparse.Namespace) -> int:
     from fusionkern.models.checkpoint import load_checkpoint
 
     ckpt = Path(args.checkpoint)
+    _stage(f"loading {ckpt}")
     model = load_checkpoint(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".fusionkern-export-", dir=out.parent))
     try:
         extra: dict[str, Any] = {}
+        _stage(f"exporting to ONNX (opset {args.opset}, {precision}, checked with onnx.checker)")
         if fmt == "onnx":
             artefact = to_onnx(model, work / out.name, opset=args.opset, precision=precision, max_batch=max_batch)
         else:
@@ -168,9 +177,12 @@ def run(args: argparse.Namespace) -> int:
             onnx_precision = precision if tensorrt_major(trt) >= 11 else "fp32"
             onnx_path = to_onnx(model, work / (out.stem + ".onnx"), opset=args.opset, precision=onnx_precision,
                                 max_batch=max_batch)  # fmt: skip
+            _stage(f"building the TensorRT engine (batch up to {max_batch})")
             artefact = build_engine(onnx_path, work / out.name, precision=precision, max_batch=max_batch,
                                     opt_batch=args.opt_batch or max_batch)  # fmt: skip
             extra = {"engine": json.loads(engine_sidecar_path(artefact).read_text(encoding="utf-8"))["engine"]}
+        _stage(f"parity with the reference model on {args.parity_sites} random sites"
+               + ("" if real is False else " and the real Landsat-8 chips found"))
         report = check_parity(model, artefact, n_random=args.parity_sites, batch=parity_batch, real_chips=real,
                               seed=args.seed)  # fmt: skip
         print(report.table())

@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: The subcommand's parser.
     """
-    parser.add_argument("checkpoint", help="FusionNet checkpoint (.pt) written by fusionkern train")
+    parser.add_argument("checkpoint", help="FusionNet checkpoint (.pt) written by fusionkern train, or what fusionkern "
+                        "export wrote from one: an .onnx (--backend onnxruntime) or an engine (--backend tensorrt), "
+                        "with its sidecar <file>.json")  # fmt: skip
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--scenes", nargs=3, metavar=("D1", "D2", "D3"),
@@ -81,11 +83,13 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 on success (input errors raise :class:`fusionkern.errors.FusionkernError`).
     """
+    from fusionkern.files import output_errors
     from fusionkern.scan import ScanOptions, run_scan
 
     fields = ScanOptions.__dataclass_fields__
     options = ScanOptions(**{k: v for k, v in vars(args).items() if k in fields})
-    result = run_scan(options, log=print)
+    with output_errors(options.out):  # a full disk or a folder turned read-only: one line naming --out
+        result = run_scan(options, log=print)
     for line in result.lines():
         print(line)
     return 0

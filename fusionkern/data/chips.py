@@ -37,22 +37,21 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from fusionkern import BRANCHES, CLASSES, landsat
-from fusionkern.errors import ConfigError, InputError, MissingDependencyError
-from fusionkern.readers import (
+from fusionkern.data.splits import MIN_PER_CLASS
+from fusionkern.errors import ConfigError, InputError
+from fusionkern.files import check_writable, default_dir_mode, output_errors
+from fusionkern.readers import (  # discovery lives with the readers; re-exported for existing callers
+    INPUT_BANDS,
+    N_DATES,
+    BandInput,
+    ChipInputs,
     RasterSource,
     calibrate_band,
-    find_band_file,
-    find_mtl,
-    find_qa_file,
-    is_gdal_path,
+    describe_calibration,
+    inputs_from_manifest,
+    inputs_from_scenes,
     qa_invalid_mask,
 )
-
-INPUT_BANDS = {"b10": 10, "b11": 11, "b7": 7, "b6": 6}
-"""Branches read from rasters and their Landsat-8 band; ``b76`` is computed from b7 and b6."""
-
-N_DATES = 3
-"""Dates per branch: one image channel each."""
 
 SITES_CSV = "sites.csv"
 SITES_COLUMNS = ("site", "label", "lon", "lat")
@@ -60,7 +59,6 @@ SITES_COLUMNS = ("site", "label", "lon", "lat")
 _LON_COLUMNS = ("lon", "longitude", "lng", "long", "x")
 _LAT_COLUMNS = ("lat", "latitude", "y")
 _NAME_COLUMNS = ("name", "plant", "plant_name", "site")
-_MANIFEST_KEYS = (*INPUT_BANDS, "mtl", "qa", "dates")
 _GRID_TOLERANCE_PX = 1e-3
 _OFF_GRID = -1e9
 
@@ -77,36 +75,6 @@ class Plant:
     name: str
     lon: float
     lat: float
-
-
-@dataclass(frozen=True)
-class BandInput:
-    """One date of one input band.
-
-    Attributes:
-        path: The raster file.
-        band: Landsat-8 band number (10, 11, 7 or 6).
-        mtl: MTL metadata file for calibrating Level-1 DN, if any.
-        label: Description of the date (acquisition date, or the file name).
-    """
-
-    path: Path | str  # a local file, or a GDAL path (/vsicurl/..., s3://...) where the manifest allows them
-    band: int
-    mtl: Path | None = None
-    label: str = ""
-
-
-@dataclass
-class ChipInputs:
-    """The rasters a training set is cut from.
-
-    Attributes:
-        bands: ``b10|b11|b7|b6`` -> three :class:`BandInput`, in date order.
-        qa: Per date, a QA band (Collection 1 BQA or Collection 2 QA_PIXEL) or None.
-    """
-
-    bands: dict[str, list[BandInput]]
-    qa: list[Path | None] = field(default_factory=lambda: [None] * N_DATES)
 
 
 @dataclass(frozen=True)
@@ -233,120 +201,6 @@ def _coordinate(value: Any, axis: str, limit: float, where: str) -> float:
     if not -limit <= number <= limit:
         raise InputError(f"{where}: {axis} {value!r} is not a WGS84 coordinate within +-{limit:g} degrees")
     return number
-
-
-def inputs_from_scenes(scene_dirs: Sequence[str | Path]) -> ChipInputs:
-    """Finds the input bands, MTL and QA files in three Landsat scene folders, one per date.
-
-    Args:
-        scene_dirs: Three scene folders, in date order.
-
-    Returns:
-        The chip inputs; date labels are the MTL's ``DATE_ACQUIRED`` (or the folder names).
-
-    Raises:
-        InputError: Not three folders, or a band missing or ambiguous in one of them.
-    """
-    if len(scene_dirs) != N_DATES:
-        raise InputError(f"expected {N_DATES} scene folders (one per date), got {len(scene_dirs)}")
-    bands: dict[str, list[BandInput]] = {branch: [] for branch in INPUT_BANDS}
-    qa: list[Path | None] = []
-    for scene in map(Path, scene_dirs):
-        mtl = find_mtl(scene)
-        label = str(landsat.read_mtl(mtl).get("DATE_ACQUIRED", scene.name)) if mtl else scene.name
-        for branch, number in INPUT_BANDS.items():
-            bands[branch].append(BandInput(find_band_file(scene, number), number, mtl, label))
-        qa.append(find_qa_file(scene))
-    return ChipInputs(bands, qa)
-
-
-def inputs_from_manifest(path: str | Path, allow_gdal: bool = False) -> ChipInputs:
-    """Reads a YAML manifest listing three rasters per band, in date order.
-
-    Example::
-
-        b10: [d1_b10.tif, d2_b10.tif, d3_b10.tif]
-        b11: [...]
-        b7: [...]
-        b6: [...]
-        mtl: [d1_MTL.txt, d2_MTL.txt, d3_MTL.txt]   # optional: calibrate Level-1 DN
-        qa: [d1_BQA.TIF, null, null]                # optional: cloud masks
-        dates: ["2018-01", "2017-01", "2017-04"]    # optional: band descriptions
-
-    Relative paths are relative to the manifest's folder. Without ``dates`` the band descriptions are the
-    input file names.
-
-    Args:
-        path: The manifest.
-        allow_gdal: Accept GDAL paths (``/vsicurl/...``, ``s3://...``) for the rasters and QA bands; they are
-            kept as strings and not checked for existence here (GDAL reports them when opened).
-
-    Returns:
-        The chip inputs.
-
-    Raises:
-        InputError: Missing manifest, unknown key, a band without three entries, or a file that does not exist.
-    """
-    path = Path(path)
-    manifest = _load_yaml(path)
-    unknown = sorted(set(manifest) - set(_MANIFEST_KEYS))
-    if unknown:
-        raise InputError(f"manifest {path}: unknown key(s) {', '.join(map(str, unknown))}; "
-                         f"allowed: {', '.join(_MANIFEST_KEYS)}")
-    mtls = _manifest_paths(manifest, "mtl", path, required=False)
-    dates = _manifest_list(manifest, "dates", path, required=False)
-    bands = {}
-    for branch, number in INPUT_BANDS.items():
-        files = _manifest_paths(manifest, branch, path, required=True, allow_gdal=allow_gdal)
-        bands[branch] = [
-            BandInput(file, number, mtl, str(date) if date is not None else Path(file).name)
-            for file, mtl, date in zip(files, mtls, dates)
-        ]
-    return ChipInputs(bands, _manifest_paths(manifest, "qa", path, required=False, allow_gdal=allow_gdal))
-
-
-def _load_yaml(path: Path) -> dict[str, Any]:
-    try:
-        import yaml
-    except ImportError as exc:  # pragma: no cover - pyyaml is a core dependency
-        raise MissingDependencyError("pyyaml", "geo", "Reading a chips manifest") from exc
-    if not path.is_file():
-        raise InputError(f"manifest not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise InputError(f"manifest {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"manifest {path} must map b10, b11, b7, b6 to lists of {N_DATES} rasters")
-    return data
-
-
-def _manifest_list(manifest: dict[str, Any], key: str, path: Path, required: bool) -> list[Any]:
-    value = manifest.get(key)
-    if value is None and not required:
-        return [None] * N_DATES
-    if not isinstance(value, list) or len(value) != N_DATES:
-        raise InputError(f"manifest {path}: '{key}' must be a list of {N_DATES} entries, one per date")
-    return value
-
-
-def _manifest_paths(
-    manifest: dict[str, Any], key: str, path: Path, required: bool, allow_gdal: bool = False
-) -> list[Path | str | None]:
-    paths: list[Path | str | None] = []
-    for entry in _manifest_list(manifest, key, path, required):
-        if entry is None and not required:
-            paths.append(None)
-            continue
-        if allow_gdal and is_gdal_path(str(entry).strip()):
-            paths.append(str(entry).strip())
-            continue
-        file = Path(str(entry)).expanduser()
-        file = file if file.is_absolute() else path.parent / file
-        if not file.is_file():
-            raise InputError(f"manifest {path}: '{key}' file not found: {file}")
-        paths.append(file)
-    return paths
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -480,6 +334,8 @@ class ChipReport:
         skipped_sites: ``(site, name, reason)`` of each skipped site.
         chip_px: Chip (rows, cols) in pixels.
         out: The dataset folder.
+        calibration: Per date, how each band was calibrated (:func:`fusionkern.readers.describe_calibration`).
+        warnings: What the dataset lacks for ``fusionkern train`` and what to change.
     """
 
     plants: int = 0
@@ -490,6 +346,8 @@ class ChipReport:
     skipped_sites: list[tuple[str, str, str]] = field(default_factory=list)
     chip_px: tuple[int, int] = (0, 0)
     out: Path | None = None
+    calibration: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def skip(self, site: _Site, reason: str) -> None:
         self.skipped[site.label][reason] += 1
@@ -507,7 +365,17 @@ class ChipReport:
             if counts:
                 detail = ", ".join(f"{v} {k}" for k, v in counts.items())
                 lines.append(f"skipped {label}: {detail}")
+        if self.calibration:
+            lines.append("calibration: " + "; ".join(_calibration_line(date) for date in self.calibration))
+        lines.extend(f"warning: {text}" for text in self.warnings)
         return lines
+
+
+def _calibration_line(date: dict[str, Any]) -> str:
+    methods = sorted(set(date["bands"].values()))
+    said = {"mtl": f"DN converted with {Path(date['mtl']).name if date['mtl'] else 'the MTL'}",
+            "level2": "Level-2 scaling", "stored": "values as stored"}  # fmt: skip
+    return f"{date['date']}: " + ", ".join(said[m] for m in methods)
 
 
 def _plant_pixels(stack: _Stack, plants: Sequence[Plant]) -> np.ndarray:
@@ -600,11 +468,15 @@ def _write_site(stack: _Stack, site: _Site, chips: dict[str, np.ndarray], root: 
         "predictor": 3,
     }
     for branch, data in chips.items():
-        with rasterio.open(folder / f"{branch}.tif", "w", **profile) as dst:
-            dst.write(data)
-            for band, description in enumerate(stack.descriptions(branch), start=1):
-                dst.set_band_description(band, description)
-            dst.update_tags(site=site.site, label=site.label, plant=site.name, branch=branch)
+        # Encoded in memory, then written by Python: GDAL reports a write that fails on disk (a full disk) only as a
+        # log line and leaves a broken file, where Python's write raises.
+        with rasterio.MemoryFile() as memory:
+            with memory.open(**profile) as dst:
+                dst.write(data)
+                for band, description in enumerate(stack.descriptions(branch), start=1):
+                    dst.set_band_description(band, description)
+                dst.update_tags(site=site.site, label=site.label, plant=site.name, branch=branch)
+            (folder / f"{branch}.tif").write_bytes(memory.read())
 
 
 def _cut_site(stack: _Stack, site: _Site, options: ChipOptions) -> tuple[dict[str, np.ndarray] | None, str]:
@@ -632,13 +504,15 @@ def cut_chips(inputs: ChipInputs, plants: Sequence[Plant], root: str | Path, opt
         The counts of sites written and skipped.
 
     Raises:
-        InputError: Rasters that do not share a grid or cannot be read, or no cement chip at all.
+        InputError: Rasters that do not share a grid or cannot be read, or no cement chip at all, or no landcover
+            chip where some were asked for (the message says which ``--landcover-km`` would fit).
     """
     options.validate()
     root = Path(root)
     report = ChipReport(plants=len(plants), out=root)
     stack = _Stack(inputs, options)
     try:
+        _check_overlap(stack)
         report.chip_px = stack.size
         written = []
         for site in _plan_sites(stack, plants, options, report):
@@ -656,8 +530,44 @@ def cut_chips(inputs: ChipInputs, plants: Sequence[Plant], root: str | Path, opt
             "no cement chip could be cut: " + "; ".join(report.lines()[1:] or ["no plants"])
             + " (are the plants inside the rasters, with lon and lat in that order?)"
         )
+    if options.landcover_per_plant and not report.written["landcover"]:
+        raise InputError("no landcover chip could be cut (" + _landcover_advice(stack, plants, options, report) + ")")
+    for label in CLASSES:
+        if report.written[label] < MIN_PER_CLASS:
+            more = "--landcover-per-plant" if label == "landcover" else "plants"
+            report.warnings.append(
+                f"{report.written[label]} {label} site(s): fusionkern train needs at least {MIN_PER_CLASS} per class "
+                f"(one each for training, validation and test); add {more} before training"
+            )
+    report.calibration = describe_calibration(inputs.bands, options.calibrate)
     _write_sites_csv(root / SITES_CSV, written)
     return report
+
+
+def _check_overlap(stack: _Stack) -> None:
+    """Names a raster that shares no ground with the first date's b10 (every chip would be skipped as outside)."""
+    ref = stack.ref
+    for source in stack._all_sources():
+        d_row, d_col = stack.offsets[id(source)]  # the reference grid's origin, in the source's pixels
+        if not (d_row < source.height and d_row + ref.height > 0 and d_col < source.width and d_col + ref.width > 0):
+            raise InputError(f"{source.path} does not overlap {ref.path}: every date and band must cover the same "
+                             "ground")  # fmt: skip
+
+
+def _landcover_advice(stack: _Stack, plants: Sequence[Plant], options: ChipOptions, report: ChipReport) -> str:
+    """Why no landcover chip fitted, and which --landcover-km would (from the plants' room to the raster edges)."""
+    skipped = ", ".join(f"{n} {why}" for why, n in report.skipped["landcover"].items() if n) or "none drawn"
+    metres = stack.metres_per_unit * stack.ref.res[0]
+    height_km, width_km = (n * metres / 1000.0 for n in (stack.ref.height, stack.ref.width))
+    rows, cols = _plant_pixels(stack, plants).T
+    room_px = np.minimum.reduce([rows, cols, stack.ref.height - rows, stack.ref.width - cols])
+    chip_km = max(stack.size) * metres / 1000.0
+    fit_km = float(np.median(room_px)) * metres / 1000.0 - chip_km / 2.0
+    said = (f"skipped: {skipped}; the rasters span {width_km:.1f} x {height_km:.1f} km and landcover chips are "
+            f"drawn {options.landcover_km:g} km from each plant")  # fmt: skip
+    if fit_km >= 1.5 * chip_km:  # a chip's side and a half clears the plant's own chip at any bearing
+        return f"{said}: pass --landcover-km {math.floor(fit_km * 10) / 10:g} or less"
+    return f"{said}: there is no room for them around the plants; use larger rasters or a smaller --chip-m"
 
 
 def _write_sites_csv(path: Path, sites: Sequence[_Site]) -> None:
@@ -674,9 +584,11 @@ def _write_sites_csv(path: Path, sites: Sequence[_Site]) -> None:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuses to replace a file, a non-empty folder without ``overwrite``, or a folder that is not a dataset."""
+    """Refuses to replace a file, a non-empty folder without ``overwrite``, a folder that is not a dataset, a
+    read-only one, or one whose folder cannot take the new dataset."""
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder")
+    check_writable(out, "--out")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not entries:
         return
@@ -728,14 +640,16 @@ def write_chip_dataset(
     out = Path(out)
     options.validate()
     _check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        report = cut_chips(inputs, plants, partial, options)
-        _replace_folder(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with output_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            os.chmod(partial, default_dir_mode())  # mkdtemp's 0700 would otherwise become the dataset's mode
+            report = cut_chips(inputs, plants, partial, options)
+            _replace_folder(partial, out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     report.out = out
     return report
 

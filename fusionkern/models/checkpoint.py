@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -99,10 +101,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses anyway
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable fusionkern checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{path} is not a readable fusionkern checkpoint ({_load_failure(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fusionkern checkpoint (no '{FORMAT}' marker)")
     if payload.get("version", 0) > VERSION:
@@ -111,6 +114,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if cls not in MODEL_CLASSES:
         raise CheckpointError(f"{path} holds an unknown model class {cls!r}")
     return payload
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to retry with
+    ``weights_only=False``: that would run whatever code the file carries, and is never the fix here."""
+    text = str(exc).strip()
+    if "weights only load failed" not in text.lower():
+        return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    blocked = re.search(r"unsupported GLOBAL (\S+)", text)
+    if blocked:
+        return f"it holds a pickled {blocked.group(1)}, which is never loaded: only tensors and plain values are"
+    if "unsupported operand" in text.lower():
+        return "not a torch checkpoint, or one holding pickled objects other than tensors and plain values"
+    return "it holds pickled objects other than tensors and plain values, which are never loaded"
 
 
 def load_checkpoint(

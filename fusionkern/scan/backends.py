@@ -14,12 +14,16 @@ that the CPU only reads and cuts.
   :class:`fusionkern.export.EngineRunner`; needs TensorRT and a CUDA GPU.
 
 Exported artefacts are cached in a folder keyed by the checkpoint's SHA-256, so that a resumed scan (and the
-workers of a Ray scan on one machine) reuse them.
+workers of a Ray scan on one machine) reuse them. The scan also takes what ``fusionkern export`` wrote instead of a
+checkpoint: an ONNX file for ``onnxruntime``, an engine for ``tensorrt``, each with its sidecar ``<file>.json``
+(:func:`load_exported`), whose SHA-256 must match the file.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ from torch import nn
 
 from fusionkern import BRANCHES
 from fusionkern.errors import CheckpointError, ConfigError, MissingDependencyError
+from fusionkern.files import sha256_file
 from fusionkern.models import FusionNet, load_checkpoint
 from fusionkern.models.checkpoint import SCALING
 
@@ -37,21 +42,125 @@ CEMENT = 0
 """Class index of cement in the model's output (``fusionkern.CLASSES``)."""
 
 
-def load_scan_model(path: str | os.PathLike, preset: str | None = None) -> FusionNet:
-    """Loads a FusionNet checkpoint and checks that it takes what the scan cuts.
+EXPORT_FORMAT = "fusionkern-export"
+"""The ``format`` of the sidecar ``fusionkern export`` writes beside an ONNX file or engine."""
+
+EXPORTED_SUFFIXES = {".onnx": ("onnx", "onnxruntime"), ".engine": ("trt", "tensorrt"), ".plan": ("trt", "tensorrt"),
+                     ".trt": ("trt", "tensorrt")}  # fmt: skip
+"""File suffix of an exported artefact -> its sidecar's ``artefact.format`` and the backend that runs it."""
+
+
+@dataclass(frozen=True)
+class _Preset:
+    name: str
+
+
+@dataclass
+class ExportedModel:
+    """An artefact of ``fusionkern export`` (ONNX file or TensorRT engine), described by its checked sidecar.
+
+    It stands in for the FusionNet where the scan needs the model's description (chip size, preset, config).
+
+    Attributes:
+        path: The artefact.
+        format: ``onnx`` or ``trt``.
+        backend: The backend that runs it (``onnxruntime`` or ``tensorrt``).
+        sidecar: The sidecar's contents.
+        config: The exported model's constructor arguments.
+        input_size: The side of the images the artefact takes.
+        checkpoint: ``{"path", "data", "metadata"}``, as a loaded checkpoint has them.
+        model_class: The exported model's class name.
+    """
+
+    path: Path
+    format: str
+    backend: str
+    sidecar: dict[str, Any] = field(repr=False)
+    config: dict[str, Any] = field(default_factory=dict)
+    input_size: int = 0
+    checkpoint: dict[str, Any] = field(default_factory=dict, repr=False)
+    model_class: str = "FusionNet"
+
+    @property
+    def preset(self) -> _Preset:
+        """The exported model's preset (its ``name``)."""
+        return _Preset(str(self.config.get("preset")))
+
+
+def load_exported(path: str | os.PathLike, backend: str | None = None) -> ExportedModel:
+    """Reads an exported FusionNet and its sidecar ``<path>.json``, checking that they belong together.
 
     Args:
-        path: The checkpoint.
-        preset: The preset the scan expects (None: any).
+        path: An ``.onnx`` file, or a ``.engine`` / ``.plan`` / ``.trt`` TensorRT engine.
+        backend: The backend asked for (None: do not check).
 
     Returns:
-        The model, on the CPU, in eval mode, with ``model.checkpoint`` attached.
+        The artefact's description.
 
     Raises:
-        CheckpointError: Not a FusionNet checkpoint, another preset than ``preset``, or chips described
-            differently (other branches or scaling) from what the scan produces.
+        ConfigError: The artefact is not what ``backend`` runs.
+        CheckpointError: No sidecar, an unreadable or foreign one, a SHA-256 that does not match the file, or a
+            model that is not a FusionNet.
     """
-    model = load_checkpoint(path, expect=FusionNet)
+    path = Path(path)
+    fmt, runs_on = EXPORTED_SUFFIXES[path.suffix.lower()]
+    if backend is not None and backend != runs_on:
+        kind = "an exported ONNX model" if fmt == "onnx" else "a TensorRT engine"
+        raise ConfigError(f"{path} is {kind}: scan it with --backend {runs_on} (--backend {backend} takes a "
+                          "checkpoint .pt)")  # fmt: skip
+    if not path.is_file():
+        raise CheckpointError(f"exported model {path} does not exist")
+    sidecar_path = path.with_name(path.name + ".json")
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no sidecar {sidecar_path.name}: the scan takes an exported model only "
+                              "with the sidecar fusionkern export wrote beside it") from None  # fmt: skip
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"sidecar {sidecar_path} is not readable JSON ({exc})") from None
+    artefact = sidecar.get("artefact") if isinstance(sidecar, dict) else None
+    if not isinstance(artefact, dict) or sidecar.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{sidecar_path} is not a fusionkern export sidecar (no '{EXPORT_FORMAT}' format)")
+    if artefact.get("format") != fmt:
+        raise CheckpointError(f"{sidecar_path} describes a {artefact.get('format')!r} artefact, {path} is {fmt!r}")
+    if artefact.get("sha256") != sha256_file(path):
+        raise CheckpointError(f"{path} does not match its sidecar {sidecar_path.name} (SHA-256 differs): the file "
+                              "was changed or replaced after export; export it again")  # fmt: skip
+    model, spec = sidecar.get("model") or {}, sidecar.get("input") or {}
+    if model.get("class") != "FusionNet":
+        raise CheckpointError(f"{path} holds an exported {model.get('class')}, expected a FusionNet")
+    data = {
+        "chip_px": spec.get("chip_px"), "input_size": spec.get("input_size"), "scaling": spec.get("scaling"),
+        "branches": spec.get("branches"), "resolution_m": spec.get("resolution_m", 30.0),
+    }  # fmt: skip
+    checkpoint = {"path": str(path), "data": data, "metadata": {"sidecar": sidecar_path.name}}
+    config = dict(model.get("config") or {})
+    return ExportedModel(path, fmt, runs_on, sidecar, config, int(spec.get("input_size") or 0), checkpoint)
+
+
+def load_scan_model(
+    path: str | os.PathLike, preset: str | None = None, backend: str | None = None
+) -> FusionNet | ExportedModel:
+    """Loads a FusionNet checkpoint, or an exported one with its sidecar, and checks that it takes what the scan
+    cuts.
+
+    Args:
+        path: The checkpoint (``.pt``), or an ``.onnx`` file or TensorRT engine written by ``fusionkern export``.
+        preset: The preset the scan expects (None: any).
+        backend: The backend that will run it (None: do not check); an exported model runs only on its own.
+
+    Returns:
+        The model, on the CPU, in eval mode, with ``model.checkpoint`` attached; or an :class:`ExportedModel`.
+
+    Raises:
+        ConfigError: An exported model given for another backend.
+        CheckpointError: Not a FusionNet checkpoint (or an export whose sidecar does not match), another preset
+            than ``preset``, or chips described differently (other branches or scaling) from what the scan produces.
+    """
+    if Path(path).suffix.lower() in EXPORTED_SUFFIXES:
+        model: Any = load_exported(path, backend)
+    else:
+        model = load_checkpoint(path, expect=FusionNet)
     data = model.checkpoint["data"]
     if preset is not None and model.preset.name != preset:
         raise CheckpointError(f"{path} holds a FusionNet of the '{model.preset.name}' preset, not '{preset}'")
@@ -166,16 +275,16 @@ class OnnxPredictor:
     """The exported model run by onnxruntime.
 
     Args:
-        model: A FusionNet (exported on first use into ``cache_dir``).
+        model: A FusionNet (exported on first use into ``cache_dir``), or an exported ONNX file.
         cache_dir: Where the ONNX file is kept.
         threads: onnxruntime intra-op threads (None: its default).
     """
 
     name = "onnxruntime"
 
-    def __init__(self, model: FusionNet, cache_dir: str | os.PathLike, threads: int | None = None):
+    def __init__(self, model: FusionNet | ExportedModel, cache_dir: str | os.PathLike, threads: int | None = None):
         export = _export_module("The onnxruntime backend")
-        self.path = _cached_onnx(model, Path(cache_dir), export)
+        self.path = model.path if isinstance(model, ExportedModel) else _cached_onnx(model, Path(cache_dir), export)
         self.session = export.onnx_session(self.path, threads=threads)
         self.input_name = self.session.get_inputs()[0].name
         self.input_size = model.input_size
@@ -239,6 +348,27 @@ class TensorRTPredictor:
         return {"name": self.name, "device": str(self.runner.device), "engine": str(self.engine)}
 
 
+class ExportedEnginePredictor(TensorRTPredictor):
+    """A TensorRT engine that ``fusionkern export`` built, run as it is (its sidecar checked, nothing rebuilt).
+
+    Raises:
+        ConfigError: No CUDA device.
+        MissingDependencyError: TensorRT is not installed.
+        InputError: The engine was built by another TensorRT version or for another GPU (its sidecar says so).
+    """
+
+    def __init__(self, model: ExportedModel):  # noqa: D107 - the class docstring says it
+        if not torch.cuda.is_available():
+            raise ConfigError("--backend tensorrt needs a CUDA GPU, and this run has none; use torch or onnxruntime")
+        export = _export_module("The tensorrt backend")
+        if not export.tensorrt_available():
+            raise MissingDependencyError("tensorrt", "trt", "The tensorrt backend")
+        self.runner = export.EngineRunner(model.path)  # compares the sidecar's TensorRT and GPU with this machine
+        self.engine, self.input_size = model.path, model.input_size
+        self.parity = (model.sidecar.get("parity") or None)
+        self.expects_raw = True
+
+
 def _export_module(purpose: str) -> Any:
     try:
         import fusionkern.export as export
@@ -285,6 +415,11 @@ def make_predictor(
         ConfigError: Unknown backend, or one this machine cannot run (no CUDA for triton / tensorrt).
         MissingDependencyError: The backend's package is not installed.
     """
+    if isinstance(model, ExportedModel):
+        if backend != model.backend:
+            raise ConfigError(f"{model.path} is an exported {model.format} model: scan it with --backend {model.backend}")
+        if backend == "tensorrt":
+            return ExportedEnginePredictor(model)
     if backend == "torch":
         return TorchPredictor(model, device)
     if backend == "triton":

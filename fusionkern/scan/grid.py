@@ -299,6 +299,24 @@ def chip_layout(grid: ScanGrid, chip_m: float, stride_m: float | None = None) ->
     return ChipLayout(chip_px, stride_px, n_rows, n_cols)
 
 
+def stride_note(layout: ChipLayout, grid: ScanGrid, stride_m: float | None) -> str | None:
+    """A line saying that ``--stride`` was snapped to the pixel grid, or None where it was taken as given.
+
+    Args:
+        layout: The chips as laid out.
+        grid: The scan grid.
+        stride_m: The stride asked for, in metres (None: the default, half a chip).
+    """
+    if stride_m is None:
+        return None
+    metres = grid.res * grid.metres_per_unit
+    used = layout.stride_px * metres
+    if math.isclose(used, float(stride_m), rel_tol=1e-9, abs_tol=1e-6):
+        return None
+    return (f"--stride {float(stride_m):g} m snapped to {used:g} m ({layout.stride_px} px of {metres:g} m): chips lie on "
+            "the pixel grid")  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Reading a raster onto the grid
 # --------------------------------------------------------------------------------------------------------------
@@ -406,6 +424,18 @@ class GridSource:
             values = self._source.read(((r0, r1), (c0, c1)), out_dtype=None if self.qa else np.float32)
             out[r0 - top - d_row : r1 - top - d_row, c0 - left - d_col : c1 - left - d_col] = values
         return out
+
+    def covered(self, top: int, left: int, height: int, width: int) -> np.ndarray | None:
+        """(height, width) bool, True where the grid window lies inside the raster; None for a warped raster
+        (its footprint is not a window of the grid, so pixels outside it read as nodata)."""
+        if self.warped:
+            return None
+        d_row, d_col = self.offset  # type: ignore[misc]
+        rows = np.arange(top + d_row, top + d_row + height)
+        cols = np.arange(left + d_col, left + d_col + width)
+        inside_rows = (rows >= 0) & (rows < self._source.height)
+        inside_cols = (cols >= 0) & (cols < self._source.width)
+        return inside_rows[:, None] & inside_cols[None, :]
 
     def _read_warped(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         from rasterio.windows import Window

@@ -1,9 +1,11 @@
 """What a scan reads: four Landsat-8 bands in three dates (with optional MTL and QA files), from scene folders or
 a YAML manifest, and a fingerprint of each file for ``scan.json`` and for checking a resumed scan.
 
-Scene folders are resolved with :func:`fusionkern.data.chips.inputs_from_scenes`; manifests are parsed with the
-same keys and rules as ``fusionkern chips`` (:func:`fusionkern.data.chips.inputs_from_manifest`), except that a
+Scene folders and manifests are found and parsed by the readers, with the same rules as ``fusionkern chips``
+(:func:`fusionkern.readers.inputs_from_scenes`, :func:`fusionkern.readers.inputs_from_manifest`), except that a
 raster may also be any GDAL path (``/vsicurl/https://...``, ``/vsis3/...``, ``s3://...``), which is kept as it is.
+Level-1 bands without MTL metadata are refused unless calibration is turned off; ``scan.json`` records per date
+how each band was calibrated.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fusionkern import landsat
-from fusionkern.data import chips as _chips
-from fusionkern.data.chips import INPUT_BANDS, N_DATES, inputs_from_manifest, inputs_from_scenes
 from fusionkern.errors import ConfigError
 from fusionkern.files import sha256_file
-from fusionkern.readers import is_gdal_path
+from fusionkern.readers import (
+    INPUT_BANDS,
+    N_DATES,
+    ChipInputs,
+    describe_calibration,
+    inputs_from_manifest,
+    inputs_from_scenes,
+    is_gdal_path,
+)
+
 
 @dataclass(frozen=True)
 class BandRaster:
@@ -84,7 +93,7 @@ class ScanInputs:
         return cls(bands, list(data["qa"]), bool(data["calibrate"]))
 
 
-def _from_chip_inputs(inputs: _chips.ChipInputs, calibrate: bool) -> ScanInputs:
+def _from_chip_inputs(inputs: ChipInputs, calibrate: bool) -> ScanInputs:
     bands = {
         branch: [BandRaster(str(b.path), b.band, str(b.mtl) if b.mtl else None, b.label) for b in inputs.bands[branch]]
         for branch in INPUT_BANDS
@@ -100,9 +109,10 @@ def inputs_from_scene_dirs(scene_dirs: Sequence[str | os.PathLike], calibrate: b
         calibrate: Convert DN with the MTL files found.
 
     Raises:
-        InputError: Not three folders, or a band missing or ambiguous in one (the message names it).
+        InputError: Not three folders, a band missing or ambiguous in one, or (``calibrate``) Level-1 bands
+            without an MTL (the message names the folder).
     """
-    return _from_chip_inputs(inputs_from_scenes([Path(d) for d in scene_dirs]), calibrate)
+    return _from_chip_inputs(inputs_from_scenes([Path(d) for d in scene_dirs], calibrate), calibrate)
 
 
 def inputs_from_manifest_file(path: str | os.PathLike, calibrate: bool = True) -> ScanInputs:
@@ -118,7 +128,7 @@ def inputs_from_manifest_file(path: str | os.PathLike, calibrate: bool = True) -
     Raises:
         InputError: Missing or invalid manifest, an unknown key, a list without three entries, a missing file.
     """
-    return _from_chip_inputs(inputs_from_manifest(Path(path), allow_gdal=True), calibrate)
+    return _from_chip_inputs(inputs_from_manifest(Path(path), allow_gdal=True, calibrate=calibrate), calibrate)
 
 
 def load_inputs(
@@ -191,4 +201,5 @@ def describe_inputs(inputs: ScanInputs, checksums: bool = True) -> dict[str, Any
         "qa": [entry(q, {}) if q else None for q in inputs.qa],
         "mtl": [entry(m, {}) for m in inputs.mtl_files()],
         "calibrate": inputs.calibrate,
+        "calibration": describe_calibration(inputs.bands, inputs.calibrate),
     }

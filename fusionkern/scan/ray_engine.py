@@ -10,6 +10,7 @@ where CUDA is available, otherwise one CPU. Finished tiles come back to the driv
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -18,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fusionkern.errors import MissingDependencyError
+from fusionkern.scan.backends import EXPORTED_SUFFIXES
 from fusionkern.scan.engine import EngineOptions, EngineStats
 from fusionkern.scan.grid import ChipLayout, ScanGrid
 from fusionkern.scan.inputs import ScanInputs
@@ -43,7 +45,8 @@ class TileScorer:
         inputs: :meth:`ScanInputs.to_dict` of the scan's inputs.
         grid: The scan grid.
         layout: The chips.
-        checkpoint: A one-element list holding the object reference of the checkpoint's bytes.
+        checkpoint: ``[bytes reference, sidecar bytes reference or None, file name]`` of the checkpoint (or of an
+            exported model and its sidecar).
         backend: Predictor backend.
         options: Batch size and threshold.
         tile_chips: Chips per tile side (results are padded to it).
@@ -68,15 +71,19 @@ class TileScorer:
 
         from fusionkern.scan.backends import load_scan_model, make_predictor
 
-        payload = ray.get(checkpoint[0])
-        with tempfile.TemporaryDirectory(prefix="fusionkern-actor-") as folder:
-            path = os.path.join(folder, "model.pt")
-            with open(path, "wb") as handle:
-                handle.write(payload)
-            model = load_scan_model(path, preset)
+        payload, sidecar, name = checkpoint
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         cache = cache_dir or tempfile.mkdtemp(prefix="fusionkern-export-")
-        self.predictor = make_predictor(backend, model, device, cache, options.batch_size)
+        with tempfile.TemporaryDirectory(prefix="fusionkern-actor-") as folder:
+            path = os.path.join(folder, name)
+            with open(path, "wb") as handle:
+                handle.write(ray.get(payload))
+            if sidecar is not None:  # an exported model travels with its sidecar, which is checked against it
+                with open(path + ".json", "wb") as handle:
+                    handle.write(ray.get(sidecar))
+            model = load_scan_model(path, preset, backend)
+            # Built while the file exists: an exported model is read by its runtime here.
+            self.predictor = make_predictor(backend, model, device, cache, options.batch_size)
         self.reader = StackReader(ScanInputs.from_dict(inputs), grid, layout)
         self.layout, self.options, self.tile_chips = layout, options, tile_chips
 
@@ -139,8 +146,12 @@ def run_ray(
     if not tiles:
         return stats
     started = not ray.is_initialized()
+    verbose = logging.getLogger("fusionkern").isEnabledFor(logging.INFO)  # fusionkern --verbose
+    _quiet_ray_data(ray, verbose)
     if started:
-        init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        # Ray's own INFO lines (and the workers' output) only with --verbose; warnings and errors always.
+        level = logging.INFO if verbose else logging.WARNING
+        init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose, "logging_level": level}
         if address:
             ray.init(address=address, **init)
         else:
@@ -153,6 +164,16 @@ def run_ray(
             ray.shutdown()
     stats.wall_s = time.perf_counter() - start
     return stats
+
+
+def _quiet_ray_data(ray: Any, verbose: bool) -> None:
+    """Ray Data's progress bars and INFO logging only with --verbose (the scan shows its own progress)."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    if hasattr(context, "print_on_execution_start"):
+        context.print_on_execution_start = verbose
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _score(
@@ -175,12 +196,18 @@ def _score(
 
     with open(checkpoint, "rb") as handle:
         payload = ray.put(handle.read())
+    sidecar_path = f"{os.fspath(checkpoint)}.json"
+    sidecar = None
+    if os.path.splitext(os.fspath(checkpoint))[1].lower() in EXPORTED_SUFFIXES and os.path.isfile(sidecar_path):
+        with open(sidecar_path, "rb") as handle:
+            sidecar = ray.put(handle.read())
+    shipped = [payload, sidecar, os.path.basename(os.fspath(checkpoint))]
     gpus = 1 if torch.cuda.is_available() else 0
     items = [{name: getattr(t, name) for name in _TILE_FIELDS} for t in tiles]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         TileScorer,
         fn_constructor_kwargs={
-            "inputs": inputs.to_dict(), "grid": grid, "layout": layout, "checkpoint": [payload], "backend": backend,
+            "inputs": inputs.to_dict(), "grid": grid, "layout": layout, "checkpoint": shipped, "backend": backend,
             "options": options, "tile_chips": tile_chips, "cache_dir": cache_dir, "preset": preset,
         },
         batch_size=1,

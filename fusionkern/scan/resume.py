@@ -59,9 +59,16 @@ class TileStore:
             self._check_params()
             return
         self.clear()
+        created_out = not self.folder.parent.exists()
         self.folder.mkdir(parents=True)
         payload = {"format": FORMAT, "version": VERSION, "params": self.params}
-        write_bytes_atomic(self.folder / PARAMS, (json.dumps(payload, indent=1) + "\n").encode())
+        try:
+            write_bytes_atomic(self.folder / PARAMS, (json.dumps(payload, indent=1) + "\n").encode())
+        except BaseException:  # e.g. a full disk: no record of a scan that never started
+            self.clear()
+            if created_out:
+                self.folder.parent.rmdir()
+            raise
 
     def _check_params(self) -> None:
         try:

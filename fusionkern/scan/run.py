@@ -7,6 +7,7 @@ tiles in ``<out>/.tiles`` for ``--resume`` and no final output behind.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,11 +28,13 @@ from fusionkern.scan.grid import (
     ScanGrid,
     chip_layout,
     footprint_overlaps,
+    stride_note,
     aligned_block,
     make_grid,
     on_grid,
 )
-from fusionkern.files import sha256_file
+from fusionkern.files import check_writable, sha256_file
+from fusionkern.progress import progress
 from fusionkern.scan.inputs import ScanInputs, describe_inputs, file_identity, load_inputs
 from fusionkern.scan.resume import TILES_DIR, TileStore
 from fusionkern.scan.tiles import NODATA, REASONS, SCORED, Tile, TileResult, plan_tiles, tile_chips_for
@@ -146,7 +149,8 @@ class ScanResult:
         return [
             f"scored {counts['scored']} of {counts['chips']} chips (skipped: {skipped}); "
             f"{counts['detections']} detection(s) from {counts['positive_chips']} positive chip(s)",
-            f"{timing['chips_per_s']['end_to_end']:.0f} chips/s end to end, {timing['wall_s']:.1f} s in all",
+            f"{timing['chips_per_s']['whole_run'] or 0:.0f} chips/s over the whole run ({timing['wall_s']:.1f} s: setup, "
+            f"model preparation and outputs included), {timing['chips_per_s']['end_to_end']:.0f} chips/s while scoring",
             f"outputs in {self.out}: {', '.join(self.report['outputs'])}",
         ]
 
@@ -156,11 +160,15 @@ class ScanResult:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Checks the output folder; with ``overwrite``, removes a previous scan's outputs and records."""
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> list[str] | None:
+    """Checks the output folder (writable; no previous scan unless ``resume`` or ``overwrite``); with ``overwrite``,
+    removes a previous scan's outputs. Returns what the folder held before (None: it did not exist)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder")
-    previous = [name for name in (*outputs.FINAL_OUTPUTS, TILES_DIR) if (out / name).exists()]
+    check_writable(out, "--out", inside=True)
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    previous = [name for name in outputs.FINAL_OUTPUTS if (out / name).exists()]
+    previous += [TILES_DIR] if any((out / TILES_DIR).glob("*.npz")) else []  # records without a tile hold nothing
     if previous and not (resume or overwrite):
         raise InputError(
             f"output folder {out} holds a previous scan ({', '.join(previous)}); "
@@ -169,7 +177,29 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     if overwrite:
         for name in outputs.FINAL_OUTPUTS:
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    return before  # the folder itself is created with the tile records (TileStore.start)
+
+
+def _write_report(out: Path, report: dict[str, Any]) -> None:
+    """Writes ``scan.json``, the last output; where that fails, the other outputs go too (never a partial set)."""
+    try:
+        outputs.write_json(out / outputs.SCAN_JSON, report)
+    except BaseException:
+        for name in outputs.FINAL_OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        raise
+
+
+def _forget_unstarted(out: Path, store: TileStore, before: list[str] | None) -> None:
+    """After a failure before any tile was recorded: removes what this run created, so that rerunning the same
+    command once the cause is fixed starts cleanly (a scan with recorded tiles keeps them for ``--resume``)."""
+    if any(store.folder.glob("*.npz")):
+        return
+    for name in (TILES_DIR, CACHE_DIR):
+        if before is None or name not in before:
+            shutil.rmtree(out / name, ignore_errors=True)
+    if before is None and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _check_overlap(inputs: ScanInputs, grid: ScanGrid) -> None:
@@ -202,7 +232,7 @@ class _Plan:
 
 
 def _plan(options: ScanOptions) -> _Plan:
-    model = load_scan_model(options.checkpoint, options.preset)
+    model = load_scan_model(options.checkpoint, options.preset, options.backend)
     inputs = load_inputs(options.scenes, options.manifest, options.calibrate)
     grid = make_grid(inputs.reference, options.crs, options.resolution, options.bounds, options.bounds_crs)
     _check_overlap(inputs, grid)
@@ -290,10 +320,7 @@ class _Collector:
 
     def start_bar(self, done: int, enabled: bool) -> None:
         """A progress bar over all chips (chips/s and time left), starting at the chips already done."""
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=self.total, initial=done, unit="chip", unit_scale=True, desc="scan",
-                        disable=not enabled, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
+        self.bar = progress(self.total, "scan", "chip", initial=done, enabled=enabled)
 
     def close(self) -> None:
         """Closes the progress bar."""
@@ -335,6 +362,7 @@ def _timings(stats: EngineStats, setup_s: float, outputs_s: float, wall_s: float
             "cut": rate(stats.stage_s.get("cut", 0.0)),
             "inference": rate(stats.stage_s.get("inference", 0.0)),
             "end_to_end": rate(stats.wall_s) or 0.0,
+            "whole_run": rate(wall_s),
         },
         "note": "stage seconds are summed over reader threads or actors; chips/s counts chips scored in this run",
     }
@@ -358,7 +386,7 @@ def _describe_checkpoint(options: ScanOptions, plan: _Plan) -> dict[str, Any]:
     return {
         "path": str(options.checkpoint),
         "sha256": plan.checkpoint_sha256,
-        "class": type(model).__name__,
+        "class": getattr(model, "model_class", type(model).__name__),
         "preset": model.preset.name,
         "config": model.config,
         "data": model.checkpoint["data"],
@@ -419,7 +447,7 @@ def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: Non
     _check_dependencies(options)
     out = Path(options.out)
     plan = _plan(options)
-    _prepare_out(out, options.resume, options.overwrite)
+    before = _prepare_out(out, options.resume, options.overwrite)
     store = TileStore(out, _params(options, plan))
     store.start(options.resume)
     checksums = _Checksums(plan.inputs, options.checksums)
@@ -429,10 +457,15 @@ def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: Non
     resumed = len(plan.tiles) - len(todo)
     log(f"scan grid {plan.grid.width} x {plan.grid.height} px, {plan.layout.n_chips} chips of {plan.layout.chip_px} "
         f"px every {plan.layout.stride_px} px in {len(plan.tiles)} tiles ({resumed} done before)")  # fmt: skip
+    if note := stride_note(plan.layout, plan.grid, options.stride_m):
+        log(note)
     collector.start_bar(sum(t.n_chips for t in plan.tiles) - sum(t.n_chips for t in todo), options.progress)
     setup_s = time.perf_counter() - t_start
     try:
         stats, backend = _run_engine(options, plan, todo, collector, out)
+    except BaseException:
+        _forget_unstarted(out, store, before)  # a scan that fails before its first tile leaves nothing
+        raise
     finally:
         collector.close()
     _check_scored(collector, plan)
@@ -443,7 +476,7 @@ def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: Non
     written = [n for n in outputs.FINAL_OUTPUTS if n != outputs.SCAN_JSON and (out / n).exists()]
     report["outputs"] = [*written, outputs.SCAN_JSON]
     report["timings"] = _timings(stats, setup_s, time.perf_counter() - t_out, time.perf_counter() - t_start)
-    outputs.write_json(out / outputs.SCAN_JSON, report)
+    _write_report(out, report)
     return ScanResult(out, collector.scores, collector.reasons, detections, report)
 
 
@@ -487,7 +520,7 @@ def _report(
             "tiles": len(plan.tiles), "tiles_resumed": resumed,
         },  # fmt: skip
         "grid": grid.describe(),
-        "chips": layout.describe(grid),
+        "chips": {**layout.describe(grid), "stride_m_requested": options.stride_m},
         "scores": {
             "transform": list(layout.score_transform(grid))[:6], "width": layout.n_cols, "height": layout.n_rows,
             "nodata": "nan",

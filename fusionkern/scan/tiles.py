@@ -8,7 +8,8 @@ channel to its own min..max exactly as in training (:func:`scale_chips`, bit-ide
 :func:`fusionkern.data.transforms.minmax_scale`).
 
 A chip is skipped, never scored, when more than ``max_invalid`` of its pixels hold no data in some input (nodata,
-outside the rasters, or a B7:B6 ratio without a valid B6), reason ``nodata``; or when nodata and the QA bands'
+outside the rasters, or a B7:B6 ratio without a valid B6): reason ``outside`` where part of the chip lies outside a
+raster read on the grid (chips overhanging the rasters' edge), else ``nodata``; or when nodata and the QA bands'
 cloud, shadow and fill flags together pass the threshold, reason ``cloud``. The default threshold 0 is the
 training set's rule (``fusionkern chips`` skips every chip with a nodata or cloudy pixel): the model has never seen
 the zeros that scaling puts in place of missing pixels. Raising it scores partly covered chips anyway.
@@ -27,14 +28,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from fusionkern import BRANCHES, landsat
-from fusionkern.data.chips import INPUT_BANDS, N_DATES
 from fusionkern.data.transforms import minmax_scale
-from fusionkern.readers import calibrate_band, qa_invalid_mask
+from fusionkern.readers import INPUT_BANDS, N_DATES, calibrate_band, qa_invalid_mask
 from fusionkern.scan.grid import ChipLayout, GridSource, ScanGrid
 from fusionkern.scan.inputs import ScanInputs, read_mtls
 
-SCORED, NODATA, CLOUD = 0, 1, 2
-REASONS = {NODATA: "nodata", CLOUD: "cloud"}
+SCORED, NODATA, CLOUD, OUTSIDE = 0, 1, 2, 3
+REASONS = {NODATA: "nodata", CLOUD: "cloud", OUTSIDE: "outside"}
 """Reason codes of skipped chips, as stored per chip in the tile records."""
 
 Predictor = Callable[[np.ndarray], np.ndarray]
@@ -128,11 +128,13 @@ class TileData:
         stack: (5, 3, H, W) float32 in ``BRANCHES`` order, calibrated, NaN where a pixel holds no data.
         nodata: (H, W) bool, True where any branch or date holds no data.
         cloud: (H, W) bool, True where a QA band of any date flags cloud, shadow or fill.
+        outside: (H, W) bool, True where the window leaves a raster read on the grid (None: nowhere).
     """
 
     stack: np.ndarray
     nodata: np.ndarray
     cloud: np.ndarray
+    outside: np.ndarray | None = None
 
 
 class StackReader:
@@ -195,7 +197,12 @@ class StackReader:
         for source in self.qa:
             if source is not None:
                 cloud |= qa_invalid_mask(source.read(top, left, height, width), source.path)
-        return TileData(stack, nodata, cloud)
+        outside = np.zeros((height, width), dtype=bool)
+        for source in (s for ss in self.sources.values() for s in ss):
+            covered = source.covered(top, left, height, width)
+            if covered is not None:
+                outside |= ~covered
+        return TileData(stack, nodata, cloud, outside if outside.any() else None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -230,12 +237,14 @@ def chip_fractions(mask: np.ndarray, layout: ChipLayout, rows: int, cols: int) -
 
 
 def chip_reasons(data: TileData, tile: Tile, layout: ChipLayout, max_invalid: float) -> np.ndarray:
-    """Per chip of the tile: SCORED, NODATA or CLOUD (uint8, shape (rows, cols))."""
+    """Per chip of the tile: SCORED, NODATA, OUTSIDE or CLOUD (uint8, shape (rows, cols))."""
     nodata = chip_fractions(data.nodata, layout, tile.rows, tile.cols)
     invalid = chip_fractions(data.nodata | data.cloud, layout, tile.rows, tile.cols)
     reasons = np.full((tile.rows, tile.cols), SCORED, dtype=np.uint8)
     reasons[invalid > max_invalid] = CLOUD
     reasons[nodata > max_invalid] = NODATA
+    if data.outside is not None:  # missing data that is (partly) off the rasters: the chip overhangs their edge
+        reasons[(nodata > max_invalid) & (chip_fractions(data.outside, layout, tile.rows, tile.cols) > 0)] = OUTSIDE
     return reasons
 
 
@@ -278,7 +287,7 @@ def chip_batches(
 
     Args:
         data: The tile's inputs.
-        reasons: Per chip SCORED / NODATA / CLOUD.
+        reasons: Per chip SCORED / NODATA / CLOUD / OUTSIDE.
         layout: Chip size and stride.
         batch_size: Chips per batch.
         scale: Scale each chip channel to its own min..max here; False leaves the chips raw (NaN at invalid
@@ -306,7 +315,7 @@ class TileResult:
     Attributes:
         tile: The tile.
         scores: (rows, cols) float32 cement probability, NaN where the chip was skipped.
-        reasons: (rows, cols) uint8 SCORED / NODATA / CLOUD.
+        reasons: (rows, cols) uint8 SCORED / NODATA / CLOUD / OUTSIDE.
         timings: Seconds spent per stage (``read``, ``cut``, ``inference``).
     """
 
