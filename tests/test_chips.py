@@ -211,7 +211,7 @@ def test_cloudy_chip_is_skipped(tmp_path, rasters):
     assert [s["site"] for s in _read_sites(tmp_path / "lenient")] == ["plant_0001", "plant_0002"]
 
 
-def test_scene_folders_and_geojson_plants(tmp_path, rasters):
+def test_scene_folders_and_geojson_plants(tmp_path, rasters, capsys):
     scenes = []
     for date in range(3):
         scene = tmp_path / f"scene{date + 1}"
@@ -226,7 +226,10 @@ def test_scene_folders_and_geojson_plants(tmp_path, rasters):
         f' "geometry": {{"type": "Point", "coordinates": [{lon!r}, {lat!r}]}}}}]}}'
     )
     out = tmp_path / "out"
-    assert main(["chips", "--scenes", *scenes, "--plants", str(plants), "--out", str(out), "--chip-m", "300"]) == 0
+    args = ["chips", "--scenes", *scenes, "--plants", str(plants), "--out", str(out), "--chip-m", "300"]
+    assert main(args) == 2  # Level-1 names and no MTL: DN are never passed off as kelvin and reflectance
+    assert "scene1 has no *_MTL.txt" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--no-calibrate"]) == 0
     with rasterio.open(out / "cement" / "plant_0001" / "b11.tif") as src:
         assert (src.height, src.width) == (10, 10)  # 300 m at 30 m
         assert list(src.descriptions) == ["scene1", "scene2", "scene3"]  # no MTL: folder names
@@ -361,8 +364,12 @@ def test_real_clip_chip_is_centred(tmp_path, landsat8_dir, capsys):
     plants.write_text(f"lon,lat,name\n{lon!r},{lat!r},centre\n")
     out = tmp_path / "africa"
     args = ["chips", "--scenes", str(scene), str(scene), str(scene), "--plants", str(plants), "--out", str(out)]
-    assert main([*args, "--landcover-per-plant", "2"]) == 0
-    assert "skipped landcover: 2 outside" in capsys.readouterr().out  # 3.5 km = 117 px: outside the 101 px clip
+    assert main([*args, "--landcover-per-plant", "2"]) == 2  # 3.5 km = 117 px: outside the 101 px clip
+    err = capsys.readouterr().err
+    assert "no landcover chip could be cut (skipped: 2 outside" in err and "no room for them" in err
+    assert not out.exists()
+    assert main([*args, "--landcover-per-plant", "0"]) == 0
+    assert "warning: 1 cement site(s): fusionkern train needs at least 3" in capsys.readouterr().out
     site = out / "cement" / "plant_0001"
     with rasterio.open(site / "b10.tif") as src:
         assert src.transform == transform * rasterio.Affine.translation(col - HALF, row - HALF)

