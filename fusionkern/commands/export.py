@@ -142,11 +142,10 @@ def run(args: argparse.Namespace) -> int:
 
     fmt = args.format
     out = Path(args.out)
-    trt = None
     if fmt == "trt":  # before anything else: fail at once where engines cannot be built
-        from fusionkern.export.tensorrt import require_tensorrt, tensorrt_major
+        from fusionkern.export.tensorrt import require_tensorrt
 
-        trt = require_tensorrt(f"Exporting {args.checkpoint} to a TensorRT engine ({out})")
+        require_tensorrt(f"Exporting {args.checkpoint} to a TensorRT engine ({out})")
     _check_out(out, fmt)
     precision = args.precision or ("fp32" if fmt == "onnx" else "fp16")
     max_batch = args.max_batch or (4096 if fmt == "onnx" else DEFAULT_TRT_MAX_BATCH)
@@ -172,10 +171,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             from fusionkern.export.tensorrt import build_engine, engine_sidecar_path
 
-            # TensorRT 11 is strongly typed (the ONNX carries the precision); TensorRT 10 takes an fp32 graph and
-            # builder precision flags.
-            onnx_precision = precision if tensorrt_major(trt) >= 11 else "fp32"
-            onnx_path = to_onnx(model, work / (out.stem + ".onnx"), opset=args.opset, precision=onnx_precision,
+            # Engines are built strongly typed on TensorRT 10 and 11 alike: the ONNX carries the precision.
+            onnx_path = to_onnx(model, work / (out.stem + ".onnx"), opset=args.opset, precision=precision,
                                 max_batch=max_batch)  # fmt: skip
             _stage(f"building the TensorRT engine (batch up to {max_batch})")
             artefact = build_engine(onnx_path, work / out.name, precision=precision, max_batch=max_batch,
