@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fusionkern import BRANCHES
-from fusionkern.errors import CheckpointError, ConfigError, MissingDependencyError
+from fusionkern.errors import CheckpointError, ConfigError, InputError, MissingDependencyError
 from fusionkern.files import sha256_file
 from fusionkern.models import FusionNet, load_checkpoint
 from fusionkern.models.checkpoint import SCALING
@@ -304,6 +304,13 @@ class OnnxPredictor:
 class TensorRTPredictor:
     """A TensorRT engine built from the exported model; CUDA and TensorRT only.
 
+    The engine is built strongly typed from the ONNX export of ``precision`` (the route ``fusionkern export`` takes)
+    and cached beside it under a name carrying the precision, the batch, the TensorRT version and the GPU's compute
+    capability (:func:`engine_file_name`). A cached engine this machine cannot run (built by another TensorRT or for
+    another GPU model, per its sidecar, or refused by TensorRT) is rebuilt. A freshly built engine is checked against
+    the reference model on :attr:`PARITY_SITES` random sites (:func:`fusionkern.export.check_parity`, the goals of
+    ``precision``) and removed if it fails, so that every engine left in the cache has passed.
+
     Args:
         model: A FusionNet.
         cache_dir: Where the ONNX file and the engine are kept.
@@ -313,24 +320,55 @@ class TensorRTPredictor:
     Raises:
         ConfigError: No CUDA device.
         MissingDependencyError: TensorRT is not installed.
+        ParityError: A freshly built engine fails the parity check.
     """
 
     name = "tensorrt"
+    PARITY_SITES = 64
+    """Random sites a fresh engine is checked on: the reference runs them on the CPU, once per build."""
 
     def __init__(self, model: FusionNet, cache_dir: str | os.PathLike, batch_size: int, precision: str = "fp16"):
         if not torch.cuda.is_available():
             raise ConfigError("--backend tensorrt needs a CUDA GPU, and this run has none; use torch or onnxruntime")
         export = _export_module("The tensorrt backend")
-        if not export.tensorrt_available():
-            raise MissingDependencyError("tensorrt", "trt", "The tensorrt backend")
+        from fusionkern.export import tensorrt as export_trt
+
+        trt = export_trt.require_tensorrt("The tensorrt backend")
         cache = Path(cache_dir)
         onnx_path = _cached_onnx(model, cache, export, precision=precision)
-        engine = cache / f"model-{precision}-b{batch_size}.engine"
-        if not engine.is_file():
+        engine = cache / engine_file_name(precision, batch_size, str(trt.__version__), export_trt.gpu_identity())
+        self.parity: dict[str, Any] | None = None  # the check of an engine built by this predictor
+        self.runner = self._cached_runner(export, engine)
+        if self.runner is None:
             export.build_engine(onnx_path, engine, precision=precision, opt_batch=batch_size, max_batch=batch_size)
-        self.runner = export.EngineRunner(engine)
+            self.parity = self._checked_engine(export, model, engine, min(batch_size, 64), self.PARITY_SITES)
+            self.runner = export.EngineRunner(engine)
         self.engine, self.input_size = engine, model.input_size
         self.expects_raw = True
+
+    @staticmethod
+    def _cached_runner(export: Any, engine: Path) -> Any:
+        """A runner of the cached engine, or None where there is none or this machine cannot run it."""
+        if not engine.is_file():
+            return None
+        try:
+            return export.EngineRunner(engine)
+        except InputError as exc:  # another TensorRT or GPU, no sidecar, or TensorRT cannot load it: build it again
+            print(f"rebuilding the TensorRT engine: {exc}")
+            return None
+
+    @staticmethod
+    def _checked_engine(export: Any, model: FusionNet, engine: Path, batch: int, sites: int) -> dict[str, Any]:
+        """The parity of a freshly built engine with ``model``; the engine and its sidecar are removed if it fails."""
+        report = export.check_parity(model, engine, n_random=sites, batch=batch, real_chips=False, seed=0)
+        if not report.passed:
+            for path in (engine, export.engine_sidecar_path(engine)):
+                path.unlink(missing_ok=True)
+            raise export.ParityError(
+                f"the TensorRT engine built for the scan fails the parity check and was removed "
+                f"({'; '.join(report.failures())})"
+            )
+        return report.to_dict()
 
     def __call__(self, chips: np.ndarray) -> np.ndarray:
         """Raw float32 (B, 5, 3, S, S) chips, NaN at invalid pixels -> cement probability (B,).
@@ -344,8 +382,19 @@ class TensorRTPredictor:
         return torch.softmax(logits, dim=1)[:, CEMENT].cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
-        """Backend name, device and artefact, for ``scan.json``."""
-        return {"name": self.name, "device": str(self.runner.device), "engine": str(self.engine)}
+        """Backend name, device and artefact (and the parity check of an engine built in this run), for
+        ``scan.json``."""
+        out = {"name": self.name, "device": str(self.runner.device), "engine": str(self.engine)}
+        if self.parity is not None:
+            out["parity"] = self.parity
+        return out
+
+
+def engine_file_name(precision: str, batch_size: int, tensorrt_version: str, gpu: dict[str, str]) -> str:
+    """``model-fp16-b256-trt10.9.0.34-sm90.engine``: an engine runs only under the TensorRT version that built it,
+    on the GPU it was built for, so a new TensorRT or another GPU generation gets its own file."""
+    cc = str(gpu["compute_capability"]).replace(".", "")
+    return f"model-{precision}-b{batch_size}-trt{tensorrt_version}-sm{cc}.engine"
 
 
 class ExportedEnginePredictor(TensorRTPredictor):
