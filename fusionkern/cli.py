@@ -20,7 +20,9 @@ from fusionkern.files import WRITE_ERRNOS
 
 # Subcommands, in the order `fusionkern --help` lists them. Modules are imported lazily so that
 # `fusionkern --help` stays fast and a missing optional extra only affects the command that needs it.
-COMMANDS = ("demo", "train", "chips", "scan", "export", "bench", "experiment", "explain")
+COMMANDS = (
+    "demo", "train", "chips", "scan", "mine", "calibrate", "evaluate", "export", "bench", "experiment", "explain",
+)  # fmt: skip
 
 
 def _set_gdal_env() -> None:

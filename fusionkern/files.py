@@ -127,3 +127,32 @@ def output_errors(path: str | os.PathLike, what: str = "--out") -> Iterator[None
             raise
         where = f" ({exc.filename})" if exc.filename else ""
         raise InputError(f"cannot write {what} {path}: {exc.strerror or exc}{where}") from exc
+
+
+@contextlib.contextmanager
+def folder_built_aside(out: str | os.PathLike) -> Iterator[Path]:
+    """A hidden folder beside ``out`` to build a whole output folder in; it replaces ``out`` only when the block
+    finishes, and is removed if it fails, so a failed run never leaves a complete-looking folder (nor loses the
+    previous one).
+
+    Yields:
+        The folder to write into (with the mode ``mkdir`` would give, not ``mkdtemp``'s 0700).
+    """
+    import shutil
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        os.chmod(partial, default_dir_mode())
+        yield partial
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, old)
+            os.replace(partial, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

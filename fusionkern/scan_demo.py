@@ -35,12 +35,16 @@ class DemoRegion:
         plants: (n, 2) float (row, col) pixel positions of the planted cement works.
         confusers: (m, 2) float (row, col) centres of the windows given look-alikes (some drew none).
         size_px: Side of the region in pixels.
+        plant_works: Per plant, the (kiln K, dust) the generator drew.
+        industry_works: Per look-alike window, the (kiln K, dust) of its other heavy industry, or None.
     """
 
     manifest: Path
     plants: np.ndarray
     confusers: np.ndarray
     size_px: int
+    plant_works: list[tuple[float, float]] | None = None
+    industry_works: list[tuple[float, float]] | None = None
 
 
 def _scatter(rng: np.random.Generator, n: int, size: int, margin: int, spacing: float, avoid: np.ndarray) -> np.ndarray:
@@ -102,12 +106,17 @@ def make_demo_region(
     half, margin = chip_px, 2 * chip_px
     plants = _scatter(rng, n_plants, size_px, margin, spacing=5000.0 / synthetic.PIXEL_M, avoid=np.empty((0, 2)))
     confusers = _scatter(rng, n_confusers, size_px, margin, spacing=3000.0 / synthetic.PIXEL_M, avoid=plants)
+    plant_works, industry_works = [], []
     for centre in plants:
         window, local = _window(surface, centre, half)
+        window.works = []  # records what is drawn; draws nothing itself
         synthetic._add_plant(rng, 2 * half, local, window)
+        plant_works.append(window.works[0])
     for centre in confusers:
         window, local = _window(surface, centre, half)
+        window.works = []
         synthetic._add_confusers(rng, 2 * half, local, window)
+        industry_works.append(window.works[0] if window.works else None)
     lat = _region_latitude(size_px)
     rasters = {}
     b6, b7 = synthetic._reflectance(rng, surface)
@@ -117,8 +126,8 @@ def make_demo_region(
     rasters["b10"], rasters["b11"] = b10.astype(np.float32), b11.astype(np.float32)
     del b10, b11, surface, veg, moist
     manifest = _write_region(folder, rasters, dates)
-    _write_truth(folder / "truth.geojson", plants, confusers)
-    return DemoRegion(manifest, plants, confusers, size_px)
+    _write_truth(folder / "truth.geojson", plants, confusers, plant_works, industry_works)
+    return DemoRegion(manifest, plants, confusers, size_px, plant_works, industry_works)
 
 
 def _region_transform() -> Any:
@@ -171,17 +180,23 @@ def _lonlat(points: np.ndarray) -> tuple[list[float], list[float]]:
     return transform(DEMO_CRS, "EPSG:4326", list(xs), list(ys))
 
 
-def _write_truth(path: Path, plants: np.ndarray, confusers: np.ndarray) -> None:
-    """The planted works and look-alike windows as GeoJSON points (with their pixel positions)."""
+def _write_truth(
+    path: Path, plants: np.ndarray, confusers: np.ndarray, plant_works: list, industry_works: list
+) -> None:
+    """The planted works and look-alike windows as GeoJSON points (with their pixel positions and, for hot works,
+    the kiln heat and dust drawn)."""
     features = []
-    for kind, points in (("cement", plants), ("confuser", confusers)):
+    for kind, points, works in (("cement", plants, plant_works), ("confuser", confusers, industry_works)):
         if not len(points):
             continue
         lons, lats = _lonlat(points)
-        for k, (lon, lat, (row, col)) in enumerate(zip(lons, lats, points), start=1):
+        for k, (lon, lat, (row, col), drawn) in enumerate(zip(lons, lats, points, works), start=1):
+            properties = {"kind": kind, "id": k, "row": round(float(row), 2), "col": round(float(col), 2)}
+            if drawn is not None:
+                properties.update(kiln_k=round(drawn[0], 3), dust=round(drawn[1], 3), industry=kind != "cement")
             features.append({
                 "type": "Feature", "geometry": {"type": "Point", "coordinates": [round(lon, 7), round(lat, 7)]},
-                "properties": {"kind": kind, "id": k, "row": round(float(row), 2), "col": round(float(col), 2)},
+                "properties": properties,
             })  # fmt: skip
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}) + "\n", encoding="utf-8")
 
@@ -191,80 +206,18 @@ def _write_truth(path: Path, plants: np.ndarray, confusers: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _covered(points: np.ndarray, chips: Sequence[tuple[int, int]], chip_px: int, stride_px: int) -> np.ndarray:
-    """Which (row, col) pixel positions lie inside at least one of the chips."""
-    hit = np.zeros(len(points), dtype=bool)
-    for r, c in chips:
-        top, left = r * stride_px, c * stride_px
-        rows = (points[:, 0] >= top) & (points[:, 0] < top + chip_px)
-        hit |= rows & (points[:, 1] >= left) & (points[:, 1] < left + chip_px)
-    return hit
+def evaluation_detections(detections: Sequence[Any]) -> list[Any]:
+    """A scan's detections as :mod:`fusionkern.evaluate` reads them back from GeoJSON."""
+    from fusionkern.evaluate import Detection, _rings
+
+    return [Detection(d.score, _rings(d.footprint), d.properties()) for d in detections]
 
 
-def match_detections(region: DemoRegion, detections: Sequence[Any], chip_px: int, stride_px: int) -> dict[str, Any]:
-    """Recall and precision of detections against the planted plants.
+def region_truth(region: DemoRegion) -> list[Any]:
+    """The planted plants as :class:`fusionkern.data.chips.Plant` (read back from ``truth.geojson``)."""
+    from fusionkern.data.chips import read_plants
 
-    Args:
-        region: The region with its truth.
-        detections: The scan's detections (their ``chips``).
-        chip_px: Chip side in pixels.
-        stride_px: Stride in pixels.
-
-    Returns:
-        Counts, recall and precision, and the look-alike windows hit.
-    """
-    found = np.zeros(len(region.plants), dtype=bool)
-    confused = np.zeros(len(region.confusers), dtype=bool)
-    right = 0
-    for detection in detections:
-        hits = _covered(region.plants, detection.chips, chip_px, stride_px)
-        found |= hits
-        right += bool(hits.any())
-        confused |= _covered(region.confusers, detection.chips, chip_px, stride_px)
-    n = len(detections)
-    return {
-        "plants": int(len(region.plants)),
-        "plants_found": int(found.sum()),
-        "detections": n,
-        "detections_right": int(right),
-        "recall": float(found.mean()) if len(found) else None,
-        "precision": float(right / n) if n else None,
-        "lookalike_windows": int(len(region.confusers)),
-        "lookalike_windows_detected": int(confused.sum()),
-    }
-
-
-def threshold_sweep(
-    region: DemoRegion, scores: np.ndarray, chip_px: int, stride_px: int, thresholds: Sequence[float]
-) -> list[dict[str, Any]]:
-    """Recall and precision of the same scores at several detection thresholds (no rescan).
-
-    With one plant per thousand chips or so, precision is set by how rarely the model scores landcover high, so
-    the sweep shows what a stricter threshold buys and costs.
-
-    Args:
-        region: The region with its truth.
-        scores: The scan's (rows, cols) probabilities.
-        chip_px: Chip side in pixels.
-        stride_px: Stride in pixels.
-        thresholds: The thresholds to try.
-
-    Returns:
-        One ``{"threshold", "recall", "precision", "detections"}`` per threshold.
-    """
-    import yaml
-
-    from fusionkern.scan.grid import ChipLayout, raster_grid
-    from fusionkern.scan.outputs import find_detections
-
-    manifest = yaml.safe_load(region.manifest.read_text(encoding="utf-8"))
-    grid = raster_grid(str(region.manifest.parent / manifest["b10"][0]))
-    layout = ChipLayout(chip_px, stride_px, *scores.shape)
-    rows = []
-    for threshold in thresholds:
-        match = match_detections(region, find_detections(scores, layout, grid, threshold), chip_px, stride_px)
-        rows.append({"threshold": threshold, **{k: match[k] for k in ("recall", "precision", "detections")}})
-    return rows
+    return read_plants(region.manifest.parent / "truth.geojson")
 
 
 def _checkpoint(model_or_checkpoint: Any, out: Path) -> Path:
@@ -284,32 +237,38 @@ def run_scan_demo(
     n_plants: int = 12,
     n_confusers: int = 32,
     seed: int = 0,
-    threshold: float = 0.5,
+    threshold: float | None = None,
+    verify: str | None = None,
+    match_m: float = 600.0,
     workers: int = 2,
     batch_size: int = 256,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Builds a synthetic region, scans it with a trained FusionNet and scores the detections.
+    """Builds a synthetic region, scans it with a trained FusionNet and evaluates the detections.
 
     Args:
-        out_dir: Folder for ``region/`` (rasters, manifest, truth) and ``scan/`` (the scan's outputs), and
-            ``scan_demo.json`` (the figures returned).
-        model_or_checkpoint: A trained FusionNet, or the path of its checkpoint (e.g. the demo's best split).
+        out_dir: Folder for ``region/`` (rasters, manifest, truth), ``scan/`` (the scan's outputs),
+            ``evaluation/`` (``fusionkern evaluate``'s outputs) and ``scan_demo.json`` (the figures returned).
+        model_or_checkpoint: A trained FusionNet, or the path of its checkpoint.
         size_px: Side of the region in 30 m pixels.
         n_plants: Plants planted.
         n_confusers: Windows given landcover look-alikes.
         seed: Seed of the region.
-        threshold: Detection threshold of the scan.
+        threshold: Detection threshold (None: the checkpoint's calibrated one, else 0.5).
+        verify: Verifier spec (``auto``...) or None.
+        match_m: Matching distance of the evaluation, metres.
         workers: Reader threads of the scan.
         batch_size: Chips per model call.
         progress: Show the scan's progress bar.
         log: Receives the summary lines.
 
     Returns:
-        ``{"region", "scan", "match", "seconds"}``: the region's size, the scan's counts and chips/s, recall and
-        precision, and the seconds spent building, scanning and in all.
+        ``{"region", "scan", "match", "seconds"}``: the region's size, the scan's counts, chips/s and decision,
+        the evaluation (recall, precision, false detections per 1000 km²...) and the seconds spent.
     """
+    from fusionkern.commands.evaluate import summary_lines
+    from fusionkern.evaluate import evaluate_detections, plants_array, write_evaluation
     from fusionkern.scan import ScanOptions, run_scan
 
     out = Path(out_dir)
@@ -318,38 +277,113 @@ def run_scan_demo(
     checkpoint = _checkpoint(model_or_checkpoint, out)
     region = make_demo_region(out / "region", size_px, n_plants, n_confusers, seed)
     t1 = time.perf_counter()
-    log(f"synthetic region {size_px} x {size_px} px ({size_px * 0.03:.0f} km a side) with {len(region.plants)} "
-        f"plants and {len(region.confusers)} look-alike windows written in {t1 - t0:.0f} s")  # fmt: skip
+    log(f"synthetic region {size_px} x {size_px} px ({size_px * 0.03:.0f} km a side, seed {seed}) with "
+        f"{len(region.plants)} plants and {len(region.confusers)} look-alike windows written in {t1 - t0:.0f} s")  # fmt: skip
     options = ScanOptions(
         checkpoint=str(checkpoint), out=str(out / "scan"), manifest=str(region.manifest), threshold=threshold,
-        workers=workers, batch_size=batch_size, overwrite=True, progress=progress, checksums=False,
+        verify=verify, workers=workers, batch_size=batch_size, overwrite=True, progress=progress, checksums=False,
     )  # fmt: skip
     result = run_scan(options)
     t2 = time.perf_counter()
-    chips = result.report["chips"]
-    match = match_detections(region, result.detections, chips["chip_px"], chips["stride_px"])
-    levels = sorted({threshold, 0.6, 0.7, 0.8, 0.9})
-    sweep = threshold_sweep(region, result.scores, chips["chip_px"], chips["stride_px"], levels)
+    plants = region_truth(region)
+    detections = evaluation_detections(result.detections)
+    area = result.report["counts"].get("area_km2")
+    figures = evaluate_detections(detections, plants_array(plants), match_m, area)
+    write_evaluation(out / "evaluation", figures, detections, plants)
+    match = {k: v for k, v in figures.items() if not k.startswith("_") and k != "curve"}
+    timings = result.report["timings"]
     summary = {
-        "region": {"size_px": size_px, "plants": len(region.plants), "lookalike_windows": len(region.confusers),
-                   "folder": str(out / "region")},  # fmt: skip
-        "scan": {"folder": str(out / "scan"), **result.report["counts"],
-                 "chips_per_s": result.report["timings"]["chips_per_s"]["end_to_end"]},  # fmt: skip
+        "region": {"size_px": size_px, "seed": seed, "plants": len(region.plants),
+                   "lookalike_windows": len(region.confusers), "folder": str(out / "region")},  # fmt: skip
+        "scan": {"folder": str(out / "scan"), **result.report["counts"], "decision": result.report["decision"],
+                 "chips_per_s": timings["chips_per_s"]["end_to_end"], "scan_s": timings["engine_s"],
+                 "verify_s": timings.get("verify_s")},  # fmt: skip
         "match": match,
-        "thresholds": sweep,
         "seconds": {"region": round(t1 - t0, 1), "scan": round(t2 - t1, 1), "total": round(t2 - t0, 1)},
     }
     (out / "scan_demo.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    log(f"scan: {result.report['counts']['scored']} chips scored in {t2 - t1:.0f} s, "
-        f"{match['detections']} detection(s) at threshold {threshold:g}; recall {_percent(match['recall'])} "
-        f"({match['plants_found']}/{match['plants']} plants), precision {_percent(match['precision'])} "
-        f"({match['detections_right']}/{match['detections']}); "
-        f"{match['lookalike_windows_detected']}/{match['lookalike_windows']} look-alike windows detected")  # fmt: skip
-    for row in (r for r in sweep if r["threshold"] != threshold):
-        log(f"  at threshold {row['threshold']:g}: recall {_percent(row['recall'])}, precision "
-            f"{_percent(row['precision'])} ({row['detections']} detection(s))")  # fmt: skip
+    decision = result.report["decision"]
+    verified = f", verified by {len(decision['verify'])} checkpoint(s)" if decision["verify"] else ""
+    log(f"scan: {result.report['counts']['scored']} chips scored in {timings['engine_s']:.0f} s"
+        + (f" + {timings['verify_s']:.1f} s verifying" if timings.get("verify_s") is not None else "")
+        + f"; threshold {decision['threshold']:.3g} ({decision['threshold_source']}){verified}")  # fmt: skip
+    for line in summary_lines(figures):
+        log("  " + line)
     return summary
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.0f} %"
+# --------------------------------------------------------------------------------------------------------------
+# The precision ceiling of the generator's look-alikes
+# --------------------------------------------------------------------------------------------------------------
+
+INDUSTRY_RATE = 0.08
+"""Chance that a look-alike window of :func:`fusionkern.data.synthetic._add_confusers` holds other heavy industry."""
+
+
+def _works_density(kiln: np.ndarray, dust: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Densities of (kiln K, dust) for cement works and for other heavy industry, as the generator draws them
+    (:func:`fusionkern.data.synthetic._add_plant` and ``_add_confusers``)."""
+
+    def box(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        return ((x >= lo) & (x <= hi)) / (hi - lo)
+
+    cement = 0.8 * box(kiln, 5.0, 15.0) * box(dust, 0.5, 1.0) + 0.2 * box(kiln, 2.5, 5.0) * box(dust, 0.2, 0.45)
+    industry = box(kiln, 3.0, 9.0) * box(dust, 0.2, 0.7)
+    return cement, industry
+
+
+def oracle_score(kiln: np.ndarray, dust: np.ndarray) -> np.ndarray:
+    """An oracle's cement score of hot works from the kiln heat and dust the generator drew: the posterior at
+    equal counts, with the hotter kiln first among ties (the best any detector can do on these two values)."""
+    kiln, dust = np.asarray(kiln, dtype=np.float64), np.asarray(dust, dtype=np.float64)
+    cement, industry = _works_density(kiln, dust)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        posterior = np.where(cement + industry > 0, cement / (cement + industry), 0.0)
+    return posterior + 1e-6 * kiln / 15.0
+
+
+def expected_ceiling(n_plants: int, n_confusers: int, recall: float = 0.9, step: float = 0.005) -> dict[str, float]:
+    """Expected precision of the oracle at ``recall`` on a region of the generator, other heavy industry being
+    the only look-alike the oracle cannot tell apart (fires, fields and towns it rejects).
+
+    Args:
+        n_plants: Plants in the region.
+        n_confusers: Look-alike windows in the region.
+        recall: Share of plants the oracle must find.
+        step: Integration step over kiln K (times 10) and dust.
+
+    Returns:
+        ``{"industry_expected", "industry_pass_rate", "precision"}``.
+    """
+    kiln, dust = np.meshgrid(np.arange(2.5, 15.0, 10 * step) + 5 * step, np.arange(0.2, 1.0, step) + step / 2)
+    cement, industry = _works_density(kiln, dust)
+    cell = 10 * step * step
+    order = np.argsort(-oracle_score(kiln, dust), axis=None)
+    mass_c, mass_i = cement.ravel()[order] * cell, industry.ravel()[order] * cell
+    cut = int(np.searchsorted(np.cumsum(mass_c), recall * mass_c.sum())) + 1
+    pass_rate = float(mass_i[:cut].sum() / mass_i.sum())
+    expected = n_confusers * INDUSTRY_RATE
+    found = recall * n_plants
+    return {"industry_expected": expected, "industry_pass_rate": pass_rate,
+            "precision": found / (found + expected * pass_rate)}  # fmt: skip
+
+
+def region_ceiling(truth: str | Path, recall: float = 0.9) -> dict[str, Any]:
+    """The oracle's precision at ``recall`` on one written region, from the kiln heat and dust in its truth file.
+
+    Returns:
+        ``{"plants", "industry", "oracle_precision", "oracle_false"}``: the oracle keeps the fewest plants that
+        reach ``recall`` by its score and counts the heavy industry scoring as high as the weakest kept.
+    """
+    features = json.loads(Path(truth).read_text(encoding="utf-8"))["features"]
+    plants = [f["properties"] for f in features if f["properties"]["kind"] == "cement"]
+    industry = [f["properties"] for f in features if f["properties"].get("industry")]
+    p_scores = np.sort(oracle_score([p["kiln_k"] for p in plants], [p["dust"] for p in plants]))[::-1]
+    need = int(np.ceil(recall * len(plants) - 1e-9))
+    if not need:
+        return {"plants": len(plants), "industry": len(industry), "oracle_precision": None, "oracle_false": 0}
+    weakest = p_scores[need - 1]
+    i_scores = oracle_score([i["kiln_k"] for i in industry], [i["dust"] for i in industry]) if industry else []
+    false = int(np.sum(np.asarray(i_scores) >= weakest))
+    return {"plants": len(plants), "industry": len(industry), "oracle_precision": need / (need + false),
+            "oracle_false": false}  # fmt: skip

@@ -42,11 +42,11 @@ from fusionkern.models.networks import check_backend_available
 class TrainConfig:
     """Everything ``fusionkern train`` takes; also settable from a YAML file with the same keys."""
 
-    data: str = ""  # dataset folder (site layout or the authors' per-band layout)
+    data: str | list[str] = ""  # dataset folder(s) (site layout or the authors' layout), merged when several
     out: str = "runs/train"
     model: str = "fusionnet"  # fusionnet, or a single-input model: cnn5, mpcnn5, gcnn5, dcnn5, dgcnn
     backbone: str = "dgcnn"  # FusionNet branches: dgcnn or cnn5
-    preset: str = "paper"  # paper (256 px input) or native (35 px chips)
+    preset: str = "native"  # native (35 px chips, the scanner's) or paper (256 px input, as published)
     width: float = 1.0
     branch: str = "b76"  # the input of a single-input model
     alphas: str | list[float] = "paper"  # MixPool initial alphas: paper, authors, or four numbers
@@ -67,6 +67,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def data_folders(self) -> list[str]:
+        """The dataset folders, as a list."""
+        return [self.data] if isinstance(self.data, str) else [str(d) for d in self.data]
 
     def validate(self) -> None:
         if self.model.lower() != "fusionnet" and self.model.lower() not in SINGLE_INPUT_MODELS:
@@ -254,13 +259,21 @@ def train_split(
     device: torch.device,
     log: Callable[[str], None] = print,
     checkpoint_data: Mapping[str, Any] | None = None,
+    origin: Sequence[int] | None = None,
 ) -> dict:
     """Train one split; keep the best-on-validation checkpoint; return its validation and test metrics."""
+    from fusionkern.scan.decide import effective_prior
+
     torch.manual_seed(split.seed)
     model = build_from_config(cfg).to(device).to_backend(cfg.backend)
     train_loader, val_loader, test_loader = split_loaders(train_ds, eval_ds, split, cfg.batch_size, cfg.workers)
     best_path = split_dir / "best.pt"
-    data = dict(checkpoint_data or {}, branch=None if isinstance(model, FusionNet) else cfg.branch)
+    labels = np.asarray(train_ds.labels)[split.train]
+    n_cement, n_landcover = int((labels == 0).sum()), int((labels == 1).sum())
+    prior = {"cement": effective_prior(n_cement, n_landcover, cfg.class_weights), "train_sites": [n_cement, n_landcover],
+             "class_weights": list(cfg.class_weights),
+             "note": "cement share of the training sites, weighted by the loss's class weights"}  # fmt: skip
+    data = dict(checkpoint_data or {}, branch=None if isinstance(model, FusionNet) else cfg.branch, prior=prior)
 
     def save_best(epoch: int, val: dict) -> None:
         save_checkpoint(model, best_path, data=data, epoch=epoch, split=index, split_seed=split.seed, val=val,
@@ -276,8 +289,19 @@ def train_split(
     best_model = load_checkpoint(best_path, map_location=device).to_backend(cfg.backend)
     test = evaluate(best_model, test_loader, device)
     val = evaluate(best_model, val_loader, device)
-    return {"split": index, "seed": split.seed, "best_epoch": best_epoch, "val": val, "test": test,
-            "checkpoint": str(best_path), "history": history}  # fmt: skip
+    result = {"split": index, "seed": split.seed, "best_epoch": best_epoch, "val": val, "test": test,
+              "checkpoint": str(best_path), "history": history}  # fmt: skip
+    if origin is not None and len(set(origin)) > 1:  # held-out figures of each merged folder on its own
+        folders = cfg.data_folders
+        by_folder = {}
+        for k, folder in enumerate(folders):
+            part = [i for i in split.test if origin[i] == k]
+            if part:
+                loader = _loader(eval_ds, part, cfg.batch_size, False, cfg.workers, split.seed)
+                y, p = predict(best_model, loader, device)
+                by_folder[folder] = classification_metrics(y, p.argmax(1))
+        result["test_by_data"] = by_folder
+    return result
 
 
 def _fmt(x: float) -> str:
@@ -308,14 +332,14 @@ def markdown_report(cfg: TrainConfig, runs: list[dict], summary: dict) -> str:
 
 def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     """The whole protocol: read the data, split, train each split, write metrics.json and report.md."""
-    from fusionkern.data import SiteAugment, SiteDataset, load_sites, stratified_splits
+    from fusionkern.data import SiteAugment, SiteDataset, load_many, stratified_splits
 
     device = resolve_device(cfg.device)
     check_backend_available(cfg.backend, device)
-    if not cfg.data:
-        raise ConfigError("data: no dataset folder given (--data DIR or 'data:' in the config file)")
-    sites, report = load_sites(cfg.data)
-    if report is not None:
+    if not cfg.data or not all(cfg.data_folders):
+        raise ConfigError("data: no dataset folder given (--data DIR [DIR ...] or 'data:' in the config file)")
+    sites, reports, origin = load_many(cfg.data_folders)
+    for report in reports:
         log(report.summary())
     preset = get_preset(cfg.preset)
     branches = dataset_branches(cfg)
@@ -327,6 +351,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     counts = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}
     log(f"{len(sites)} sites ({', '.join(f'{n} {c}' for c, n in counts.items())}) from {cfg.data}; "
         f"{len(splits)} split(s); training on {device}")  # fmt: skip
+    summary_by_data = None
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,14 +360,19 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         split_dir = out / f"split_{index}"
         split_dir.mkdir(exist_ok=True)
         run = train_split(cfg, train_ds, eval_ds, split, index, split_dir, device, log,
-                          checkpoint_data={"dataset": str(cfg.data)})  # fmt: skip
+                          checkpoint_data={"dataset": cfg.data_folders}, origin=origin)  # fmt: skip
         t = run["test"]
         log(f"split {index}: test accuracy {_fmt(t['accuracy'])} %, cement recall {_fmt(t['cement_recall'])} %"
             f" (best epoch {run['best_epoch']}, {run['checkpoint']})")  # fmt: skip
         runs.append(run)
     summary = summarise(r["test"] for r in runs)
+    if all("test_by_data" in r for r in runs):
+        summary_by_data = {
+            folder: summarise(r["test_by_data"][folder] for r in runs)
+            for folder in cfg.data_folders if all(folder in r["test_by_data"] for r in runs)
+        }  # fmt: skip
     result = {"config": dataclasses.asdict(cfg), "classes": list(CLASSES), "sites": counts, "splits": runs,
-              "summary": summary}  # fmt: skip
+              "summary": summary, "summary_by_data": summary_by_data}  # fmt: skip
     write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, default=float))
     write_text_atomic(out / "report.md", markdown_report(cfg, runs, summary))
     return result

@@ -116,7 +116,8 @@ def test_chips_layout_counts_and_content(tmp_path, rasters, capsys):
     manifest = _manifest(tmp_path, rasters)
     plants = _plants_csv(tmp_path, [PLANT_INSIDE, PLANT_OUTSIDE, PLANT_NEAR_NODATA])
     out = tmp_path / "dataset"
-    code = main(["chips", "--manifest", str(manifest), "--plants", str(plants), "--out", str(out), "--seed", "3"])
+    code = main(["chips", "--manifest", str(manifest), "--plants", str(plants), "--out", str(out), "--seed", "3",
+                 "--context-px", "0"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "wrote 1 cement" in printed and "skipped cement: 1 outside, 1 nodata" in printed
@@ -180,6 +181,35 @@ def test_chips_layout_counts_and_content(tmp_path, rasters, capsys):
     assert x.shape == (len(BRANCHES), 3, CHIP, CHIP) and y == CLASSES.index("cement")
 
 
+
+def test_chips_context_surrounds_the_same_chip(tmp_path, rasters, capsys):
+    """--context-px N writes the chip with N more pixels on every side, on the same ground; the dataset's centre
+    crop of it is the chip cut without context."""
+    from fusionkern.data import SiteDataset, read_site_layout
+
+    manifest = _manifest(tmp_path, rasters)
+    plants = _plants_csv(tmp_path, [PLANT_INSIDE])
+    outs = {}
+    for context in (0, 4):
+        outs[context] = tmp_path / f"ctx{context}"
+        code = main(["chips", "--manifest", str(manifest), "--plants", str(plants), "--out", str(outs[context]),
+                     "--seed", "3", "--context-px", str(context)])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+    site = outs[4] / "cement" / "plant_0001"
+    top, left = PLANT_INSIDE[0] - HALF - 4, PLANT_INSIDE[1] - HALF - 4
+    with rasterio.open(site / "b6.tif") as src:
+        assert (src.height, src.width) == (CHIP + 8, CHIP + 8)
+        assert src.transform == from_origin(X0 + left * PX, Y0 - top * PX, PX, PX)
+        assert src.tags()["context_px"] == "4"
+        np.testing.assert_array_equal(src.read(1), _band_values("b6", 0)[top : top + CHIP + 8, left : left + CHIP + 8])
+    plain = SiteDataset(read_site_layout(outs[0]), chip_size=CHIP)
+    wide = SiteDataset(read_site_layout(outs[4]), chip_size=CHIP)
+    names = [s.name for s in plain.sites]
+    assert names == [s.name for s in wide.sites]
+    for index in range(len(names)):
+        np.testing.assert_array_equal(plain.load(index), wide.load(index))
+
+
 def test_chips_report_accounts_for_every_site(tmp_path, rasters):
     plants = chips.read_plants(_plants_csv(tmp_path, [PLANT_INSIDE, PLANT_OUTSIDE, PLANT_NEAR_NODATA]))
     inputs = chips.inputs_from_manifest(_manifest(tmp_path, rasters))
@@ -226,7 +256,7 @@ def test_scene_folders_and_geojson_plants(tmp_path, rasters, capsys):
         f' "geometry": {{"type": "Point", "coordinates": [{lon!r}, {lat!r}]}}}}]}}'
     )
     out = tmp_path / "out"
-    args = ["chips", "--scenes", *scenes, "--plants", str(plants), "--out", str(out), "--chip-m", "300"]
+    args = ["chips", "--scenes", *scenes, "--plants", str(plants), "--out", str(out), "--chip-m", "300", "--context-px", "0"]
     assert main(args) == 2  # Level-1 names and no MTL: DN are never passed off as kelvin and reflectance
     assert "scene1 has no *_MTL.txt" in capsys.readouterr().err and not out.exists()
     assert main([*args, "--no-calibrate"]) == 0
@@ -363,7 +393,8 @@ def test_real_clip_chip_is_centred(tmp_path, landsat8_dir, capsys):
     plants = tmp_path / "plants.csv"
     plants.write_text(f"lon,lat,name\n{lon!r},{lat!r},centre\n")
     out = tmp_path / "africa"
-    args = ["chips", "--scenes", str(scene), str(scene), str(scene), "--plants", str(plants), "--out", str(out)]
+    args = ["chips", "--scenes", str(scene), str(scene), str(scene), "--plants", str(plants), "--out", str(out),
+            "--context-px", "0"]
     assert main([*args, "--landcover-per-plant", "2"]) == 2  # 3.5 km = 117 px: outside the 101 px clip
     err = capsys.readouterr().err
     assert "no landcover chip could be cut (skipped: 2 outside" in err and "no room for them" in err

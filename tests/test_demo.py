@@ -9,14 +9,22 @@ from fusionkern.cli import main
 
 def test_demo_trains_and_scans_a_region(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--cement", "10", "--landcover", "20", "--epochs", "1", "--splits", "1",
-                 "--region-px", "384", "--plants", "2", "--no-progress"])  # fmt: skip
+    code = main(["demo", "--out", str(out), "--cement", "10", "--landcover", "20", "--epochs", "1", "--splits", "2",
+                 "--region-px", "384", "--plants", "2", "--mine-px", "384", "--mine-top", "6", "--mine-random", "4",
+                 "--no-progress"])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "accuracy" in printed and "recall" in printed
+    assert "accuracy" in printed and "recall" in printed and "mining region" in printed
+    assert "calibration region" in printed and "false detection" in printed
+    first = json.loads((out / "train-r0" / "metrics.json").read_text())
+    assert first["sites"] == {"cement": 10, "landcover": 20}
     metrics = json.loads((out / "train" / "metrics.json").read_text())
-    assert metrics["sites"] == {"cement": 10, "landcover": 20}
+    mined = sum(1 for _ in (out / "mined-r1" / "landcover").iterdir())
+    assert 1 <= mined <= 10 and metrics["sites"] == {"cement": 10, "landcover": 20 + mined}
+    assert set(metrics["summary_by_data"]) == {str(out / "data"), str(out / "mined-r1")}
     summary = json.loads((out / "scan-demo" / "scan_demo.json").read_text())
-    assert summary["region"]["size_px"] == 384
+    assert summary["region"]["size_px"] == 384 and len(summary["scan"]["decision"]["verify"]) == 2
+    assert {"recall", "precision", "false_per_1000km2"} <= set(summary["match"])
     for name in ("scores.tif", "detections.geojson", "scan.json"):
         assert (out / "scan-demo" / "scan" / name).is_file(), name
+    assert (out / "scan-demo" / "evaluation" / "pr_curve.png").is_file()

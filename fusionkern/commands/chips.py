@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--landcover-km", type=float, default=3.5,
         help="distance of landcover chips from their plant in km (default: %(default)s)",
     )
+    parser.add_argument(
+        "--context-px", type=int, default=9,
+        help="pixels of context kept around every chip, so that training can shift chips as the scan's fall at "
+        "any offset; 9 covers half the default scan stride of a 35 px chip (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the landcover bearings (default: %(default)s)")
     parser.add_argument(
         "--max-cloud", type=float, default=0.0,
@@ -70,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_cloud=args.max_cloud,
         calibrate=args.calibrate,
+        context_px=args.context_px,
     )
     options.validate()
     if args.scenes:

@@ -21,52 +21,121 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     p.add_argument("--cement", type=int, default=120, help="synthetic cement sites (default 120)")
     p.add_argument("--landcover", type=int, default=240, help="synthetic landcover sites (default 240)")
+    p.add_argument("--context-px", type=int, default=9, help="context around each training chip (default 9)")
     p.add_argument("--epochs", type=int, default=12, help="epochs per split (default 12)")
     p.add_argument("--splits", type=int, default=2, help="stratified splits (default 2; the paper uses 5)")
     p.add_argument("--width", type=float, default=0.25, help="FusionNet width multiplier (default 0.25)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--region-px", type=int, default=2048, help="side of the scanned synthetic region (default 2048)")
-    p.add_argument("--plants", type=int, default=12, help="plants planted in the region (default 12)")
-    p.add_argument("--no-scan", dest="scan", action="store_false", help="train only, skip the region scan")
+    p.add_argument("--region-px", type=int, default=2048, help="side of the evaluated synthetic region (default 2048)")
+    p.add_argument("--plants", type=int, default=12, help="plants planted in the evaluated region (default 12)")
+    p.add_argument("--mine-px", type=int, default=2048,
+                   help="side of the region hard negatives are mined from, and of the calibration region (default 2048)")
+    p.add_argument("--mine-top", type=int, default=300, help="hard negatives mined (default 300)")
+    p.add_argument("--mine-random", type=int, default=300, help="random background chips mined (default 300)")
+    p.add_argument("--fp-budget", type=float, default=0.5,
+                   help="false detections allowed per 1000 km² when calibrating (default 0.5)")
+    p.add_argument("--no-scan", dest="scan", action="store_false",
+                   help="train only: skip mining, calibration and the region scan")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _train(args: argparse.Namespace, data: list[str], out: Path, label: str) -> dict:
+    from fusionkern.train import TrainConfig, run_training
+
+    cfg = TrainConfig(
+        data=data, out=str(out), model="fusionnet", backbone="dgcnn", preset="native", width=args.width,
+        epochs=args.epochs, batch_size=32, lr=args.lr, splits=args.splits, seed=args.seed, device=args.device,
+        progress=args.progress,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    result = run_training(cfg, log=lambda line: None if not args.progress else print(line))
+    s = (result.get("summary_by_data") or {}).get(data[0]) or result["summary"]
+    print(f"{label}: FusionNet (native preset, width {args.width}), {args.splits} split(s) x {args.epochs} epochs in "
+          f"{time.perf_counter() - t0:.0f} s; held-out sites of {data[0]}:")  # fmt: skip
+    for key, name in (("accuracy", "accuracy"), ("cement_recall", "cement recall"),
+                      ("cement_precision", "cement precision"), ("f1", "F1")):  # fmt: skip
+        print(f"  {name:17s} {100 * s[key]['mean']:5.1f} +- {100 * s[key]['std']:.1f} %")
+    return result
+
+
+def _best(result: dict) -> str:
+    return max(result["splits"], key=lambda r: r["val"]["accuracy"])["checkpoint"]
 
 
 def run(args: argparse.Namespace) -> int:
     from fusionkern.data.synthetic import make_synthetic_sites
-    from fusionkern.train import TrainConfig, run_training
 
     out = Path(args.out)
     data = out / "data"
     t0 = time.perf_counter()
     if data.exists():
         shutil.rmtree(data)
-    sites = make_synthetic_sites(data, n_cement=args.cement, n_landcover=args.landcover, seed=args.seed)
-    print(f"wrote {len(sites)} synthetic sites to {data} ({time.perf_counter() - t0:.1f} s)")
-    cfg = TrainConfig(
-        data=str(data), out=str(out / "train"), model="fusionnet", backbone="dgcnn", preset="native",
-        width=args.width, epochs=args.epochs, batch_size=32, lr=args.lr, splits=args.splits, seed=args.seed,
-        device=args.device, progress=args.progress,
-    )  # fmt: skip
-    result = run_training(cfg)
-    s = result["summary"]
-    print()
-    print(f"FusionNet (native preset, width {args.width}) on {len(sites)} synthetic sites, "
-          f"{args.splits} split(s), {args.epochs} epochs, {time.perf_counter() - t0:.0f} s in all:")  # fmt: skip
-    for key, label in (("accuracy", "accuracy"), ("cement_recall", "cement recall"),
-                       ("cement_precision", "cement precision"), ("f1", "F1")):  # fmt: skip
-        print(f"  {label:17s} {100 * s[key]['mean']:5.1f} +- {100 * s[key]['std']:.1f} %")
-    print(f"report:      {out / 'train' / 'report.md'}")
-    print(f"metrics:     {out / 'train' / 'metrics.json'}")
-    print(f"checkpoints: {', '.join(r['checkpoint'] for r in result['splits'])}")
-    if args.scan:
-        from fusionkern.scan_demo import run_scan_demo
+    sites = make_synthetic_sites(data, n_cement=args.cement, n_landcover=args.landcover, seed=args.seed,
+                                 context_px=args.context_px)  # fmt: skip
+    print(f"wrote {len(sites)} synthetic sites ({args.context_px} px of context) to {data} "
+          f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    if not args.scan:
+        result = _train(args, [str(data)], out / "train", "training")
+        print(f"report: {out / 'train' / 'report.md'}; checkpoints: {', '.join(r['checkpoint'] for r in result['splits'])}")
+        print(f"done in {time.perf_counter() - t0:.0f} s")
+        return 0
+    first = _train(args, [str(data)], out / "train-r0", "round 0 (synthetic sites only)")
+    mined = _mine(args, out, _best(first))
+    final = _train(args, [str(data), str(mined)], out / "train", "round 1 (with mined background)")
+    checkpoint = _best(final)
+    _calibrate(args, out, checkpoint)
+    from fusionkern.scan_demo import run_scan_demo
 
-        best = max(result["splits"], key=lambda r: r["val"]["accuracy"])
-        print(f"\nscanning a synthetic region with {best['checkpoint']} (best validation accuracy):")
-        run_scan_demo(out / "scan-demo", best["checkpoint"], size_px=args.region_px, n_plants=args.plants,
-                      seed=args.seed, progress=args.progress)  # fmt: skip
-        print(f"scan outputs: {out / 'scan-demo' / 'scan'} (scores.tif, detections.geojson, quicklook.png, scan.json)")
+    print(f"\nscanning the evaluation region (seed {args.seed}, never mined nor calibrated on) with {checkpoint}, "
+          "verified by the split ensemble:")  # fmt: skip
+    run_scan_demo(out / "scan-demo", checkpoint, size_px=args.region_px, n_plants=args.plants, seed=args.seed,
+                  verify="auto", progress=args.progress)  # fmt: skip
+    print(f"outputs: {out / 'scan-demo' / 'scan'} (scores.tif, detections.geojson, quicklook.png, scan.json), "
+          f"{out / 'scan-demo' / 'evaluation'} (evaluation.json, pr_curve.png, missed.geojson)")  # fmt: skip
     print(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _region(args: argparse.Namespace, folder: Path, seed: int):
+    from fusionkern.scan_demo import make_demo_region
+
+    return make_demo_region(folder, args.mine_px, args.plants, seed=seed)
+
+
+def _mine(args: argparse.Namespace, out: Path, checkpoint: str) -> Path:
+    from fusionkern.scan.mine import MineOptions, mine
+    from fusionkern.scan_demo import region_truth
+
+    region = _region(args, out / "regions" / "mine", args.seed + 101)
+    target = out / "mined-r1"
+    options = MineOptions(
+        checkpoint=checkpoint, out=str(target), plants=region_truth(region), manifest=str(region.manifest),
+        top=args.mine_top, random=args.mine_random, context_px=args.context_px, seed=args.seed, overwrite=True,
+        progress=args.progress,
+    )  # fmt: skip
+    report = mine(options)
+    print(f"\nmining region (seed {args.seed + 101}): " + report.lines()[0])
+    return target
+
+
+def _calibrate(args: argparse.Namespace, out: Path, checkpoint: str) -> None:
+    from fusionkern.errors import InputError
+    from fusionkern.scan.calibrate import CalibrateOptions, calibrate
+    from fusionkern.scan_demo import region_truth
+
+    region = _region(args, out / "regions" / "calibrate", args.seed + 202)
+    options = CalibrateOptions(
+        checkpoint=checkpoint, out=str(out / "calibration"), plants=region_truth(region), budget=args.fp_budget,
+        manifest=str(region.manifest), verify="auto", overwrite=True, progress=args.progress,
+    )  # fmt: skip
+    try:
+        record = calibrate(options)
+    except InputError as exc:  # a model too weak for the budget: say so, and scan with the default threshold
+        print(f"calibration region (seed {args.seed + 202}): not calibrated: {exc}")
+        return
+    parts = [f"{mode} threshold {record[mode]['threshold']:.3g} ({record[mode]['found']}/{record['region']['plants']} "
+             f"plants, {record[mode]['false']} false)" for mode in ("plain", "verified") if record.get(mode)]  # fmt: skip
+    print(f"calibration region (seed {args.seed + 202}): prior {record['prior']:.2g}, budget {args.fp_budget:g} "
+          f"false per 1000 km²: " + "; ".join(parts))  # fmt: skip

@@ -50,7 +50,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest fraction of a chip's pixels that may be nodata or cloud (QA) for it to be scored; "
         "default 0, the training set's rule",
     )
-    work.add_argument("--threshold", type=float, default=0.5, help="cement probability of a positive chip (0.5)")
+    decide = parser.add_argument_group("decisions (defaults: what fusionkern calibrate stored in the checkpoint)")
+    decide.add_argument(
+        "--threshold", type=float,
+        help="detection threshold on the (prior-shifted) probability, or on the verifier's score with --verify "
+        "(default: the checkpoint's calibrated threshold, else 0.5)",
+    )
+    decide.add_argument(
+        "--prior", type=float,
+        help="deployment prior of cement chips; probabilities are moved from the training prior to it "
+        "(default: the calibrated prior, else the training prior: no shift)",
+    )
+    decide.add_argument(
+        "--verify", metavar="auto|FILE",
+        help="verify candidate sites with an ensemble: auto (the split checkpoints beside CHECKPOINT), a "
+        "checkpoint, a training folder or a file listing checkpoints; default: no verifier",
+    )
+    decide.add_argument(
+        "--candidate-threshold", type=float,
+        help="chip probability from which sites are verified (default: the calibrated one, else a quarter of "
+        "the threshold's odds)",
+    )
     work.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                       help="keep raster values as stored instead of converting DN with the MTL files")  # fmt: skip
     work.add_argument("--preset", choices=("paper", "native"), help="refuse a checkpoint of another preset")

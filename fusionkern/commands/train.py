@@ -13,11 +13,14 @@ HELP = "Train FusionNet or a single-input ablation model with the paper's protoc
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Every default is None so that a YAML config's values are only overridden by flags actually given.
     p.add_argument("--config", help="YAML file with any of the options below (flags given override it)")
-    p.add_argument("--data", help="dataset folder: the site layout or the authors' per-band folders")
+    p.add_argument("--data", nargs="+", metavar="DIR",
+                   help="dataset folder(s): the site layout or the authors' per-band folders; several are merged, "
+                   "e.g. a training set and the hard negatives of fusionkern mine")  # fmt: skip
     p.add_argument("--out", help="output folder (default runs/train)")
     p.add_argument("--model", help="fusionnet (default), cnn5, mpcnn5, gcnn5, dcnn5 or dgcnn")
     p.add_argument("--backbone", choices=("dgcnn", "cnn5"), help="FusionNet branch network (default dgcnn)")
-    p.add_argument("--preset", choices=("paper", "native"), help="paper: 256 px input; native: 35 px chips")
+    p.add_argument("--preset", choices=("paper", "native"),
+                   help="native (default): 35 px chips as the scanner cuts them; paper: 256 px input, as published")
     p.add_argument("--width", type=float, help="channel width multiplier (default 1.0)")
     p.add_argument("--branch", choices=BRANCHES, help="input of a single-input model (default b76)")
     p.add_argument("--alphas", help="MixPool initial alphas: paper, authors, or comma-separated numbers")

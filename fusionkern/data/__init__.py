@@ -5,7 +5,7 @@ of that kind is read or written.
 """
 
 from fusionkern.data.dataset import SiteDataset, read_image
-from fusionkern.data.layouts import JoinReport, Site, load_sites, read_authors_layout, read_site_layout
+from fusionkern.data.layouts import JoinReport, Site, load_many, load_sites, read_authors_layout, read_site_layout
 from fusionkern.data.splits import CLASS_WEIGHTS, Split, stratified_splits
 from fusionkern.data.synthetic import make_synthetic_sites
 from fusionkern.data.transforms import AugmentParams, SiteAugment, minmax_scale
@@ -18,6 +18,7 @@ __all__ = [
     "SiteAugment",
     "SiteDataset",
     "Split",
+    "load_many",
     "load_sites",
     "make_synthetic_sites",
     "minmax_scale",

@@ -26,10 +26,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -39,7 +35,7 @@ import numpy as np
 from fusionkern import BRANCHES, CLASSES, landsat
 from fusionkern.data.splits import MIN_PER_CLASS
 from fusionkern.errors import ConfigError, InputError
-from fusionkern.files import check_writable, default_dir_mode, output_errors
+from fusionkern.files import check_writable, folder_built_aside, output_errors
 from fusionkern.readers import (  # discovery lives with the readers; re-exported for existing callers
     INPUT_BANDS,
     N_DATES,
@@ -89,6 +85,9 @@ class ChipOptions:
         max_cloud: Largest fraction of a chip flagged by a QA band (any date) that is still kept.
         calibrate: Convert DN to reflectance / brightness temperature where an MTL (or a Level-2 name) says how.
         tries: Bearings drawn per landcover chip before giving up on overlaps.
+        context_px: Pixels of context kept on every side of a chip, so that training can shift the chip window
+            (:class:`~fusionkern.data.transforms.SiteAugment`) as the scan's chips fall at any offset. The files
+            hold ``chip + 2 * context_px`` pixels a side; readers centre-crop them back to the chip.
     """
 
     chip_m: float = 1050.0
@@ -98,6 +97,7 @@ class ChipOptions:
     max_cloud: float = 0.0
     calibrate: bool = True
     tries: int = 10
+    context_px: int = 0
 
     def validate(self) -> None:
         """Raises ConfigError on values that cannot work."""
@@ -111,6 +111,8 @@ class ChipOptions:
             raise ConfigError(f"max cloud fraction must be within 0..1, got {self.max_cloud}")
         if self.tries < 1:
             raise ConfigError(f"tries must be >= 1, got {self.tries}")
+        if self.context_px < 0:
+            raise ConfigError(f"--context-px must be >= 0, got {self.context_px}")
 
 
 def read_plants(path: str | Path) -> list[Plant]:
@@ -118,7 +120,8 @@ def read_plants(path: str | Path) -> list[Plant]:
 
     CSV columns are matched case-insensitively: ``lon``/``longitude``/``lng``/``x``, ``lat``/``latitude``/``y``
     and optionally ``name``/``plant``. GeoJSON coordinates are WGS84 ``[lon, lat]``; a ``name`` property is used
-    when present. Plants without a name are called ``plant_<row>``.
+    when present, and features whose ``kind`` property is not ``cement`` (look-alikes in a truth file) are left
+    out. Plants without a name are called ``plant_<row>``.
 
     Args:
         path: ``.csv`` (comma, semicolon or tab separated), ``.geojson`` or ``.json`` file.
@@ -188,6 +191,8 @@ def _read_plants_geojson(path: Path) -> list[Plant]:
         lon = _coordinate(coords[0], "lon", 180.0, where)
         lat = _coordinate(coords[1], "lat", 90.0, where)
         properties = (feature.get("properties") or {}) if isinstance(feature, dict) else {}
+        if str(properties.get("kind", "cement")).lower() != "cement":
+            continue  # a truth file that also lists look-alikes (``kind: confuser``) names plants ``kind: cement``
         name = str(properties.get("name") or "").strip()
         plants.append(Plant(name or f"plant_{len(plants) + 1}", lon, lat))
     return plants
@@ -224,6 +229,7 @@ class _Stack:
             self.ref = self.sources["b10"][0]
             self.offsets = {id(s): self._grid_offset(s) for s in self._all_sources()}
             self.size = self._chip_pixels(options.chip_m)
+            self.context = int(options.context_px)
             if options.calibrate:
                 self.mtl = {b.mtl: landsat.read_mtl(b.mtl) for bs in inputs.bands.values() for b in bs if b.mtl}
         except BaseException:
@@ -270,11 +276,18 @@ class _Stack:
         rows, cols = self.size
         return math.floor(row - rows / 2 + 0.5), math.floor(col - cols / 2 + 0.5)
 
+    @property
+    def window_size(self) -> tuple[int, int]:
+        """(rows, cols) of what is read and written per site: the chip and its context on every side."""
+        return self.size[0] + 2 * self.context, self.size[1] + 2 * self.context
+
     def _window(self, source: RasterSource, top: int, left: int) -> Any:
+        """The window of the chip at (top, left) with its context, on ``source``'s grid."""
         from rasterio.windows import Window
 
         d_row, d_col = self.offsets[id(source)]
-        return Window(left + d_col, top + d_row, self.size[1], self.size[0])
+        rows, cols = self.window_size
+        return Window(left + d_col - self.context, top + d_row - self.context, cols, rows)
 
     def inside(self, top: int, left: int) -> bool:
         return all(s.contains(self._window(s, top, left)) for s in self._all_sources())
@@ -295,7 +308,7 @@ class _Stack:
 
     def cloud_fraction(self, top: int, left: int) -> float:
         """Fraction of the chip flagged by the QA band of any date (0 without QA bands)."""
-        flagged = np.zeros(self.size, dtype=bool)
+        flagged = np.zeros(self.window_size, dtype=bool)
         for source in self.qa:
             if source is not None:
                 words = source.read(self._window(source, top, left), out_dtype=None)
@@ -448,34 +461,52 @@ def _plan_sites(
 
 
 def _write_site(stack: _Stack, site: _Site, chips: dict[str, np.ndarray], root: Path) -> None:
-    import rasterio
     from rasterio import windows
 
-    folder = root / site.label / site.site
+    rows, cols = stack.window_size
+    window = windows.Window(site.left - stack.context, site.top - stack.context, cols, rows)
+    write_site_files(
+        root / site.label / site.site, chips, stack.ref.crs, windows.transform(window, stack.ref.transform),
+        {branch: stack.descriptions(branch) for branch in chips},
+        {"site": site.site, "label": site.label, "plant": site.name, "context_px": stack.context},
+    )  # fmt: skip
+
+
+def write_site_files(
+    folder: Path,
+    chips: dict[str, np.ndarray],
+    crs: Any,
+    transform: Any,
+    descriptions: dict[str, Sequence[str]],
+    tags: dict[str, Any],
+) -> None:
+    """One site folder of the site layout: a 3-band float32 GeoTIFF per branch (one band per date).
+
+    Args:
+        folder: The site's folder (created; must not exist).
+        chips: Branch -> (3, rows, cols) values, NaN at nodata.
+        crs: Their CRS.
+        transform: The affine transform of their top-left pixel.
+        descriptions: Branch -> the three band descriptions (the dates).
+        tags: GDAL metadata written in every file (the branch is added).
+    """
+    import rasterio
+
     folder.mkdir(parents=True)
-    rows, cols = stack.size
-    window = windows.Window(site.left, site.top, cols, rows)
+    rows, cols = next(iter(chips.values())).shape[-2:]
     profile = {
-        "driver": "GTiff",
-        "dtype": "float32",
-        "count": N_DATES,
-        "width": cols,
-        "height": rows,
-        "crs": stack.ref.crs,
-        "transform": windows.transform(window, stack.ref.transform),
-        "nodata": float("nan"),
-        "compress": "deflate",
-        "predictor": 3,
-    }
+        "driver": "GTiff", "dtype": "float32", "count": N_DATES, "width": cols, "height": rows, "crs": crs,
+        "transform": transform, "nodata": float("nan"), "compress": "deflate", "predictor": 3,
+    }  # fmt: skip
     for branch, data in chips.items():
         # Encoded in memory, then written by Python: GDAL reports a write that fails on disk (a full disk) only as a
         # log line and leaves a broken file, where Python's write raises.
         with rasterio.MemoryFile() as memory:
             with memory.open(**profile) as dst:
                 dst.write(data)
-                for band, description in enumerate(stack.descriptions(branch), start=1):
+                for band, description in enumerate(descriptions[branch], start=1):
                     dst.set_band_description(band, description)
-                dst.update_tags(site=site.site, label=site.label, plant=site.name, branch=branch)
+                dst.update_tags(**{k: str(v) for k, v in tags.items()}, branch=branch)
             (folder / f"{branch}.tif").write_bytes(memory.read())
 
 
@@ -602,17 +633,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def _replace_folder(new: Path, out: Path) -> None:
-    """Moves ``new`` to ``out``, replacing whatever ``out`` held only once ``new`` is complete."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_chip_dataset(
     inputs: ChipInputs,
     plants: Sequence[Plant],
@@ -640,16 +660,8 @@ def write_chip_dataset(
     out = Path(out)
     options.validate()
     _check_out(out, overwrite)
-    with output_errors(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        try:
-            os.chmod(partial, default_dir_mode())  # mkdtemp's 0700 would otherwise become the dataset's mode
-            report = cut_chips(inputs, plants, partial, options)
-            _replace_folder(partial, out)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+    with output_errors(out), folder_built_aside(out) as partial:
+        report = cut_chips(inputs, plants, partial, options)
     report.out = out
     return report
 

@@ -4,12 +4,13 @@ One item is one site: its five co-registered inputs (b10, b11, b7, b6, b76), eac
 channel per date, stacked in branch order. The steps, per site:
 
 1. read each file (GeoTIFF via rasterio, PNG/JPG via Pillow) as (3, H, W) float32 with NaN for nodata;
-2. centre-crop to ``chip_size``;
+2. crop to ``chip_size``: centred, or, with a :class:`~fusionkern.data.transforms.SiteAugment`, shifted inside
+   the context the files carry (``fusionkern chips --context-px``), one shift for all inputs;
 3. derive b76 = b7 / b6 on the raw values where its file is absent (:func:`fusionkern.landsat.band_ratio`:
    NaN where b6 <= 0 or either band is NaN);
 4. scale each channel of each input to its own min..max (:func:`~fusionkern.data.transforms.minmax_scale`),
    NaN pixels becoming 0;
-5. apply the augmentation, one draw for all inputs.
+5. apply the rotation and flips, one draw for all inputs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch.utils.data import Dataset
 
 from fusionkern import BRANCHES
 from fusionkern.data.layouts import DERIVED_BRANCH, Site
-from fusionkern.data.transforms import minmax_scale
+from fusionkern.data.transforms import AugmentParams, minmax_scale
 from fusionkern.errors import ConfigError, InputError, MissingDependencyError
 from fusionkern.landsat import band_ratio
 
@@ -165,9 +166,14 @@ class SiteDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         site = self.sites[index]
-        x = self.load(index)
-        if self.augment is not None:
-            x = self.augment(x)
+        sample = getattr(self.augment, "sample", None)
+        if sample is not None:  # a SiteAugment: shift the crop, then rotate and flip the scaled chips
+            params = sample()
+            x = params.apply(self.load(index, params))
+        else:
+            x = self.load(index)
+            if self.augment is not None:
+                x = self.augment(x)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), int(site.label)
 
     def single_branch(self, branch: str) -> SiteDataset:
@@ -196,13 +202,19 @@ class SiteDataset(Dataset):
             self.load(index)
         return self
 
-    def load(self, index: int) -> np.ndarray:
-        """The scaled, unaugmented inputs of site ``index``: float32 (len(branches), 3, S, S)."""
+    def load(self, index: int, params: AugmentParams | None = None) -> np.ndarray:
+        """The scaled inputs of site ``index``: float32 (len(branches), 3, S, S).
+
+        Args:
+            index: The site.
+            params: Where to crop: ``params.dy`` / ``params.dx`` shift the chip from the centre of the files
+                (clipped to their context); None crops centred. Rotations and flips are not applied here.
+        """
         site = self.sites[index]
-        raw = self._read_site(site)
+        raw = self._read_site(site, params or AugmentParams())
         return np.stack([self._scaled(site, raw, branch) for branch in self.branches])
 
-    def _read_site(self, site: Site) -> dict[str, np.ndarray]:
+    def _read_site(self, site: Site, params: AugmentParams) -> dict[str, np.ndarray]:
         """Cropped raw arrays of the files this dataset's branches need; all must share one size."""
         derive = DERIVED_BRANCH in self.branches and DERIVED_BRANCH not in site.paths
         needed = (set(self.branches) - {DERIVED_BRANCH} | {"b7", "b6"}) if derive else set(self.branches)
@@ -211,7 +223,8 @@ class SiteDataset(Dataset):
             path = site.paths.get(branch)
             if path is None:
                 raise InputError(f"site {site.key} has no {branch} file")
-            shapes[branch], raw[branch] = self._read_file(path)
+            shapes[branch], image = self._read_file(path)
+            raw[branch] = params.crop(image, self.chip_size)
         _check_same_size(site, shapes)
         if derive:
             raw[DERIVED_BRANCH] = band_ratio(raw["b7"], raw["b6"])
@@ -221,7 +234,8 @@ class SiteDataset(Dataset):
         if path in self._cache:
             return self._cache[path]
         image = read_image(path)
-        entry = (image.shape[-2:], centre_crop(image, self.chip_size, path))
+        centre_crop(image, self.chip_size, path)  # refuses files smaller than the chip
+        entry = (image.shape[-2:], image)
         if self.cache:
             self._cache[path] = entry
         return entry

@@ -22,6 +22,7 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from fusionkern import BRANCHES, CLASSES
 from fusionkern.errors import InputError
@@ -183,11 +184,13 @@ def read_authors_layout(root: str | Path) -> tuple[list[Site], JoinReport]:
     return _join(files, labels)
 
 
-def load_sites(root: str | Path) -> tuple[list[Site], JoinReport | None]:
+def load_sites(root: str | Path, both_classes: bool = True) -> tuple[list[Site], JoinReport | None]:
     """Read a labelled dataset in either layout, telling them apart by their top-level folders.
 
     Args:
         root: The dataset folder.
+        both_classes: Require sites of both classes (False for a folder that is merged with others, such as
+            the landcover sites ``fusionkern mine`` writes).
 
     Returns:
         The sites and, for the authors' layout, the join report (None for the site layout).
@@ -210,8 +213,42 @@ def load_sites(root: str | Path) -> tuple[list[Site], JoinReport | None]:
         sites, report = read_authors_layout(root)
     else:
         raise InputError(f"{root} is not a dataset folder: expected {_SITE_HINT} or {_AUTHORS_HINT}")
-    _check_classes(sites, root)
+    if both_classes:
+        _check_classes(sites, root)
+    elif not sites:
+        raise InputError(f"{root} holds no site")
     return sites, report
+
+
+def load_many(roots: Sequence[str | Path]) -> tuple[list[Site], list[JoinReport], list[int]]:
+    """Several datasets merged into one, e.g. a training set and the hard negatives mined for it.
+
+    Site names are prefixed with their folder's position (``d1:``, ``d2:``...) when more than one folder is
+    given, so that names stay unique; the classes are checked on the union.
+
+    Args:
+        roots: The dataset folders.
+
+    Returns:
+        The sites, the join reports of folders in the authors' layout, and each site's folder index.
+
+    Raises:
+        InputError: A folder that cannot be read, or a class without a site in the union.
+    """
+    if not roots:
+        raise InputError("no dataset folder given")
+    sites, reports, origin = [], [], []
+    for index, root in enumerate(roots):
+        found, report = load_sites(root, both_classes=len(roots) == 1)
+        if report is not None:
+            reports.append(report)
+        for site in found:
+            if len(roots) > 1:
+                site.name = f"d{index + 1}:{site.name}"
+            sites.append(site)
+            origin.append(index)
+    _check_classes(sites, Path(" + ".join(str(r) for r in roots)))
+    return sites, reports, origin
 
 
 _SITE_HINT = "the site layout <root>/cement|landcover/<site>/b10.tif, b11.tif, b7.tif, b6.tif [, b76.tif]"

@@ -61,6 +61,7 @@ def make_synthetic_sites(
     seed: int = 0,
     dates: Sequence[str] = ("2018-01", "2017-01", "2017-04"),
     write_b76: bool = True,
+    context_px: int = 0,
 ) -> list[Site]:
     """Write a synthetic dataset in the site layout and return its sites.
 
@@ -72,6 +73,8 @@ def make_synthetic_sites(
         seed: Seed of the whole dataset; site ``i`` of a class depends only on this seed and ``i``.
         dates: Three dates ``YYYY-MM`` in band order; their months set the season of each band.
         write_b76: Also write ``b76.tif``; when False, readers derive it from b7 and b6.
+        context_px: Pixels of context around every chip (as ``fusionkern chips --context-px``), at most half
+            the chip: the files hold ``chip_px + 2 * context_px`` pixels a side.
 
     Returns:
         The sites, cement first, each sorted by name, with longitude and latitude.
@@ -82,6 +85,8 @@ def make_synthetic_sites(
         MissingDependencyError: rasterio is not installed.
     """
     months = _check_args(n_cement, n_landcover, chip_px, dates)
+    if not 0 <= context_px <= chip_px // 2:
+        raise ConfigError(f"context_px must be within 0..{chip_px // 2} for {chip_px} px chips, got {context_px}")
     root = Path(root)
     _check_empty(root)
     seeds = np.random.SeedSequence(seed).spawn(3)
@@ -92,7 +97,7 @@ def make_synthetic_sites(
     for label, locations in enumerate((plants, landcover)):
         for i, (lon, lat) in enumerate(locations):
             rng = site_rngs[i if label == 0 else n_cement + i]
-            scene = _make_scene(rng, chip_px, months, lat, cement=label == 0)
+            scene = _make_scene(rng, chip_px, months, lat, cement=label == 0, context_px=context_px)
             name = f"{CLASSES[label]}_{i:04d}"
             paths = _write_site(root / CLASSES[label] / name, scene, lon, lat, dates, write_b76)
             sites.append(Site(name, label, paths, float(lon), float(lat)))
@@ -194,6 +199,8 @@ class _Surface:
         heat: Kelvin added to b10 by heat sources, as the thermal band sees them.
         add_b6: Band 6 reflectance added by surface materials (concrete, dust).
         add_b7: Band 7 reflectance added by surface materials.
+        works: Where given, every hot works drawn on the surface appends ``(kiln_k, dust)`` to it (a record of
+            what was drawn; it takes nothing from the random generator).
     """
 
     veg: np.ndarray
@@ -201,6 +208,7 @@ class _Surface:
     heat: np.ndarray
     add_b6: np.ndarray
     add_b7: np.ndarray
+    works: list | None = None
 
     def alter_soil(self, weight: np.ndarray) -> None:
         """Strip vegetation and moisture where ``weight`` (0..1) is high and add dry mineral dust (b7 up, b6 less)."""
@@ -215,8 +223,11 @@ class _Surface:
         self.add_b7 += b7 * weight
 
 
-def _make_scene(rng: np.random.Generator, chip_px: int, months: Sequence[int], lat: float, cement: bool) -> _Scene:
-    """Draw one site: the landcover background, then a plant or (sometimes) a confuser on top."""
+def _make_scene(
+    rng: np.random.Generator, chip_px: int, months: Sequence[int], lat: float, cement: bool, context_px: int = 0
+) -> _Scene:
+    """Draw one site: the landcover background, then a plant or (sometimes) a confuser on top; the chip and
+    ``context_px`` pixels around it are kept."""
     size = 2 * chip_px
     centre = np.array([size / 2.0 - 0.5, size / 2.0 - 0.5])
     veg, moist = _land_surface(rng, size, months)
@@ -228,7 +239,7 @@ def _make_scene(rng: np.random.Generator, chip_px: int, months: Sequence[int], l
         _add_confusers(rng, size, centre, surface)
     b6, b7 = _reflectance(rng, surface)
     b10, b11 = _brightness_temperature(rng, surface, months, lat)
-    crop = slice(chip_px // 2, chip_px // 2 + chip_px)
+    crop = slice(chip_px // 2 - context_px, chip_px // 2 + chip_px + context_px)
     return _Scene(*(a[:, crop, crop].astype(np.float32) for a in (b10, b11, b7, b6)))
 
 
@@ -266,6 +277,8 @@ def _add_works(
         kiln_k: Peak excess brightness temperature of the hot spot in b10, kelvin, before a per-date variation.
         dust: Strength (0..1) of the altered-soil halo.
     """
+    if surface.works is not None:
+        surface.works.append((float(kiln_k), float(dust)))
     halo = _blob(size, site, rng.uniform(4.0, 8.0), rng.uniform(1.0, 1.6), rng.uniform(0, np.pi))
     surface.alter_soil(dust * halo)
     surface.build(_blob(size, site, rng.uniform(1.2, 2.2), rng.uniform(1.0, 2.0), rng.uniform(0, np.pi)), 0.05, 0.045)

@@ -43,11 +43,28 @@ def minmax_scale(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AugmentParams:
-    """One draw of :class:`SiteAugment`: quarter turns (counter-clockwise) then the flips, in that order."""
+    """One draw of :class:`SiteAugment`: the chip window's shift, then quarter turns (counter-clockwise) and the
+    flips, in that order.
+
+    ``dy`` and ``dx`` move the chip window (rows down, columns right) inside the site's context before it is
+    cropped and scaled; :meth:`apply` does not shift (a chip without context has nothing to shift into), the
+    dataset crops with :meth:`crop`.
+    """
 
     k: int = 0
     hflip: bool = False
     vflip: bool = False
+    dy: int = 0
+    dx: int = 0
+
+    def crop(self, image: np.ndarray, size: int) -> np.ndarray:
+        """The ``size`` x ``size`` window of (..., H, W) ``image`` centred as a centre crop, then shifted by
+        (``dy``, ``dx``) clipped to the context the image has on each side."""
+        height, width = image.shape[-2:]
+        top, left = (height - size) // 2, (width - size) // 2
+        top = int(np.clip(top + self.dy, 0, height - size))
+        left = int(np.clip(left + self.dx, 0, width - size))
+        return image[..., top : top + size, left : left + size]
 
     def apply(self, x: ChipT) -> ChipT:
         """Apply this rotation and these flips to the last two axes of ``x`` (a numpy array or a tensor).
@@ -65,7 +82,14 @@ class AugmentParams:
 
 
 class SiteAugment:
-    """The paper's augmentation: rotation (p 0.9), horizontal flip (p 0.5), vertical flip (p 0.1).
+    """The paper's augmentation: rotation (p 0.9), horizontal flip (p 0.5), vertical flip (p 0.1); and a shift.
+
+    The shift moves the chip window by up to ``max_shift_px`` pixels along each axis (uniform integers), inside the
+    context that sites cut with ``fusionkern chips --context-px`` carry, before the chip is cropped and scaled. A
+    scan lays chips every half chip whatever lies under them, so a plant sits up to half a stride (about 9 px for a
+    35 px chip at the default stride of 17 px) from the nearest chip's centre, and that chip's min-max scaling
+    differs from the centred one: training on shifted windows is training on what the scan sees. The default,
+    9 px, is that half stride; sites without context are cropped centred (the shift is clipped to the context).
 
     One draw is applied to every input of a site, so the five branches stay co-registered. Rotations are
     quarter turns, k uniform in {1, 2, 3} (90, 180 or 270 degrees): on a square chip they are lossless, with no
@@ -82,34 +106,49 @@ class SiteAugment:
         p_hflip: Probability of a left-right flip.
         p_vflip: Probability of an up-down flip.
         seed: Seed of the generator; None draws fresh entropy.
+        max_shift_px: Largest shift of the chip window along each axis, in pixels (0: no shift).
 
     Raises:
-        ConfigError: A probability is outside [0, 1].
+        ConfigError: A probability is outside [0, 1], or the shift is negative.
     """
 
-    def __init__(self, p_rotate: float = 0.9, p_hflip: float = 0.5, p_vflip: float = 0.1, seed: int | None = None):
+    def __init__(
+        self,
+        p_rotate: float = 0.9,
+        p_hflip: float = 0.5,
+        p_vflip: float = 0.1,
+        seed: int | None = None,
+        max_shift_px: int = 9,
+    ):
         for name, p in (("p_rotate", p_rotate), ("p_hflip", p_hflip), ("p_vflip", p_vflip)):
             if not 0.0 <= p <= 1.0:
                 raise ConfigError(f"augmentation {name} must be a probability in [0, 1], got {p}")
+        if int(max_shift_px) < 0:
+            raise ConfigError(f"augmentation max_shift_px must be >= 0, got {max_shift_px}")
         self.p_rotate, self.p_hflip, self.p_vflip = p_rotate, p_hflip, p_vflip
+        self.max_shift_px = int(max_shift_px)
         self.seed = seed
         self._rng = np.random.default_rng(seed)
         self._owner: int | None = None  # torch seed of the worker that owns the generator; None = main process
 
     def __repr__(self) -> str:
         return (
-            f"SiteAugment(p_rotate={self.p_rotate}, p_hflip={self.p_hflip}, p_vflip={self.p_vflip}, seed={self.seed})"
+            f"SiteAugment(p_rotate={self.p_rotate}, p_hflip={self.p_hflip}, p_vflip={self.p_vflip}, "
+            f"seed={self.seed}, max_shift_px={self.max_shift_px})"
         )
 
     def sample(self) -> AugmentParams:
-        """Draw one rotation and flip; always consumes the same amount of randomness."""
+        """Draw one rotation, flip and shift; always consumes the same amount of randomness."""
         rng = self._generator()
         u_rotate, u_hflip, u_vflip = rng.random(3)
         k = int(rng.integers(1, 4))
+        dy, dx = (int(v) for v in rng.integers(-self.max_shift_px, self.max_shift_px + 1, 2))
         return AugmentParams(
             k=k if u_rotate < self.p_rotate else 0,
             hflip=bool(u_hflip < self.p_hflip),
             vflip=bool(u_vflip < self.p_vflip),
+            dy=dy,
+            dx=dx,
         )
 
     def __call__(self, x: ChipT) -> ChipT:

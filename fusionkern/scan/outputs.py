@@ -4,9 +4,11 @@
   ``stride`` wide and centred on chip ``(i, j)``), in the scan grid's CRS, NaN (the nodata value) where a chip was
   skipped. A Cloud-Optimised GeoTIFF (GDAL's COG driver: tiled, DEFLATE, overviews averaged).
 * ``detections.geojson`` (RFC 7946: WGS 84 longitude/latitude, exterior rings counter-clockwise) and
-  ``detections.parquet`` (GeoParquet 1.1, WKB geometry, the same CRS): one feature per group of positive chips
-  (probability >= threshold) whose footprints touch or overlap, with the group's highest and mean probability,
-  its chip count, the probability-weighted centroid of its chip centres and the union of its chip footprints.
+  ``detections.parquet`` (GeoParquet 1.1, WKB geometry, the same CRS): one feature per site, ranked by score: the
+  positive chips around a local peak of the probabilities (:func:`group_sites`, at most :data:`MAX_SITE_M` a
+  side), with the score (the verifier's where it ran), the best chip's and the mean probability, the chip count,
+  the peak location and the union of the chip footprints; threshold, prior and model sha256 are repeated in every
+  feature's properties.
 * ``quicklook.png``: the scores over a false-colour composite of the first date (B7, B6, B10), detections
   outlined.
 
@@ -89,24 +91,28 @@ def write_scores_cog(path: Path, scores: np.ndarray, grid: ScanGrid, layout: Chi
 
 @dataclass
 class Detection:
-    """A group of positive chips whose footprints touch.
+    """One site: the positive chips around a local peak of the scores, capped in size.
 
     Attributes:
-        id: 1-based, in row-major order of each group's first chip.
-        score: Highest cement probability in the group.
-        mean_score: Mean probability over the group's chips.
-        chip_count: Chips in the group.
-        lon: Longitude of the probability-weighted centroid of the chip centres.
-        lat: Latitude of that centroid.
-        x: The centroid in the grid's CRS.
-        y: The centroid in the grid's CRS.
+        id: 1-based rank, highest score first.
+        score: The detection's score: the verifier's where the site was verified, else ``chip_score``.
+        chip_score: Highest chip probability of the site (the first pass).
+        mean_score: Mean chip probability over the site's chips.
+        chip_count: Chips in the site.
+        lon: Longitude of the site's peak (the score-weighted centre of the chips around the best chip).
+        lat: Latitude of the peak.
+        x: The peak in the grid's CRS.
+        y: The peak in the grid's CRS.
         footprint: GeoJSON geometry (Polygon or MultiPolygon) of the chips' union, WGS 84 lon/lat.
         footprint_grid: The same in the grid's CRS.
-        chips: (row, col) of the group's chips.
+        chips: (row, col) of the site's chips, the peak chip first.
+        verifier_score: Probability given by the verifier, None where the site was not verified.
+        context: Scan-wide values repeated in every feature (threshold, prior, model sha256).
     """
 
     id: int
     score: float
+    chip_score: float
     mean_score: float
     chip_count: int
     lon: float
@@ -116,16 +122,22 @@ class Detection:
     footprint: dict[str, Any]
     footprint_grid: dict[str, Any] = field(repr=False)
     chips: list[tuple[int, int]] = field(repr=False)
+    verifier_score: float | None = None
+    context: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def properties(self) -> dict[str, Any]:
         """The attributes written with the footprint."""
         return {
             "id": self.id,
+            "rank": self.id,
             "score": round(self.score, 6),
+            "chip_score": round(self.chip_score, 6),
+            "verifier_score": None if self.verifier_score is None else round(self.verifier_score, 6),
             "mean_score": round(self.mean_score, 6),
             "chip_count": self.chip_count,
-            "centroid_lon": round(self.lon, _COORD_DIGITS),
-            "centroid_lat": round(self.lat, _COORD_DIGITS),
+            "peak_lon": round(self.lon, _COORD_DIGITS),
+            "peak_lat": round(self.lat, _COORD_DIGITS),
+            **self.context,
         }
 
 
@@ -231,37 +243,116 @@ def _round_geometry(geometry: dict[str, Any]) -> dict[str, Any]:
     return {"type": geometry["type"], "coordinates": walk(geometry["coordinates"])}
 
 
-def find_detections(scores: np.ndarray, layout: ChipLayout, grid: ScanGrid, threshold: float) -> list[Detection]:
-    """Merges touching positive chips into detections.
+def group_sites(scores: np.ndarray, threshold: float, radius: int) -> list[np.ndarray]:
+    """Positive cells grouped around local peaks: one group per site, at most ``2 * radius + 1`` cells a side.
+
+    The best positive cell not yet taken starts a group and takes every positive cell within ``radius`` cells
+    (Chebyshev distance) of it that is still free; then the next best free cell, and so on. Touching positive
+    chips of one plant thus make one site, while a large positive area (a town, a whole warm clip) is cut into
+    sites of bounded size instead of one polygon.
+
+    Args:
+        scores: (rows, cols) probabilities, NaN where skipped.
+        threshold: Probability at or above which a cell is positive.
+        radius: Largest row and column distance of a cell from its group's peak.
+
+    Returns:
+        One (n, 2) int array of (row, col) per group, groups by descending peak score (ties in row-major order),
+        the peak first and the other cells in row-major order.
+    """
+    with np.errstate(invalid="ignore"):
+        positive = np.nan_to_num(scores, nan=-1.0) >= threshold
+    cells = np.argwhere(positive)
+    if not len(cells):
+        return []
+    values = scores[cells[:, 0], cells[:, 1]]
+    order = np.lexsort((np.arange(len(cells)), -values))
+    free = positive.copy()
+    groups = []
+    for k in order:
+        r, c = (int(v) for v in cells[k])
+        if not free[r, c]:
+            continue
+        r0, c0 = max(r - radius, 0), max(c - radius, 0)
+        window = free[r0 : r + radius + 1, c0 : c + radius + 1]
+        members = np.argwhere(window) + [r0, c0]
+        window[:] = False
+        rest = members[(members[:, 0] != r) | (members[:, 1] != c)]
+        groups.append(np.vstack([[[r, c]], rest]).astype(np.int64))
+    return groups
+
+
+def peak_point(scores: np.ndarray, cell: Sequence[int], layout: ChipLayout, grid: ScanGrid) -> tuple[float, float]:
+    """Grid-CRS (x, y) of a site's peak: the centres of the best chip and its scored neighbours (3 x 3 cells),
+    weighted by how far their scores rise above the lowest of them; the best chip's centre if they are flat."""
+    r, c = int(cell[0]), int(cell[1])
+    height, width = scores.shape
+    rows, cols = (a.ravel() for a in np.mgrid[max(r - 1, 0) : min(r + 2, height), max(c - 1, 0) : min(c + 2, width)])
+    values = scores[rows, cols].astype(np.float64)
+    finite = np.isfinite(values)
+    rows, cols, values = rows[finite], cols[finite], values[finite]
+    weights = values - values.min()
+    if not weights.sum() > 0:
+        rows, cols, weights = np.array([r]), np.array([c]), np.ones(1)
+    xs, ys = layout.chip_centres(grid, rows, cols)
+    return float(np.average(xs, weights=weights)), float(np.average(ys, weights=weights))
+
+
+def site_radius(layout: ChipLayout, max_site_m: float, grid: ScanGrid) -> int:
+    """The group radius (stride cells) that keeps a site's footprint within ``max_site_m`` metres a side."""
+    metres = grid.res * grid.metres_per_unit
+    cells = (max_site_m / metres - layout.chip_px) / layout.stride_px  # footprint = (2r) * stride + chip
+    return max(touch_radius(layout), int(cells // 2))
+
+
+MAX_SITE_M = 3000.0
+"""Largest side of a detection's footprint, in metres (a site of chips around one peak; plants are < 2 km)."""
+
+
+def find_detections(
+    scores: np.ndarray,
+    layout: ChipLayout,
+    grid: ScanGrid,
+    threshold: float,
+    max_site_m: float = MAX_SITE_M,
+    context: dict[str, Any] | None = None,
+) -> list[Detection]:
+    """The sites of positive chips (:func:`group_sites`), ranked by their highest chip probability.
 
     Args:
         scores: (rows, cols) probabilities, NaN where skipped.
         layout: The chips.
         grid: The scan grid.
         threshold: Probability at or above which a chip is positive.
+        max_site_m: Largest side of a site's footprint in metres.
+        context: Scan-wide properties written with every detection.
 
     Returns:
-        The detections, by id.
+        The detections, by rank.
     """
     from rasterio.warp import transform, transform_geom
 
-    with np.errstate(invalid="ignore"):
-        positive = np.nan_to_num(scores, nan=-1.0) >= threshold
     detections = []
-    for number, chips in enumerate(group_positives(positive, touch_radius(layout)), start=1):
+    for number, chips in enumerate(group_sites(scores, threshold, site_radius(layout, max_site_m, grid)), start=1):
         values = scores[chips[:, 0], chips[:, 1]].astype(np.float64)
-        xs, ys = layout.chip_centres(grid, chips[:, 0], chips[:, 1])
-        weights = values if values.sum() > 0 else np.ones_like(values)
-        x, y = float(np.average(xs, weights=weights)), float(np.average(ys, weights=weights))
+        x, y = peak_point(scores, chips[0], layout, grid)
         (lon,), (lat,) = transform(grid.crs, "EPSG:4326", [x], [y])
         footprint_grid = _geometry(_to_grid_crs(_union_outline(chips, layout), grid))
         lonlat = transform_geom(grid.crs, "EPSG:4326", footprint_grid)
         footprint = _round_geometry(_geometry([p for p in _polygons(lonlat)]))
         detections.append(Detection(
-            number, float(values.max()), float(values.mean()), len(chips), float(lon), float(lat), x, y, footprint,
-            footprint_grid, [(int(r), int(c)) for r, c in chips],
+            number, float(values[0]), float(values[0]), float(values.mean()), len(chips), float(lon), float(lat), x,
+            y, footprint, footprint_grid, [(int(r), int(c)) for r, c in chips], None, dict(context or {}),
         ))  # fmt: skip
     return detections
+
+
+def rank(detections: Sequence[Detection]) -> list[Detection]:
+    """The detections sorted by score (highest first) and renumbered 1..n in that order."""
+    ranked = sorted(detections, key=lambda d: (-d.score, d.id))
+    for number, detection in enumerate(ranked, start=1):
+        detection.id = number
+    return list(ranked)
 
 
 def _polygons(geometry: dict[str, Any]) -> list[list[list[Any]]]:
@@ -333,10 +424,12 @@ def write_geoparquet(path: Path, detections: Sequence[Detection]) -> None:
     table = pa.table({
         "id": pa.array([d.id for d in detections], pa.int32()),
         "score": pa.array([d.score for d in detections], pa.float64()),
+        "chip_score": pa.array([d.chip_score for d in detections], pa.float64()),
+        "verifier_score": pa.array([d.verifier_score for d in detections], pa.float64()),
         "mean_score": pa.array([d.mean_score for d in detections], pa.float64()),
         "chip_count": pa.array([d.chip_count for d in detections], pa.int32()),
-        "centroid_lon": pa.array([d.lon for d in detections], pa.float64()),
-        "centroid_lat": pa.array([d.lat for d in detections], pa.float64()),
+        "peak_lon": pa.array([d.lon for d in detections], pa.float64()),
+        "peak_lat": pa.array([d.lat for d in detections], pa.float64()),
         "geometry": pa.array([wkb(d.footprint) for d in detections], pa.binary()),
     })  # fmt: skip
     table = table.replace_schema_metadata({b"geo": json.dumps(geo_metadata(detections)).encode()})

@@ -20,6 +20,7 @@ import numpy as np
 from fusionkern import __version__
 from fusionkern.errors import ConfigError, InputError
 from fusionkern.scan import outputs
+from fusionkern.scan.decide import Decision, Verifier, recentred_chips, resolve_decision, shift_scores, sigmoid
 from fusionkern.scan.backends import BACKENDS, chip_metres, load_scan_model, make_predictor
 from fusionkern.scan.engine import EngineOptions, EngineStats, run_local
 from fusionkern.scan.grid import (
@@ -57,7 +58,11 @@ class ScanOptions:
         bounds: Region ``(west, south, east, north)`` (default: the first raster's extent).
         bounds_crs: CRS of ``bounds``: ``auto``, ``lonlat``, ``grid`` or a CRS string.
         stride_m: Stride in metres (default: half a chip).
-        threshold: Probability at or above which a chip is positive.
+        threshold: Detection threshold (None: the checkpoint's calibrated one, else 0.5); on the verifier's
+            score where ``verify`` is set, else on the chips' (prior-shifted) probability.
+        prior: Deployment prior of cement chips (None: the calibrated one, else the training prior).
+        verify: Verifier ensemble: ``auto``, a checkpoint, a training folder or a list file (None: no verifier).
+        candidate_threshold: Chip probability from which sites are verified (None: calibrated or derived).
         max_invalid: Largest fraction of a chip's pixels that may be nodata or cloudy for it to be scored.
         batch_size: Chips per model call.
         tile_px: Side of the tile windows read at once, in pixels.
@@ -85,7 +90,10 @@ class ScanOptions:
     bounds: Sequence[float] | None = None
     bounds_crs: str = "auto"
     stride_m: float | None = None
-    threshold: float = 0.5
+    threshold: float | None = None
+    prior: float | None = None
+    verify: str | None = None
+    candidate_threshold: float | None = None
     max_invalid: float = 0.0
     batch_size: int = 256
     tile_px: int = 1024
@@ -111,7 +119,7 @@ class ScanOptions:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if not 0.0 <= self.max_invalid < 1.0:
             raise ConfigError(f"--max-invalid must be a fraction in [0, 1), got {self.max_invalid}")
-        if not 0.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must be a probability in [0, 1], got {self.threshold}")
         for name in ("batch_size", "tile_px", "workers", "queue_batches"):
             if int(getattr(self, name)) < 1:
@@ -130,10 +138,15 @@ class ScanResult:
 
     Attributes:
         out: The output folder.
-        scores: (rows, cols) cement probability on the stride grid, NaN where skipped.
+        scores: (rows, cols) cement probability on the stride grid at the deployment prior, NaN where skipped.
         reasons: (rows, cols) SCORED / NODATA / CLOUD codes.
-        detections: The merged detections.
+        detections: The detections, by rank.
         report: The contents of ``scan.json``.
+        raw_scores: The model's probabilities before the prior shift.
+        decision: The prior, threshold and verifier used.
+        grid: The scan grid.
+        layout: The chips on it.
+        candidates: With a verifier, every candidate site it scored (those below the threshold too).
     """
 
     out: Path
@@ -141,6 +154,11 @@ class ScanResult:
     reasons: np.ndarray
     detections: list[outputs.Detection]
     report: dict[str, Any] = field(repr=False)
+    raw_scores: np.ndarray | None = field(default=None, repr=False)
+    decision: Decision | None = field(default=None, repr=False)
+    grid: ScanGrid | None = field(default=None, repr=False)
+    layout: ChipLayout | None = field(default=None, repr=False)
+    candidates: list[outputs.Detection] = field(default_factory=list, repr=False)
 
     def lines(self) -> list[str]:
         """A short human-readable summary."""
@@ -229,17 +247,20 @@ class _Plan:
     tile_chips: int
     model: Any
     checkpoint_sha256: str
+    decision: Decision
 
 
 def _plan(options: ScanOptions) -> _Plan:
     model = load_scan_model(options.checkpoint, options.preset, options.backend)
+    decision = resolve_decision(model, options.checkpoint, options.threshold, options.prior, options.verify,
+                                options.candidate_threshold)  # fmt: skip
     inputs = load_inputs(options.scenes, options.manifest, options.calibrate)
     grid = make_grid(inputs.reference, options.crs, options.resolution, options.bounds, options.bounds_crs)
     _check_overlap(inputs, grid)
     layout = chip_layout(grid, chip_metres(model), options.stride_m)
     tile_chips = tile_chips_for(layout, options.tile_px, aligned_block(inputs.reference, grid))
     tiles = plan_tiles(layout, tile_chips)
-    return _Plan(inputs, grid, layout, tiles, tile_chips, model, sha256_file(options.checkpoint))
+    return _Plan(inputs, grid, layout, tiles, tile_chips, model, sha256_file(options.checkpoint), decision)
 
 
 def _params(options: ScanOptions, plan: _Plan) -> dict[str, Any]:
@@ -368,10 +389,13 @@ def _timings(stats: EngineStats, setup_s: float, outputs_s: float, wall_s: float
     }
 
 
-def _counts(collector: _Collector, detections: Sequence[outputs.Detection], threshold: float) -> dict[str, Any]:
-    reasons, scores = collector.reasons, collector.scores
+def _counts(
+    collector: _Collector, scores: np.ndarray, detections: Sequence[outputs.Detection], decision: Decision
+) -> dict[str, Any]:
+    reasons = collector.reasons
+    chip_threshold = decision.candidate_threshold if decision.verify else decision.threshold
     with np.errstate(invalid="ignore"):
-        positive = int((np.nan_to_num(scores, nan=-1.0) >= threshold).sum())
+        positive = int((np.nan_to_num(scores, nan=-1.0) >= chip_threshold).sum())
     return {
         "chips": int(reasons.size),
         "scored": int((reasons == SCORED).sum()),
@@ -393,24 +417,31 @@ def _describe_checkpoint(options: ScanOptions, plan: _Plan) -> dict[str, Any]:
     }
 
 
-def _write_outputs(out: Path, options: ScanOptions, plan: _Plan, collector: _Collector) -> list[outputs.Detection]:
+def _write_outputs(
+    out: Path, options: ScanOptions, plan: _Plan, scores: np.ndarray, detections: list[outputs.Detection]
+) -> None:
     """Writes scores, detections and the quick look; on failure removes those already written."""
     try:
-        return _write_maps(out, options, plan, collector)
+        _write_maps(out, options, plan, scores, detections)
     except BaseException:
         for name in outputs.FINAL_OUTPUTS:  # never a partial set of outputs
             (out / name).unlink(missing_ok=True)
         raise
 
 
-def _write_maps(out: Path, options: ScanOptions, plan: _Plan, collector: _Collector) -> list[outputs.Detection]:
-    grid, layout, scores = plan.grid, plan.layout, collector.scores
-    detections = outputs.find_detections(scores, layout, grid, options.threshold)
+def _write_maps(
+    out: Path, options: ScanOptions, plan: _Plan, scores: np.ndarray, detections: list[outputs.Detection]
+) -> None:
+    grid, layout, decision = plan.grid, plan.layout, plan.decision
     tags = {
-        "fusionkern_version": __version__, "checkpoint_sha256": plan.checkpoint_sha256, "threshold": options.threshold
+        "fusionkern_version": __version__, "checkpoint_sha256": plan.checkpoint_sha256,
+        "threshold": decision.threshold, "prior": decision.prior,
     }  # fmt: skip
     outputs.write_scores_cog(out / outputs.SCORES, scores, grid, layout, tags)
-    meta = {"fusionkern": {"threshold": options.threshold, "checkpoint_sha256": plan.checkpoint_sha256}}
+    meta = {"fusionkern": {
+        "threshold": decision.threshold, "prior": decision.prior, "verified": bool(decision.verify),
+        "checkpoint_sha256": plan.checkpoint_sha256, "area_km2": scanned_area_km2(scores, layout, grid),
+    }}  # fmt: skip
     outputs.write_geojson(out / outputs.GEOJSON, detections, meta)
     outputs.write_geoparquet(out / outputs.PARQUET, detections)
     if options.quicklook:
@@ -422,8 +453,54 @@ def _write_maps(out: Path, options: ScanOptions, plan: _Plan, collector: _Collec
             for source in sources:
                 source.close()
         outputs.write_quicklook(out / outputs.QUICKLOOK, composite, scores, grid, layout, detections,
-                                options.threshold, f"{Path(out).name}: {len(detections)} detection(s)")  # fmt: skip
-    return detections
+                                decision.threshold, f"{Path(out).name}: {len(detections)} detection(s)")  # fmt: skip
+
+
+def scanned_area_km2(scores: np.ndarray, layout: ChipLayout, grid: ScanGrid) -> float:
+    """Area of the scored chips, km²: one stride cell per scored chip (the cells tile the region)."""
+    side_m = layout.stride_px * grid.res * grid.metres_per_unit
+    return round(float(np.isfinite(scores).sum()) * side_m * side_m / 1e6, 3)
+
+
+def detect(
+    scores: np.ndarray, plan: _Plan, options: ScanOptions, verifier: Verifier | None = None
+) -> tuple[list[outputs.Detection], list[outputs.Detection], dict[str, Any]]:
+    """The scan's detections: sites above the threshold, or verified candidates above it.
+
+    Args:
+        scores: Prior-shifted chip probabilities.
+        plan: The scan's plan (grid, layout, inputs, decision).
+        options: The scan's options.
+        verifier: The ensemble (built from ``plan.decision.verify`` when None and the decision asks for one).
+
+    Returns:
+        The detections by rank, every candidate scored (with a verifier; else empty) and what the verifier did.
+    """
+    decision, grid, layout = plan.decision, plan.grid, plan.layout
+    context = {"threshold": round(decision.threshold, 8), "prior": decision.prior,
+               "model_sha256": plan.checkpoint_sha256}  # fmt: skip
+    if not decision.verify:
+        return outputs.find_detections(scores, layout, grid, decision.threshold, context=context), [], {}
+    t0 = time.perf_counter()
+    if verifier is None:
+        device = _resolve_device(options.device, "torch")
+        verifier = Verifier(decision.verify, plan.model, device, options.batch_size)
+    candidates = outputs.find_detections(scores, layout, grid, decision.candidate_threshold or 0.0, context=context)
+    from fusionkern.scan.tiles import StackReader
+
+    with StackReader(plan.inputs, grid, layout) as reader:
+        chips, valid = recentred_chips(reader, grid, layout.chip_px, [(d.x, d.y) for d in candidates])
+    log_odds = verifier.log_odds(chips[valid])
+    verified = iter(sigmoid(log_odds + decision.shift))
+    for detection, ok in zip(candidates, valid):
+        if ok:
+            detection.verifier_score = float(next(verified))
+            detection.score = detection.verifier_score
+    detections = outputs.rank([d for d in candidates if d.score >= decision.threshold])
+    seconds = time.perf_counter() - t0
+    report = {**verifier.describe(), "candidates": len(candidates), "verified": int(valid.sum()),
+              "unverifiable": int((~valid).sum()), "seconds": round(seconds, 3)}  # fmt: skip
+    return detections, outputs.rank(list(candidates)), report
 
 
 def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: None) -> ScanResult:
@@ -471,13 +548,20 @@ def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: Non
     _check_scored(collector, plan)
     t_out = time.perf_counter()
     report = _report(options, plan, checksums.join_result(), backend, resumed)
-    detections = _write_outputs(out, options, plan, collector)
-    report["counts"] = _counts(collector, detections, options.threshold)
+    scores = shift_scores(collector.scores, plan.decision.shift)
+    detections, candidates, verifier = detect(scores, plan, options)
+    _write_outputs(out, options, plan, scores, detections)
+    report["counts"] = _counts(collector, scores, detections, plan.decision)
+    report["counts"]["area_km2"] = scanned_area_km2(scores, plan.layout, plan.grid)
+    report["verifier"] = verifier or None
     written = [n for n in outputs.FINAL_OUTPUTS if n != outputs.SCAN_JSON and (out / n).exists()]
     report["outputs"] = [*written, outputs.SCAN_JSON]
     report["timings"] = _timings(stats, setup_s, time.perf_counter() - t_out, time.perf_counter() - t_start)
+    if verifier:
+        report["timings"]["verify_s"] = verifier["seconds"]
     _write_report(out, report)
-    return ScanResult(out, collector.scores, collector.reasons, detections, report)
+    return ScanResult(out, scores, collector.reasons, detections, report, collector.scores, plan.decision,
+                      plan.grid, plan.layout, candidates)  # fmt: skip
 
 
 def _check_dependencies(options: ScanOptions) -> None:
@@ -525,7 +609,8 @@ def _report(
             "transform": list(layout.score_transform(grid))[:6], "width": layout.n_cols, "height": layout.n_rows,
             "nodata": "nan",
         },  # fmt: skip
-        "thresholds": {"detection": options.threshold, "max_invalid": options.max_invalid},
+        "thresholds": {"detection": plan.decision.threshold, "max_invalid": options.max_invalid},
+        "decision": plan.decision.describe(),
     }
 
 

@@ -1,0 +1,283 @@
+"""Thresholds set on real background at a false-detection budget (``fusionkern calibrate``).
+
+The calibration scans a region whose plants are known (:func:`fusionkern.scan.run_scan`, nothing else reads the
+chips), groups its chips into sites as the scan does (:func:`~fusionkern.scan.outputs.group_sites`), and calls
+a site false when none of its chips comes within ``match_m`` of a known plant. For a budget of ``B`` false
+detections per 1000 km² over ``A`` km², ``k = floor(B * A / 1000)`` false sites are allowed: the threshold must lie
+above the ``(k + 1)``-th highest false site. A site is judged by its peak chip and matched one to one, so a
+site false here is false in :mod:`fusionkern.evaluate` too or right there by a wider footprint, never the reverse. Every threshold between that and the weakest plant site still found
+gives the same decisions on the calibration region; the one stored is their midpoint in log-odds, so that a
+region nobody calibrated on has margin on both sides.
+
+Both decision modes are calibrated in one run: ``plain`` (the chips' own probability) and, with a verifier,
+``verified``: candidates above a looser budget (:data:`CANDIDATE_BUDGET`) are re-scored by the ensemble and the
+threshold is set on the verifier's score the same way. The thresholds, the deployment prior (estimated as the
+share of scored chips that hold a known plant, or ``--prior``) and the budget are stored in the checkpoint's
+``metadata.calibration``; ``fusionkern scan`` uses them by default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fusionkern.errors import CheckpointError, ConfigError, InputError
+
+CANDIDATE_BUDGET = 10.0
+"""The verifier's candidates are chosen at this many times the false-detection budget."""
+
+_FLOOR = 1e-9  # sites scoring below this (at the deployment prior) are never detections
+
+
+@dataclass
+class CalibrateOptions:
+    """What ``fusionkern calibrate`` takes.
+
+    Attributes:
+        checkpoint: The checkpoint to calibrate (rewritten with its calibration unless ``write`` is False).
+        out: Folder for the calibration scan and ``calibration.json``.
+        plants: The known plants of the region.
+        budget: False detections allowed per 1000 km².
+        scenes: Three scene folders (or ``manifest``).
+        manifest: A manifest (or ``scenes``).
+        prior: Deployment prior (None: estimated from the plants).
+        verify: Verifier spec (``auto``, a path) or None for the plain mode only.
+        match_m: A site is right when one of its chips comes within this many metres of a known plant.
+        scan: Extra :class:`~fusionkern.scan.ScanOptions` values.
+        write: Store the calibration in the checkpoint.
+        overwrite: Replace a previous calibration scan in ``out``.
+        progress: Progress bar.
+    """
+
+    checkpoint: str
+    out: str
+    plants: Sequence[Any]
+    budget: float
+    scenes: Sequence[str] | None = None
+    manifest: str | None = None
+    prior: float | None = None
+    verify: str | None = "auto"
+    match_m: float = 600.0
+    scan: dict[str, Any] = field(default_factory=dict)
+    write: bool = True
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raises ConfigError on values that cannot work."""
+        if not (self.budget >= 0 and math.isfinite(self.budget)):
+            raise ConfigError(f"--fp-per-1000km2 must be a number of false detections >= 0, got {self.budget}")
+        if not self.match_m >= 0:
+            raise ConfigError(f"--match-m must be >= 0 metres, got {self.match_m}")
+        if not self.plants:
+            raise InputError("no known plant given: calibration needs the plants of its region")
+
+
+def site_plants(sites: Sequence[np.ndarray], pixels: np.ndarray, layout: Any, grid: Any, match_m: float) -> list[set]:
+    """Per site, the known plants (indices into ``pixels``) that one of its chips comes within ``match_m`` of."""
+    from fusionkern.scan.mine import near_plants
+
+    near = near_plants(pixels, layout, grid, match_m)
+    metres = grid.res * grid.metres_per_unit
+    s, c = layout.stride_px, layout.chip_px
+    out = []
+    for cells in sites:
+        hits: set = set()
+        if near[cells[:, 0], cells[:, 1]].any():
+            top, left = cells[:, 0:1] * s, cells[:, 1:2] * s  # (n, 1) chip squares against (1, p) plants
+            dy = np.maximum(np.maximum(top - pixels[None, :, 0], pixels[None, :, 0] - (top + c)), 0.0)
+            dx = np.maximum(np.maximum(left - pixels[None, :, 1], pixels[None, :, 1] - (left + c)), 0.0)
+            close = (np.hypot(dy, dx) * metres <= match_m).any(axis=0)
+            hits = set(int(p) for p in np.flatnonzero(close))
+        out.append(hits)
+    return out
+
+
+def claim(scores: np.ndarray, plants: Sequence[set]) -> list[set]:
+    """One-to-one matching by descending score, as :func:`fusionkern.evaluate.match` does: each site keeps the
+    nearby plants no higher-scoring site found first; a site left with none is false (a duplicate of a found plant
+    counts as false, as it does in the evaluation)."""
+    found: set = set()
+    out: list[set] = [set()] * len(plants)
+    for k in sorted(range(len(plants)), key=lambda k: (-scores[k], k)):
+        fresh = set(plants[k]) - found
+        if fresh:
+            first = {min(fresh)}
+            out[k] = first
+            found |= first
+    return out
+
+
+def pick_threshold(scores: np.ndarray, plants: Sequence[set], allowed: int, n_plants: int) -> dict[str, Any]:
+    """The threshold that lets at most ``allowed`` false sites through and finds the most plants.
+
+    Args:
+        scores: Per site, its score.
+        plants: Per site, the known plants it lies near (empty: a false site).
+        allowed: False sites allowed.
+        n_plants: Known plants of the region.
+
+    Returns:
+        ``threshold`` (the log-odds midpoint between the lowest threshold meeting the budget and the weakest
+        plant site kept), ``lowest`` (that lowest threshold), ``false``, ``found``, ``recall``.
+
+    Raises:
+        InputError: No threshold meets the budget with a plant still found.
+    """
+    from fusionkern.scan.decide import logit, sigmoid
+
+    scores = np.asarray(scores, dtype=np.float64)
+    plants = claim(scores, plants)
+    false = np.sort(scores[[not p for p in plants]])[::-1]
+    lowest = float(np.nextafter(np.float32(false[allowed]), np.float32(np.inf))) if len(false) > allowed else _FLOOR
+    kept = [k for k, p in enumerate(plants) if p and scores[k] >= lowest]
+    if not kept:
+        best = max((scores[k] for k, p in enumerate(plants) if p), default=None)
+        raise InputError(
+            f"the budget cannot be met with any plant still found: {allowed} false site(s) allowed, and the best "
+            "plant site scores " + ("nothing" if best is None else f"{best:.3g}") + f", below the threshold "
+            f"{lowest:.3g} the budget needs; raise --fp-per-1000km2, calibrate on a larger region or retrain "
+            "with mined hard negatives"
+        )
+    weakest = min(scores[k] for k in kept)
+    threshold = float(sigmoid(0.5 * (logit(lowest) + logit(weakest)))) if weakest > lowest else lowest
+    found = set().union(*(plants[k] for k in kept))
+    false_kept = int((false >= threshold).sum())
+    return {"threshold": threshold, "lowest": lowest, "false": false_kept, "found": len(found),
+            "recall": len(found) / n_plants if n_plants else None}  # fmt: skip
+
+
+def calibrate(options: CalibrateOptions, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Scans the region, sets the thresholds and (by default) stores them in the checkpoint.
+
+    Args:
+        options: What to calibrate on.
+        log: Receives progress lines.
+
+    Returns:
+        The calibration record (also written to ``<out>/calibration.json``).
+
+    Raises:
+        CheckpointError: A checkpoint without a recorded training prior.
+        ConfigError: Invalid options.
+        InputError: No known plant in the region, or a budget that cannot be met.
+    """
+    from fusionkern.scan import ScanOptions, run_scan
+    from fusionkern.scan.backends import load_scan_model
+    from fusionkern.scan.decide import check_prior, logit, shift_scores, training_prior
+    from fusionkern.scan.mine import near_plants, plant_pixels
+    from fusionkern.scan.outputs import group_sites, site_radius, MAX_SITE_M
+
+    options.validate()
+    model = load_scan_model(options.checkpoint)
+    train_prior = training_prior(model)
+    if train_prior is None:
+        raise CheckpointError(f"{options.checkpoint} records no training prior (data.prior): retrain it with this "
+                              "version of fusionkern train before calibrating")  # fmt: skip
+    if options.prior is not None:
+        check_prior(options.prior)
+    out = Path(options.out)
+    scan_options = ScanOptions(
+        checkpoint=options.checkpoint, out=str(out / "scan"), scenes=options.scenes, manifest=options.manifest,
+        quicklook=False, checksums=False, progress=options.progress, overwrite=options.overwrite,
+        threshold=1.0, **options.scan,
+    )  # fmt: skip
+    result = run_scan(scan_options, log=log)
+    grid, layout, raw = result.grid, result.layout, result.raw_scores
+    pixels = plant_pixels(options.plants, grid)
+    inside = (pixels[:, 0] >= 0) & (pixels[:, 0] < grid.height) & (pixels[:, 1] >= 0) & (pixels[:, 1] < grid.width)
+    if not inside.any():
+        raise InputError(f"none of the {len(pixels)} known plant(s) lies in the calibration region: check --plants")
+    pixels = pixels[inside]
+    scored = np.isfinite(raw)
+    area_km2 = float(scored.sum()) * (layout.stride_px * grid.res * grid.metres_per_unit) ** 2 / 1e6
+    if options.prior is not None:
+        prior, prior_source = float(options.prior), "option"
+    else:
+        holding = near_plants(pixels, layout, grid, 0.0) & scored
+        prior, prior_source = float(holding.sum() / scored.sum()), "share of scored chips holding a known plant"
+        if not prior > 0:
+            raise InputError("no scored chip holds a known plant, so the deployment prior cannot be estimated; "
+                             "give --prior")  # fmt: skip
+    shift = float(logit(prior) - logit(train_prior))
+    scores = shift_scores(raw, shift)
+    allowed = int(math.floor(options.budget * area_km2 / 1000.0 + 1e-9))
+    sites = group_sites(scores, _FLOOR, site_radius(layout, MAX_SITE_M, grid))
+    site_scores = np.asarray([scores[c[0, 0], c[0, 1]] for c in sites], dtype=np.float64)
+    # a site is judged by its peak chip: the scan's footprint at any threshold holds it (and perhaps more chips),
+    # so a site false here may be right in the evaluation, never the other way round
+    near = site_plants([c[:1] for c in sites], pixels, layout, grid, options.match_m)
+    plain = pick_threshold(site_scores, near, allowed, len(pixels))
+    log(f"plain: threshold {plain['threshold']:.4g}, {plain['false']} false site(s) over {area_km2:.0f} km², "
+        f"{plain['found']}/{len(pixels)} plants")  # fmt: skip
+    record: dict[str, Any] = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fp_per_1000km2": options.budget, "match_m": options.match_m, "prior": prior, "prior_source": prior_source,
+        "train_prior": train_prior,
+        "region": {"area_km2": round(area_km2, 3), "plants": int(len(pixels)), "scored_chips": int(scored.sum()),
+                   "sites": len(sites), "false_allowed": allowed,
+                   "inputs": options.manifest or list(options.scenes or [])},
+        "plain": {**plain, "false_per_1000km2": round(1000.0 * plain["false"] / area_km2, 4)},
+    }  # fmt: skip
+    if options.verify not in (None, "none"):
+        record["verified"] = _calibrate_verified(options, result, scores, near, sites, site_scores, allowed,
+                                                 len(pixels), area_km2, shift, log)  # fmt: skip
+    from fusionkern.scan.outputs import write_json
+
+    write_json(out / "calibration.json", record)
+    if options.write:
+        store_calibration(options.checkpoint, record)
+    return record
+
+
+def _calibrate_verified(options, result, scores, near, sites, site_scores, allowed, n_plants, area_km2, shift, log):
+    """Candidates at the looser budget, re-scored by the verifier, then the threshold on the verifier's score."""
+    from fusionkern.scan.decide import Verifier, recentred_chips, resolve_verifier, sigmoid
+    from fusionkern.scan.inputs import load_inputs
+    from fusionkern.scan.outputs import peak_point
+    from fusionkern.scan.tiles import StackReader
+    from fusionkern.devices import resolve_device
+
+    grid, layout = result.grid, result.layout
+    loose = int(math.floor(CANDIDATE_BUDGET * options.budget * area_km2 / 1000.0 + 1e-9))
+    candidates = pick_threshold(site_scores, near, loose, n_plants)
+    candidate_threshold = candidates["lowest"]
+    chosen = [k for k in range(len(sites)) if site_scores[k] >= candidate_threshold]
+    from fusionkern.scan.backends import load_scan_model
+
+    model = load_scan_model(options.checkpoint)
+    paths = resolve_verifier(options.verify, options.checkpoint)
+    device = resolve_device(str(options.scan.get("device", "auto")))
+    verifier = Verifier(paths, model, device)
+    points = [peak_point(scores, sites[k][0], layout, grid) for k in chosen]
+    inputs = load_inputs(options.scenes, options.manifest, bool(options.scan.get("calibrate", True)))
+    with StackReader(inputs, grid, layout) as reader:
+        chips, valid = recentred_chips(reader, grid, layout.chip_px, points)
+    verified = np.full(len(chosen), np.nan)
+    verified[valid] = sigmoid(verifier.log_odds(chips[valid]) + shift)
+    verified = np.where(np.isfinite(verified), verified, site_scores[chosen])
+    try:
+        pick = pick_threshold(verified, [near[k] for k in chosen], allowed, n_plants)
+    except InputError as exc:
+        log(f"verified: no threshold ({exc}); scans with --verify will use the default")
+        return None
+    log(f"verified: {len(chosen)} candidate(s) from chip probability {candidate_threshold:.4g}; threshold "
+        f"{pick['threshold']:.4g}, {pick['false']} false, {pick['found']}/{n_plants} plants")  # fmt: skip
+    return {**pick, "candidate_threshold": candidate_threshold, "candidates": len(chosen),
+            "candidate_recall": candidates["recall"],
+            "false_per_1000km2": round(1000.0 * pick["false"] / area_km2, 4),
+            "checkpoints": [str(p) for p in paths]}  # fmt: skip
+
+
+def store_calibration(checkpoint: str | Path, record: dict[str, Any]) -> None:
+    """Writes ``record`` into the checkpoint's ``metadata.calibration`` (atomically; weights untouched)."""
+    from fusionkern.models.checkpoint import atomic_save, read_checkpoint
+
+    payload = read_checkpoint(checkpoint)
+    payload.setdefault("metadata", {})["calibration"] = record
+    atomic_save(payload, checkpoint)

@@ -1,0 +1,534 @@
+"""Detections a user can trust: shifted training chips, mined hard negatives, the prior shift, calibration at a
+false-detection budget, the verifier, one detection per site, and the evaluation, each on small inputs; and their
+refusals (one ``error:`` line, exit 2, nothing half-written)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from fusionkern.cli import main
+from fusionkern.data import AugmentParams, SiteAugment, SiteDataset, load_many, read_site_layout
+from fusionkern.data.chips import Plant, read_plants
+from fusionkern.errors import CheckpointError, ConfigError, InputError
+from fusionkern.evaluate import Detection, distance_m, evaluate_detections, read_detections
+from fusionkern.models import FusionNet, load_checkpoint, save_checkpoint
+from fusionkern.scan import ScanOptions, run_scan
+from fusionkern.scan import decide
+from fusionkern.scan.calibrate import pick_threshold
+from fusionkern.scan.grid import ChipLayout
+from fusionkern.scan.outputs import group_sites
+from fusionkern.scan_demo import expected_ceiling, make_demo_region, oracle_score, region_ceiling
+
+REGION_PX, CHIP = 320, 35
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory):
+    """A small generated region: two plants and a few look-alike windows."""
+    return make_demo_region(tmp_path_factory.mktemp("region"), REGION_PX, n_plants=2, n_confusers=4, seed=3)
+
+
+def _checkpoint(folder: Path, prior: float | None = 0.6, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    data = {"prior": {"cement": prior}} if prior is not None else {}
+    return save_checkpoint(FusionNet(preset="native", width=0.25), folder / "best.pt", data=data)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A training run's folder with two split checkpoints (untrained weights, priors recorded)."""
+    root = tmp_path_factory.mktemp("train")
+    for k in range(2):
+        (root / f"split_{k}").mkdir()
+        _checkpoint(root / f"split_{k}", seed=k)
+    return root
+
+
+class HotMean:
+    """A stand-in scan predictor: high where the chip's b10 is hot in every date (kilns), low elsewhere."""
+
+    expects_raw = False
+
+    def __call__(self, chips: np.ndarray) -> np.ndarray:
+        b10 = chips[:, 0]  # (B, 3, S, S) scaled per date
+        lift = b10[..., 11:24, 11:24].max(axis=(-2, -1)) - np.median(b10, axis=(-2, -1))  # (B, 3)
+        return np.clip(lift.min(axis=1), 0.0, 1.0).astype(np.float32)  # sustained in every date
+
+    def describe(self) -> dict:
+        return {"name": "hot-mean", "device": "cpu"}
+
+
+def _use(monkeypatch, predictor) -> None:
+    monkeypatch.setattr("fusionkern.scan.run.make_predictor", lambda *args, **kwargs: predictor)
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training as the scanner sees
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _site_with_context(root: Path, context: int, size: int = 11) -> None:
+    """One site whose five files hold the same gradient pattern with different offsets and gains."""
+    from rasterio.transform import from_origin
+
+    side = size + 2 * context
+    rng = np.random.default_rng()
+    base = rng.random((3, side, side)).astype(np.float32) + np.arange(side, dtype=np.float32)[None, None, :]
+    folder = root / "cement" / "site"
+    folder.mkdir(parents=True)
+    profile = {"driver": "GTiff", "dtype": "float32", "count": 3, "height": side, "width": side,
+               "crs": "EPSG:32650", "transform": from_origin(0, 0, 30, 30)}  # fmt: skip
+    for k, branch in enumerate(("b10", "b11", "b7", "b6", "b76")):
+        with rasterio.open(folder / f"{branch}.tif", "w", **profile) as dst:
+            dst.write(base * (k + 1) + 10.0 * k + 1.0)  # min-max scaling maps every branch to the same chip
+
+
+def test_shift_moves_all_five_inputs_together(tmp_path):
+    context, size = 4, 11
+    _site_with_context(tmp_path, context, size)
+    sites = read_site_layout(tmp_path)
+    augment = SiteAugment(seed=None, max_shift_px=context, p_rotate=0.0, p_hflip=0.0, p_vflip=0.0)
+    dataset = SiteDataset(sites, chip_size=size, augment=augment)
+    plain = SiteDataset(sites, chip_size=size)
+    seen = set()
+    for _ in range(60):
+        x = dataset[0][0].numpy()
+        for k in range(1, 5):
+            np.testing.assert_allclose(x[k], x[0], atol=2e-6)  # the five inputs stay co-registered
+        seen.add(x.tobytes())
+    assert len(seen) > 20  # the window does move
+    # a drawn shift is a crop of the context, the same for every branch, then scaled like a centred chip
+    params = AugmentParams(dy=-context, dx=context)
+    shifted = dataset.load(0, params)
+    with rasterio.open(sites[0].paths["b10"]) as src:
+        raw = src.read()
+    window = raw[:, 0:size, 2 * context : 2 * context + size]
+    np.testing.assert_allclose(shifted[0], (window - window.min(axis=(1, 2), keepdims=True))
+                               / np.ptp(window, axis=(1, 2), keepdims=True), atol=1e-6)  # fmt: skip
+    np.testing.assert_array_equal(plain.load(0), dataset.load(0))  # no params: centred
+
+
+def test_shift_is_clipped_to_the_context_and_off_without_it():
+    image = np.arange(3 * 15 * 15, dtype=np.float32).reshape(3, 15, 15)
+    assert AugmentParams(dy=9, dx=-9).crop(image, 11).shape == (3, 11, 11)
+    np.testing.assert_array_equal(AugmentParams(dy=9, dx=-9).crop(image, 11), image[:, 4:15, 0:11])
+    np.testing.assert_array_equal(AugmentParams(dy=3, dx=3).crop(image[:, 2:13, 2:13], 11), image[:, 2:13, 2:13])
+    draws = [SiteAugment(seed=1, max_shift_px=9).sample() for _ in range(1)]
+    augment = SiteAugment(seed=1)
+    shifts = np.array([(p.dy, p.dx) for p in (augment.sample() for _ in range(2000))])
+    assert shifts.min() == -9 and shifts.max() == 9 and draws
+    assert abs(shifts.mean()) < 0.5
+    with pytest.raises(ConfigError, match="max_shift_px"):
+        SiteAugment(max_shift_px=-1)
+
+
+def test_synthetic_sites_carry_context(tmp_path):
+    from fusionkern.data.synthetic import make_synthetic_sites
+
+    sites = make_synthetic_sites(tmp_path / "ctx", n_cement=1, n_landcover=1, context_px=5, seed=2)
+    with rasterio.open(sites[0].paths["b10"]) as src:
+        assert (src.height, src.width) == (45, 45)
+    narrow = make_synthetic_sites(tmp_path / "none", n_cement=1, n_landcover=1, seed=2)
+    wide = SiteDataset(sites).load(0)
+    np.testing.assert_allclose(wide, SiteDataset(narrow).load(0), atol=1e-6)  # same draws, same centre chip
+    with pytest.raises(ConfigError, match="context_px"):
+        make_synthetic_sites(tmp_path / "bad", n_cement=1, n_landcover=1, context_px=18)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prior shift and decisions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_prior_shift_against_hand_computed_logits():
+    p = np.array([0.5, 0.9, 0.01, np.nan], dtype=np.float32)
+    train, deploy = 0.6, 0.001
+    shift = math.log(deploy / (1 - deploy)) - math.log(train / (1 - train))
+    expected = [1 / (1 + math.exp(-(math.log(v / (1 - v)) + shift))) for v in (0.5, 0.9, 0.01)]
+    got = decide.shift_scores(p, shift)
+    np.testing.assert_allclose(got[:3], expected, rtol=1e-5)
+    assert math.isnan(got[3])
+    # 0.5 at a training prior of 0.6 is odds 1 * (0.001/0.999) / (0.6/0.4) at the deployment prior
+    assert got[0] == pytest.approx((0.001 / 0.999 / 1.5) / (1 + 0.001 / 0.999 / 1.5), rel=1e-5)
+    assert decide.effective_prior(10, 30, (3.0, 1.0)) == pytest.approx(0.5)
+    assert decide.shift_threshold(0.5, 0.0) == 0.5
+    assert decide.shift_threshold(decide.shift_threshold(0.3, 2.0), -2.0) == pytest.approx(0.3)
+
+
+def test_decision_defaults_and_refusals(tmp_path, trained):
+    model = load_checkpoint(trained / "split_0" / "best.pt")
+    plain = decide.resolve_decision(model, trained / "split_0" / "best.pt")
+    assert (plain.threshold, plain.threshold_source, plain.shift, plain.verify) == (0.5, "default", 0.0, [])
+    moved = decide.resolve_decision(model, trained / "split_0" / "best.pt", prior=0.01)
+    assert moved.shift == pytest.approx(math.log(0.01 / 0.99) - math.log(0.6 / 0.4))
+    verified = decide.resolve_decision(model, trained / "split_0" / "best.pt", verify="auto")
+    assert verified.verify == sorted(trained.glob("split_*/best.pt"))
+    assert verified.candidate_threshold == pytest.approx(0.2)  # a quarter of the odds of 0.5
+    old = load_checkpoint(_checkpoint(tmp_path, prior=None))
+    with pytest.raises(CheckpointError, match="records no training prior"):
+        decide.resolve_decision(old, tmp_path / "best.pt", prior=0.01)
+    with pytest.raises(ConfigError, match="--prior"):
+        decide.resolve_decision(model, "x.pt", prior=1.0)
+    with pytest.raises(InputError, match="--verify"):
+        decide.resolve_decision(model, "x.pt", verify=str(tmp_path / "nothing"))
+
+
+def test_scan_prior_without_recorded_prior_is_one_error_line(tmp_path, region, capsys):
+    checkpoint = _checkpoint(tmp_path, prior=None)
+    out = tmp_path / "scan"
+    code, _, err = _cli(capsys, "scan", str(checkpoint), "--manifest", str(region.manifest), "--out", str(out),
+                        "--prior", "0.001", "--no-progress")  # fmt: skip
+    assert code == 2 and err.startswith("error:") and "records no training prior" in err and len(err.splitlines()) == 1
+    assert not (out / "scan.json").exists() and not (out / ".tiles").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One detection per site
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_sites_are_one_per_peak_and_capped():
+    scores = np.zeros((40, 40), np.float32)
+    scores[5:8, 5:8] = 0.7
+    scores[6, 6] = 0.9  # one plant: nine touching positive chips
+    scores[20:40, 0:40] = 0.8  # a warm town covering half the region
+    groups = group_sites(scores, 0.5, radius=2)
+    assert len(groups[0]) <= 25 and all(len(g) <= 25 for g in groups)  # no site wider than 5 x 5 cells
+    plant = [g for g in groups if (g[:, 0] < 10).all()]
+    assert len(plant) == 1 and tuple(plant[0][0]) == (6, 6) and len(plant[0]) == 9
+    assert sum(len(g) for g in groups) == int((scores >= 0.5).sum())  # every positive chip in exactly one site
+    town = [g for g in groups if (g[:, 0] >= 20).all()]
+    assert len(town) >= 16  # 20 x 40 cells cut into sites of at most 5 x 5
+    assert group_sites(np.full((3, 3), np.nan, np.float32), 0.5, 2) == []
+
+
+def test_detections_rank_and_carry_the_decision(tmp_path, region, monkeypatch):
+    _use(monkeypatch, HotMean())
+    checkpoint = _checkpoint(tmp_path)
+    result = run_scan(ScanOptions(checkpoint=str(checkpoint), out=str(tmp_path / "scan"),
+                                  manifest=str(region.manifest), threshold=0.5, prior=0.01, progress=False,
+                                  checksums=False))  # fmt: skip
+    scores = [d.score for d in result.detections]
+    assert scores == sorted(scores, reverse=True) and [d.id for d in result.detections] == list(
+        range(1, len(scores) + 1))
+    features = json.loads((tmp_path / "scan" / "detections.geojson").read_text())
+    props = features["features"][0]["properties"] if features["features"] else None
+    if props:
+        assert {"score", "verifier_score", "chip_count", "threshold", "prior", "model_sha256", "peak_lon",
+                "peak_lat", "rank"} <= set(props)  # fmt: skip
+        assert props["prior"] == 0.01
+    report = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert report["decision"]["prior"] == 0.01 and report["decision"]["threshold_source"] == "option"
+    assert report["counts"]["area_km2"] > 0
+    expected = decide.shift_scores(result.raw_scores, decide.logit(0.01) - decide.logit(0.6))
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mining
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_mine_never_writes_near_a_plant(tmp_path, region, monkeypatch, capsys):
+    _use(monkeypatch, HotMean())
+    checkpoint = _checkpoint(tmp_path)
+    out = tmp_path / "mined"
+    exclude = 1500.0
+    code, printed, err = _cli(capsys, "mine", str(checkpoint), "--manifest", str(region.manifest), "--plants",
+                              str(region.manifest.parent / "truth.geojson"), "--out", str(out), "--top", "12",
+                              "--random", "5", "--exclude-m", str(exclude), "--round", "2", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert "hard negative" in printed
+    sites = read_site_layout(out)
+    assert sites and all(s.label == 1 for s in sites)
+    plants = read_plants(region.manifest.parent / "truth.geojson")
+    from rasterio.warp import transform
+
+    for site in sites:
+        provenance = json.loads((site.paths["b10"].parent / "provenance.json").read_text())
+        assert provenance["round"] == 2 and provenance["kind"] in ("hard", "random") and "rasters" in provenance
+        with rasterio.open(site.paths["b10"]) as src:
+            assert (src.height, src.width) == (CHIP + 18, CHIP + 18)  # 9 px of context by default
+            west, south, east, north = src.bounds
+            crs = src.crs
+        xs, ys = transform("EPSG:4326", crs, [p.lon for p in plants], [p.lat for p in plants])
+        for x, y in zip(xs, ys):
+            dx, dy = max(west - x, 0, x - east), max(south - y, 0, y - north)
+            assert math.hypot(dx, dy) > exclude  # never within --exclude-m of a known plant, context included
+    kinds = [json.loads((s.paths["b10"].parent / "provenance.json").read_text())["kind"] for s in sites]
+    assert kinds.count("hard") <= 12 and kinds.count("random") <= 5 and kinds.count("hard") >= 1
+    hard = [json.loads((s.paths["b10"].parent / "provenance.json").read_text())["score"] for s in sites
+            if "hard" in s.name]  # fmt: skip
+    assert hard == sorted(hard, reverse=True)  # best first
+    # the mined folder merges with a training set
+    from fusionkern.data.synthetic import make_synthetic_sites
+
+    make_synthetic_sites(tmp_path / "train", n_cement=3, n_landcover=3, seed=0)
+    merged, _, origin = load_many([tmp_path / "train", out])
+    assert len(merged) == 6 + len(sites) and set(origin) == {0, 1}
+    assert len({s.key for s in merged}) == len(merged)
+
+
+def test_mine_refuses_a_region_without_its_plants(tmp_path, region, monkeypatch, capsys):
+    _use(monkeypatch, HotMean())
+    checkpoint = _checkpoint(tmp_path)
+    far = tmp_path / "far.csv"
+    far.write_text("lon,lat\n10.0,50.0\n")
+    out = tmp_path / "mined"
+    code, _, err = _cli(capsys, "mine", str(checkpoint), "--manifest", str(region.manifest), "--plants", str(far),
+                        "--out", str(out), "--no-progress")  # fmt: skip
+    assert code == 2 and err.startswith("error:") and "none of the 1 known plant" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".mined")]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_pick_threshold_hand_cases():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.2])
+    plants = [{0}, set(), {1}, set(), {2}, set()]
+    one = pick_threshold(scores, plants, allowed=1, n_plants=3)
+    assert 0.6 < one["lowest"] < 0.6001 and one["false"] <= 1 and one["found"] == 2
+    assert one["lowest"] <= one["threshold"] <= 0.7  # between the budget's bound and the weakest plant kept
+    none = pick_threshold(scores, plants, allowed=0, n_plants=3)
+    assert none["false"] == 0 and none["found"] == 1 and 0.8 < none["threshold"] <= 0.9
+    every = pick_threshold(scores, plants, allowed=5, n_plants=3)
+    assert every["found"] == 3
+    with pytest.raises(InputError, match="budget cannot be met"):
+        pick_threshold(np.array([0.9, 0.5]), [set(), {0}], allowed=0, n_plants=1)
+
+
+def test_calibration_meets_its_budget_and_the_scan_uses_it(tmp_path, region, monkeypatch, capsys):
+    _use(monkeypatch, HotMean())
+    checkpoint = _checkpoint(tmp_path)
+    truth = region.manifest.parent / "truth.geojson"
+    budget = 20.0  # per 1000 km²: one false detection allowed on this 92 km² region
+    code, printed, err = _cli(capsys, "calibrate", str(checkpoint), "--manifest", str(region.manifest), "--plants",
+                              str(truth), "--fp-per-1000km2", str(budget), "--out", str(tmp_path / "cal"),
+                              "--verify", "none", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    stored = load_checkpoint(checkpoint).checkpoint["metadata"]["calibration"]
+    assert stored["fp_per_1000km2"] == budget and stored["plain"]["threshold"] > 0
+    assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["plain"] == stored["plain"]
+    result = run_scan(ScanOptions(checkpoint=str(checkpoint), out=str(tmp_path / "scan"),
+                                  manifest=str(region.manifest), progress=False, checksums=False))  # fmt: skip
+    assert result.decision.threshold_source == "calibration"
+    assert result.decision.threshold == pytest.approx(stored["plain"]["threshold"])
+    from fusionkern.scan_demo import evaluation_detections
+
+    figures = evaluate_detections(evaluation_detections(result.detections),
+                                  np.array([[p.lon, p.lat] for p in read_plants(truth)]), 600.0,
+                                  result.report["counts"]["area_km2"])  # fmt: skip
+    assert figures["false_per_1000km2"] <= budget  # the budget holds on the region it was set on
+    assert figures["plants_found"] == stored["plain"]["found"]
+
+
+def test_calibration_refusals(tmp_path, region, monkeypatch, capsys):
+    _use(monkeypatch, HotMean())
+    truth = str(region.manifest.parent / "truth.geojson")
+    old = _checkpoint(tmp_path, prior=None)
+    before = old.read_bytes()
+    args = ["--manifest", str(region.manifest), "--plants", truth, "--out", str(tmp_path / "cal"), "--no-progress"]
+    code, _, err = _cli(capsys, "calibrate", str(old), *args, "--fp-per-1000km2", "1")
+    assert code == 2 and "records no training prior" in err and len(err.splitlines()) == 1
+    assert old.read_bytes() == before
+    (tmp_path / "new").mkdir()
+    fresh = _checkpoint(tmp_path / "new")
+    before = fresh.read_bytes()
+    code, _, err = _cli(capsys, "calibrate", str(fresh), *args, "--fp-per-1000km2", "-1")
+    assert code == 2 and "--fp-per-1000km2" in err
+    # every site false: a stand-in scoring every chip 1 leaves no plant above any threshold the budget allows
+    monkeypatch.setattr("fusionkern.scan.run.make_predictor", lambda *a, **k: _Inverse())
+    code, _, err = _cli(capsys, "calibrate", str(fresh), *args, "--fp-per-1000km2", "0", "--verify", "none",
+                        "--overwrite")  # fmt: skip
+    assert code == 2 and "budget cannot be met" in err and len(err.splitlines()) == 1
+    assert fresh.read_bytes() == before  # the checkpoint is untouched
+    assert not (tmp_path / "cal" / "calibration.json").exists()
+
+
+class _Inverse(HotMean):
+    """High away from kilns, low on them: no budget can be met with a plant found."""
+
+    def __call__(self, chips: np.ndarray) -> np.ndarray:
+        return (1.0 - super().__call__(chips)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The verifier
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_verifier_scores_recentred_chips_under_symmetries(trained, region):
+    from fusionkern.scan.grid import make_grid
+    from fusionkern.scan.inputs import load_inputs
+    from fusionkern.scan.tiles import StackReader
+
+    model = load_checkpoint(trained / "split_0" / "best.pt")
+    verifier = decide.Verifier(sorted(trained.glob("split_*/best.pt")), model)
+    inputs = load_inputs(manifest=str(region.manifest), calibrate=False)
+    grid = make_grid(inputs.reference)
+    layout = ChipLayout(CHIP, 17, 18, 18)
+    x0, y0 = grid.affine * (100.5, 100.5)
+    with StackReader(inputs, grid, layout) as reader:
+        chips, valid = decide.recentred_chips(reader, grid, CHIP, [(x0, y0), grid.affine * (2, 2)])
+    assert valid.tolist() == [True, False]  # a chip leaving the region cannot be verified
+    odds = verifier.log_odds(chips[valid])
+    # by hand: both members, eight views each, cement minus landcover logits, averaged
+    x = torch.from_numpy(chips[:1])
+    total = 0.0
+    for path in sorted(trained.glob("split_*/best.pt")):
+        member = load_checkpoint(path)
+        views = [torch.flip(torch.rot90(x, k, (-2, -1)), (-1,)) if f else torch.rot90(x, k, (-2, -1))
+                 for k in range(4) for f in (False, True)]  # fmt: skip
+        with torch.no_grad():
+            logits = torch.cat([member(member.prepare(v)) for v in views]).double()
+        total += float((logits[:, 0] - logits[:, 1]).mean())
+    assert odds[0] == pytest.approx(total / 2, rel=1e-5)
+
+
+def test_verifier_removes_candidates_it_rejects(tmp_path, region, trained, monkeypatch):
+    """A scan with a verifier keeps only the candidates the ensemble scores above the threshold: with an ensemble
+    that accepts only chips near the planted plants, the false sites of the first pass go."""
+    _use(monkeypatch, HotMean())
+    truth = read_plants(region.manifest.parent / "truth.geojson")
+    from rasterio.warp import transform
+
+    plain = run_scan(ScanOptions(checkpoint=str(trained / "split_0" / "best.pt"), out=str(tmp_path / "plain"),
+                                 manifest=str(region.manifest), threshold=0.3, progress=False, checksums=False))
+    grid = plain.grid
+    xs, ys = transform("EPSG:4326", grid.crs, [p.lon for p in truth], [p.lat for p in truth])
+
+    def near_plant(self, chips):  # the stand-in ensemble: recentred chips are judged by where they were cut
+        return np.array([8.0 if ok else -8.0 for ok in self._near], dtype=np.float64)
+
+    original = decide.recentred_chips
+
+    def recentred(reader, grid_, chip_px, points):
+        chips, valid = original(reader, grid_, chip_px, points)
+        near = [min(math.hypot(x - px, y - py) for px, py in zip(xs, ys)) < 600 for x, y in points]
+        decide.Verifier._near = [n for n, v in zip(near, valid) if v]
+        return chips, valid
+
+    monkeypatch.setattr("fusionkern.scan.run.recentred_chips", recentred)
+    monkeypatch.setattr(decide.Verifier, "log_odds", near_plant)
+    verified = run_scan(ScanOptions(checkpoint=str(trained / "split_0" / "best.pt"), out=str(tmp_path / "ver"),
+                                    manifest=str(region.manifest), threshold=0.5, verify="auto",
+                                    candidate_threshold=0.3, progress=False, checksums=False))  # fmt: skip
+    plants = np.array([[p.lon, p.lat] for p in truth])
+    from fusionkern.scan_demo import evaluation_detections
+
+    before = evaluate_detections(evaluation_detections(plain.detections), plants)
+    after = evaluate_detections(evaluation_detections(verified.detections), plants)
+    assert before["false_detections"] > 0  # the first pass has false sites to remove
+    assert after["false_detections"] == 0 and after["plants_found"] == before["plants_found"]
+    assert all(d.verifier_score is not None for d in verified.detections)
+    report = json.loads((tmp_path / "ver" / "scan.json").read_text())
+    assert report["verifier"]["candidates"] == len(plain.detections) and report["verifier"]["views"] == 8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _square(lon: float, lat: float, half_deg: float) -> list[np.ndarray]:
+    ring = np.array([[lon - half_deg, lat - half_deg], [lon + half_deg, lat - half_deg],
+                     [lon + half_deg, lat + half_deg], [lon - half_deg, lat + half_deg],
+                     [lon - half_deg, lat - half_deg]])  # fmt: skip
+    return [ring]
+
+
+def test_distance_to_footprints_by_hand():
+    square = _square(0.0, 0.0, 0.01)  # about 2.2 km a side at the equator
+    assert distance_m(0.0, 0.0, square) == 0.0
+    assert distance_m(0.02, 0.0, square) == pytest.approx(0.01 * 111_195, rel=1e-3)  # to the east edge
+    assert distance_m(0.02, 0.02, square) == pytest.approx(math.hypot(0.01, 0.01) * 111_195, rel=1e-3)
+    assert distance_m(0.0, 0.0, [np.array([[0.0, 0.005]])]) == pytest.approx(0.005 * 111_195, rel=1e-3)
+
+
+def test_evaluation_math_on_hand_made_cases():
+    plants = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
+    detections = [
+        Detection(0.9, _square(0.0, 0.0, 0.002), {}),  # finds plant 0
+        Detection(0.8, _square(0.0, 0.003, 0.002), {}),  # a second detection of plant 0 (within 600 m): duplicate
+        Detection(0.7, _square(1.0, 1.0 + 0.007, 0.002), {}),  # edge 556 m from plant 1: found
+        Detection(0.6, _square(5.0, 5.0, 0.002), {}),  # nothing near: false
+    ]
+    figures = evaluate_detections(detections, plants, match_m=600.0, area_km2=2000.0)
+    assert (figures["true_detections"], figures["false_detections"], figures["duplicates"]) == (2, 2, 1)
+    assert figures["recall"] == pytest.approx(2 / 3) and figures["precision"] == pytest.approx(0.5)
+    assert figures["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert figures["false_per_1000km2"] == pytest.approx(1.0)
+    assert [round(c["precision"], 3) for c in figures["curve"]] == [1.0, 0.5, 0.667, 0.5]
+    assert [round(c["recall"], 3) for c in figures["curve"]] == [0.333, 0.333, 0.667, 0.667]
+    tighter = evaluate_detections(detections, plants, match_m=500.0)
+    assert tighter["plants_found"] == 1 and tighter["false_per_1000km2"] is None
+
+
+def test_evaluate_command_writes_its_outputs(tmp_path, capsys):
+    detections = {"type": "FeatureCollection", "fusionkern": {"area_km2": 500.0}, "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_square(10.0, 50.0, 0.004)[0].tolist()]},
+         "properties": {"score": 0.9, "peak_lon": 10.0, "peak_lat": 50.0}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [11.0, 50.0]}, "properties": {"score": 0.4}},
+    ]}  # fmt: skip
+    path = tmp_path / "detections.geojson"
+    path.write_text(json.dumps(detections))
+    truth = tmp_path / "truth.csv"
+    truth.write_text("lon,lat,name\n10.001,50.001,a\n12.0,50.0,b\n")
+    code, printed, err = _cli(capsys, "evaluate", str(path), "--truth", str(truth), "--out", str(tmp_path / "ev"))
+    assert code == 0, err
+    assert "recall 50 %" in printed and "precision 50 %" in printed and "2 per 1000 km²" in printed
+    figures = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert figures["plants_found"] == 1 and figures["false_per_1000km2"] == pytest.approx(2.0)
+    missed = json.loads((tmp_path / "ev" / "missed.geojson").read_text())["features"]
+    assert [f["properties"]["name"] for f in missed] == ["b"]
+    assert (tmp_path / "ev" / "pr_curve.png").stat().st_size > 0
+    found, _ = read_detections(path)
+    assert [d.score for d in found] == [0.9, 0.4]
+
+
+def test_evaluate_refuses_an_empty_detections_file(tmp_path, capsys):
+    path = tmp_path / "detections.geojson"
+    path.write_text("")
+    truth = tmp_path / "truth.csv"
+    truth.write_text("lon,lat\n10,50\n")
+    code, _, err = _cli(capsys, "evaluate", str(path), "--truth", str(truth), "--out", str(tmp_path / "ev"))
+    assert code == 2 and err.startswith("error:") and "is empty" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "ev").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The precision ceiling
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_oracle_ceiling_from_the_generator(region):
+    truth = json.loads((region.manifest.parent / "truth.geojson").read_text())["features"]
+    plants = [f["properties"] for f in truth if f["properties"]["kind"] == "cement"]
+    assert plants and all(2.5 <= p["kiln_k"] <= 15.0 and 0.2 <= p["dust"] <= 1.0 for p in plants)
+    # hot dusty works are cement for sure, lukewarm less dusty ones are ambiguous with industry
+    assert oracle_score(12.0, 0.9) > oracle_score(7.0, 0.6) > 0
+    ceiling = expected_ceiling(12, 32)
+    assert 0.2 < ceiling["industry_pass_rate"] < 0.25 and 0.9 < ceiling["precision"] < 0.97
+    assert expected_ceiling(12, 96)["precision"] < ceiling["precision"]
+    assert region_ceiling(region.manifest.parent / "truth.geojson")["plants"] == len(plants)
