@@ -119,18 +119,6 @@ def load_yaml_config(path: str | os.PathLike, cls: type = TrainConfig) -> dict[s
     return data
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: unknown {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but this torch build sees no CUDA device")
-    return device
-
-
 def build_from_config(cfg: TrainConfig) -> nn.Module:
     kwargs: dict[str, Any] = dict(preset=cfg.preset, width=cfg.width, alphas=cfg.alphas)
     if cfg.model.lower() == "fusionnet":
@@ -179,9 +167,13 @@ def _loader(ds, indices, batch_size, shuffle, workers, seed) -> DataLoader:
 
 
 def _progress(total: int, desc: str, enabled: bool):
+    """A live bar within each epoch on a terminal; elsewhere (logs, CI) none: the epoch's own line is the step."""
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="site", leave=False, disable=not enabled, dynamic_ncols=True)
+    live = enabled and getattr(sys.stderr, "isatty", lambda: False)()
+    return tqdm(total=total, desc=desc, unit="site", leave=False, disable=not live, dynamic_ncols=True)
 
 
 def split_loaders(train_ds, eval_ds, split, batch_size: int, workers: int) -> tuple[DataLoader, DataLoader, DataLoader]:
@@ -338,6 +330,9 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     check_backend_available(cfg.backend, device)
     if not cfg.data or not all(cfg.data_folders):
         raise ConfigError("data: no dataset folder given (--data DIR [DIR ...] or 'data:' in the config file)")
+    from fusionkern.files import check_writable
+
+    check_writable(cfg.out, "--out", inside=True)  # before reading or training anything
     sites, reports, origin = load_many(cfg.data_folders)
     for report in reports:
         log(report.summary())
