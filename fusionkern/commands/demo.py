@@ -1,9 +1,17 @@
 """``fusionkern demo``: the embedded default job, end to end on a CPU in a few minutes.
 
 Generates a small synthetic, physically motivated dataset in the site layout (kiln heat in b10/b11 on all three
-dates, dry altered soil raising b7/b6 around plants, seasonal landcover, confusers), trains a small native-preset
-FusionNet with the paper's protocol, then scans a synthetic region (thousands of pixels a side, plants planted at
-known places) with the best checkpoint and scores the detections against the planted truth.
+dates, dry altered soil raising b7/b6 around plants, seasonal landcover, confusers; 9 px of context around each
+chip), then runs what a user of the scanner does, on three synthetic regions that never share a seed:
+
+1. trains a small native-preset FusionNet with the paper's protocol (round 0);
+2. mines hard negatives and random background from a first region with it (``fusionkern mine``);
+3. trains again on the sites and the mined chips (round 1; the held-out figures of the original sites are printed
+   for both rounds);
+4. calibrates the round-1 checkpoint on a second region at a budget of false detections per 1000 km²
+   (``fusionkern calibrate``);
+5. scans a third region with the calibrated threshold and the split ensemble as verifier, and evaluates the
+   detections against the planted plants (``fusionkern evaluate``).
 """
 
 from __future__ import annotations
@@ -19,11 +27,13 @@ HELP = "Generate a synthetic dataset, train a small FusionNet on it (CPU, a few 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    p.add_argument("--cement", type=int, default=120, help="synthetic cement sites (default 120)")
-    p.add_argument("--landcover", type=int, default=240, help="synthetic landcover sites (default 240)")
+    p.add_argument("--cement", type=int, default=200, help="synthetic cement sites (default 200)")
+    p.add_argument("--landcover", type=int, default=400, help="synthetic landcover sites (default 400)")
     p.add_argument("--context-px", type=int, default=9, help="context around each training chip (default 9)")
     p.add_argument("--epochs", type=int, default=12, help="epochs per split (default 12)")
-    p.add_argument("--splits", type=int, default=2, help="stratified splits (default 2; the paper uses 5)")
+    p.add_argument("--splits", type=int, default=3,
+                   help="stratified splits, whose checkpoints are also the verifier's ensemble (default 3; the paper "
+                   "uses 5)")
     p.add_argument("--width", type=float, default=0.25, help="FusionNet width multiplier (default 0.25)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
     p.add_argument("--seed", type=int, default=0)
@@ -33,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mine-px", type=int, default=2048,
                    help="side of the region hard negatives are mined from, and of the calibration region (default 2048)")
     p.add_argument("--mine-top", type=int, default=300, help="hard negatives mined (default 300)")
+    p.add_argument("--mine-lookalikes", type=int, default=96,
+                   help="look-alike windows of the mining region (default 96; the other regions have 32)")
     p.add_argument("--mine-random", type=int, default=300, help="random background chips mined (default 300)")
     p.add_argument("--fp-budget", type=float, default=0.5,
                    help="false detections allowed per 1000 km² when calibrating (default 0.5)")
@@ -98,17 +110,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _region(args: argparse.Namespace, folder: Path, seed: int):
+def _region(args: argparse.Namespace, folder: Path, seed: int, lookalikes: int = 32):
     from fusionkern.scan_demo import make_demo_region
 
-    return make_demo_region(folder, args.mine_px, args.plants, seed=seed)
+    return make_demo_region(folder, args.mine_px, args.plants, n_confusers=lookalikes, seed=seed)
 
 
 def _mine(args: argparse.Namespace, out: Path, checkpoint: str) -> Path:
     from fusionkern.scan.mine import MineOptions, mine
     from fusionkern.scan_demo import region_truth
 
-    region = _region(args, out / "regions" / "mine", args.seed + 101)
+    # mined where look-alikes are dense (as a country-wide mining pass meets them): more of them to learn from
+    region = _region(args, out / "regions" / "mine", args.seed + 101, args.mine_lookalikes)
     target = out / "mined-r1"
     options = MineOptions(
         checkpoint=checkpoint, out=str(target), plants=region_truth(region), manifest=str(region.manifest),

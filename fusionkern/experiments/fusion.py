@@ -65,6 +65,11 @@ class ReplicatedBranch(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
+    @property
+    def labels(self):
+        """The class of every item, as the wrapped dataset gives them."""
+        return self.dataset.labels
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x, y = self.dataset[index]
         if x.dim() != 4 or x.shape[0] != 1:
