@@ -30,6 +30,12 @@ if ! command -v "$PY" >/dev/null 2>&1; then
     echo "gpu_check: no Python found ($PY); set PYTHON" >&2
     exit 2
 fi
+# The phases run in the work folder: the interpreter's path must not depend on the current folder.
+case "$PY" in
+    /*) ;;
+    */*) PY="$(pwd)/$PY" ;;
+    *) PY="$(command -v "$PY")" ;;
+esac
 
 cd "$REPO" || exit 2
 for arg in "$@"; do
