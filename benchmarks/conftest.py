@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from fusionkern.bench.cases import Artefacts, make_plan, set_tf32
+from fusionkern.bench.cases import Artefacts, make_plan, use_torch_fp32_defaults
 from fusionkern.bench.timing import TimingSettings
 
 
@@ -61,7 +61,7 @@ def pytest_configure(config):
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise pytest.UsageError("TRITON_INTERPRET=1 is set: unset it to benchmark the kernels on the GPU")
         _SAVED_TF32.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
-        set_tf32(False)  # fp32 is fp32 for every variant: cuDNN and cuBLAS would otherwise use TF32
+        use_torch_fp32_defaults()  # the baseline users run: TF32 convolutions, as the fused kernels by default
 
 
 def pytest_unconfigure(config):

@@ -9,7 +9,12 @@ Host side:
 * :func:`interpreting`, :func:`pow2_block`, :func:`tune_configs`, :func:`make_configs`,
   :func:`prune_block_configs`: one small deterministic config on the Triton CPU interpreter, a short autotune list
   (pruned to the problem size) on a GPU.
-* :func:`cudnn_fp32_precision`: scopes cuDNN's TF32 switch to one call (the backward passes honour ``allow_tf32``).
+* :func:`torch_conv_allows_tf32`, :func:`resolve_allow_tf32`, :func:`dot_precision`: the fp32 precision of one
+  call, following PyTorch's own convolution settings unless the caller says otherwise.
+* :func:`conv_backward`: ``dL/dx`` and ``dL/dw`` of a convolution at the precision the call resolved, without
+  touching PyTorch's process-global TF32 switches.
+* :func:`cudnn_fp32_precision`: scopes cuDNN's TF32 switch for a *reference* computation (tests, GPU checks); the
+  kernels themselves never flip it.
 * :class:`KernelSpec`, :func:`compile_sm90` and :func:`compile_sm90_isolated`: compile a ``@triton.jit`` kernel
   for an H100 (sm_90) without a GPU, so that a kernel that would not lower for an H100 fails on any machine.
 * :class:`ConvGeometry`: output sizes, launch grid and partial-sum rows of one fused convolution.
@@ -198,14 +203,79 @@ def tl_acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def torch_conv_allows_tf32() -> bool:
+    """Whether PyTorch's own fp32 convolutions (cuDNN) may use TF32 under the current settings.
+
+    Reads ``torch.backends.cudnn.conv.fp32_precision`` where it exists, walking up to ``cudnn.fp32_precision`` and
+    ``torch.backends.fp32_precision`` while the value is ``"none"`` (inherit); older releases have only
+    ``torch.backends.cudnn.allow_tf32``. Both default to TF32, so by default the fused kernels do as cuDNN does.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        for level in (conv, torch.backends.cudnn, torch.backends):
+            precision = getattr(level, "fp32_precision", "none")
+            if precision != "none":
+                return precision == "tf32"
+        return False
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def resolve_allow_tf32(allow_tf32: bool | None) -> bool:
+    """``allow_tf32`` of a call: ``None`` follows PyTorch's convolution setting (:func:`torch_conv_allows_tf32`).
+
+    Resolved once, when the forward runs, and stored with the call: its backward uses the same precision even if
+    the global setting changes in between, and nothing global is written.
+    """
+    if allow_tf32 is None:
+        return torch_conv_allows_tf32()
+    if not isinstance(allow_tf32, bool):
+        unsupported("allow_tf32", f"expected True, False or None (follow torch's setting), got {allow_tf32!r}")
+    return allow_tf32
+
+
 def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    """``tl.dot``'s ``input_precision``: ``"tf32"`` only for float32 inputs with ``allow_tf32``."""
+    """``tl.dot``'s ``input_precision``: ``"tf32"`` only for float32 inputs with ``allow_tf32``.
+
+    16-bit inputs take the tensor cores whatever this says; float64 never does.
+    """
     return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
+
+
+def conv_backward(
+    grad_z: torch.Tensor,  # (B, CO, OH, OW), dL/d(conv output)
+    x: torch.Tensor,  # (B, CI, H, W), the forward input
+    weight: torch.Tensor,  # (CO, CI, K, K)
+    geo: ConvGeometry,
+    need_x: bool,
+    need_w: bool,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dL/dx, dL/dweight)`` of ``conv2d(x, weight)`` by ``aten.convolution_backward`` (cuDNN on a GPU).
+
+    cuDNN's TF32 switch is process-global, so it is read, never written (writing it would race with every other
+    thread). With ``allow_tf32`` the call runs as cuDNN is set (TF32 where allowed, IEEE otherwise; TF32 is allowed,
+    not required). Without it, where cuDNN would use TF32 for float32, the gradients are computed in float64 and
+    rounded back: exact fp32 products at the cost of speed, which is what asking for IEEE in that setting means.
+    """
+    upcast = x.dtype == torch.float32 and x.is_cuda and not allow_tf32 and torch_conv_allows_tf32()
+    work = torch.float64 if upcast else x.dtype
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_z.to(work), x.to(work), weight.to(work), None, [geo.stride] * 2, [geo.padding] * 2,
+        [geo.dilation] * 2, False, [0, 0], 1, [need_x, need_w, False],
+    )  # fmt: skip
+    if upcast:
+        grad_x = None if grad_x is None else grad_x.to(x.dtype)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+    return grad_x, grad_w
 
 
 @contextlib.contextmanager
 def cudnn_fp32_precision(allow_tf32: bool) -> Iterator[None]:
-    """Let cuDNN convolutions use TF32 exactly when ``allow_tf32`` (restores the previous setting)."""
+    """Let cuDNN convolutions use TF32 exactly when ``allow_tf32`` (restores the previous setting).
+
+    For reference computations in tests and GPU checks only: it writes a process-global switch, so the kernels'
+    own code paths never call it (see :func:`conv_backward`).
+    """
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is not None and hasattr(conv, "fp32_precision"):
         previous = conv.fp32_precision

@@ -33,11 +33,12 @@ from fusionkern.kernels._common import (
     check_int32_indexable,
     check_tensor,
     compute_dtype,
+    conv_backward,
     conv_geometry,
-    cudnn_fp32_precision,
     dot_precision,
     fold_bn,
     prune_block_configs,
+    resolve_allow_tf32,
     square_int,
     tl_acc_dtype,
     tune_configs,
@@ -341,8 +342,9 @@ class Conv2dMixPoolFunction(torch.autograd.Function):
     """Fused conv + bias (+ ReLU, + mixed pooling, + folded BN) with gradients for x, weight, bias, alpha.
 
     Backward: the kernel recomputes the conv tile and writes ``dL/dz`` (no pre-pool activation is saved) plus the
-    ``alpha`` and bias partial sums; ``dL/dx`` and ``dL/dweight`` come from ``aten.convolution_backward`` (cuDNN
-    on a GPU) on ``dL/dz``. Without pooling or BN, ``dL/dz`` is read off the saved output instead.
+    ``alpha`` and bias partial sums; ``dL/dx`` and ``dL/dweight`` come from :func:`conv_backward` (cuDNN on a GPU)
+    on ``dL/dz``, at the precision resolved by the forward. Without pooling or BN, ``dL/dz`` is read off the saved
+    output instead.
     """
 
     @staticmethod
@@ -376,11 +378,7 @@ class Conv2dMixPoolFunction(torch.autograd.Function):
         if need_b:
             grads[2] = grad_bias.to(bias.dtype)
         if need_x or need_w:
-            with cudnn_fp32_precision(opt.allow_tf32):
-                grads[0], grads[1], _ = torch.ops.aten.convolution_backward(
-                    grad_z.to(x.dtype), x, weight, None, [geo.stride] * 2, [geo.padding] * 2, [geo.dilation] * 2,
-                    False, [0, 0], 1, [need_x, need_w, False],
-                )  # fmt: skip
+            grads[0], grads[1] = conv_backward(grad_z.to(x.dtype), x, weight, geo, need_x, need_w, opt.allow_tf32)
         return tuple(grads)
 
 
@@ -401,7 +399,7 @@ def conv2d_mixpool(
     relu: bool = True,
     bn: tuple[torch.Tensor, torch.Tensor] | None = None,
     groups: int = 1,
-    allow_tf32: bool = False,
+    allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """``bn(MixPool2d(relu(F.conv2d(x, weight, bias, stride, padding, dilation))))`` in one kernel.
 
@@ -413,7 +411,10 @@ def conv2d_mixpool(
         bn: a folded inference BatchNorm ``(scale, shift)`` from :func:`fold_bn`, applied after the pooling; the
             pair is a constant (no gradient). In training keep BatchNorm a separate op after this call.
         groups: only 1 is supported.
-        allow_tf32: let float32 dots (forward kernel and the cuDNN backward) use TF32.
+        allow_tf32: let float32 products (the forward kernel's dots and the backward) use TF32 tensor cores.
+            ``None`` (default) does what PyTorch's own fp32 convolutions do (``torch.backends.cudnn.conv
+            .fp32_precision`` / ``torch.backends.cudnn.allow_tf32``, TF32 unless changed); ``False`` is IEEE fp32.
+            Ignored for other dtypes (16-bit inputs always use the tensor cores).
 
     Returns:
         ``(B, C_out, OH // 2, OW // 2)`` with pooling, else ``(B, C_out, OH, OW)``, in ``x.dtype``.
@@ -447,13 +448,13 @@ def conv2d_mixpool(
     alpha_t = check_alpha(alpha, x, "alpha")
     scale, shift = check_bn(bn, CO, x)
     geo = conv_geometry(x, CO, KH, stride, padding, dilation, alpha_t is not None)
-    opt = _Options(bool(relu), alpha_t is not None, scale is not None, bias is not None, bool(allow_tf32))
+    opt = _Options(bool(relu), alpha_t is not None, scale is not None, bias is not None,
+                   resolve_allow_tf32(allow_tf32))  # fmt: skip
     if alpha_t is None:
         alpha_t = torch.ones((), device=x.device, dtype=compute_dtype(x.dtype))
     return Conv2dMixPoolFunction.apply(x, weight, bias, alpha_t, scale, shift, geo, opt)
 
 
-@torch.no_grad()
 # --------------------------------------------------------------------------------------------------------------
 # Reference stages on the kernels
 # --------------------------------------------------------------------------------------------------------------
@@ -487,7 +488,7 @@ def _pool_alpha(pool: nn.Module | None) -> torch.Tensor | float | None:
     unsupported("pool", f"expected MixPool2d, MaxPool2d or None, got {type(pool).__name__}")
 
 
-def _conv_call(conv: nn.Module, x: torch.Tensor, alpha, bn, allow_tf32: bool) -> torch.Tensor:
+def _conv_call(conv: nn.Module, x: torch.Tensor, alpha, bn, allow_tf32: bool | None) -> torch.Tensor:
     """conv -> ReLU -> [pool alpha] -> [folded bn] on the kernels, for a GaborConv2d or an nn.Conv2d."""
     from fusionkern.models.layers import GaborConv2d
 
@@ -510,7 +511,7 @@ def _conv_call(conv: nn.Module, x: torch.Tensor, alpha, bn, allow_tf32: bool) ->
     )
 
 
-def stage_forward(stage: nn.Module, x: torch.Tensor, *, allow_tf32: bool = False) -> torch.Tensor:
+def stage_forward(stage: nn.Module, x: torch.Tensor, *, allow_tf32: bool | None = None) -> torch.Tensor:
     """Run a reference :class:`fusionkern.models.networks.ConvStage` on the kernels; same result, train and eval.
 
     What runs where:
@@ -524,7 +525,8 @@ def stage_forward(stage: nn.Module, x: torch.Tensor, *, allow_tf32: bool = False
       and the stage's own pool module.
 
     ``MixPool2d`` pools with its trainable alpha; ``nn.MaxPool2d(2)`` is mixed pooling with alpha fixed at 1 (no
-    alpha gradient). Other pools, grouped or non-square convs raise :class:`UnsupportedOptionError`.
+    alpha gradient). ``allow_tf32`` as in :func:`conv2d_mixpool` (default: follow torch's cuDNN setting). Other
+    pools, grouped or non-square convs raise :class:`UnsupportedOptionError`.
     """
     from fusionkern.models.networks import ConvStage
 

@@ -60,6 +60,7 @@ from ._common import (
     compute_dtype,
     dot_precision,
     fold_bn,
+    resolve_allow_tf32,
     unsupported,
 )
 
@@ -571,7 +572,7 @@ def dilated_avg_block(
     *,
     bn: tuple[torch.Tensor, torch.Tensor] | nn.BatchNorm2d | None = None,
     relu: bool = True,
-    allow_tf32: bool = False,
+    allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """``act(BN(H_0 + mean(H_1 .. H_{n-1})))`` with ``H_j = conv2d(x, w_j, b_j, padding=d_j, dilation=d_j)``.
 
@@ -589,8 +590,8 @@ def dilated_avg_block(
             BatchNorm and ReLU after it (as :func:`block_forward` does).
         relu: apply ReLU last.
         allow_tf32: let fp32 products (forward and both gradients) use TF32 tensor cores; ignored for other
-            dtypes. Off by default; note that torch's own fp32 ``conv2d`` on a GPU follows
-            ``torch.backends.cudnn.allow_tf32``, which is on by default.
+            dtypes. ``None`` (default) does what torch's own fp32 ``conv2d`` does (``torch.backends.cudnn.conv
+            .fp32_precision`` / ``allow_tf32``: TF32 unless changed); ``False`` is IEEE fp32.
 
     Returns:
         (B, C_out, H, W) in x's dtype.
@@ -648,17 +649,15 @@ def dilated_avg_block(
                 unsupported("bn", f"{name} is on {v.device}, x is on {x.device}")
     if not isinstance(relu, bool):
         unsupported("relu", f"expected a bool, got {relu!r}")
-    if not isinstance(allow_tf32, bool):
-        unsupported("allow_tf32", f"expected a bool, got {allow_tf32!r}")
     check_int32_indexable("x", x)
     if x.shape[0] * c_out * x.shape[2] * x.shape[3] > 2**31 - 1:
         out_shape = (x.shape[0], c_out, x.shape[2], x.shape[3])
         unsupported("weights", f"an output of shape {out_shape} exceeds the kernels' int32 indexing")
-    precision = dot_precision(x.dtype, allow_tf32)
+    precision = dot_precision(x.dtype, resolve_allow_tf32(allow_tf32))
     return DilatedAvgBlockFunction.apply(x, scale, shift, dil, relu, precision, has_bias, *weights, *biases)
 
 
-def block_forward(block: nn.Module, x: torch.Tensor, *, allow_tf32: bool = False) -> torch.Tensor:
+def block_forward(block: nn.Module, x: torch.Tensor, *, allow_tf32: bool | None = None) -> torch.Tensor:
     """Run a reference :class:`fusionkern.models.layers.DilatedAvgBlock` on the kernel, same result as ``block(x)``.
 
     Training mode (or a BatchNorm without running statistics): the kernel computes ``H`` (bias included), then the
@@ -703,4 +702,6 @@ def block_forward(block: nn.Module, x: torch.Tensor, *, allow_tf32: bool = False
     if bn.training or bn.running_mean is None:
         h = dilated_avg_block(x, weights, biases, dilations, bn=None, relu=False, allow_tf32=allow_tf32)
         return F.relu(bn(h))
-    return dilated_avg_block(x, weights, biases, dilations, bn=fold_bn(bn, differentiable=True), relu=True, allow_tf32=allow_tf32)
+    return dilated_avg_block(
+        x, weights, biases, dilations, bn=fold_bn(bn, differentiable=True), relu=True, allow_tf32=allow_tf32
+    )

@@ -42,11 +42,12 @@ from fusionkern.kernels._common import (
     check_int32_indexable,
     check_tensor,
     compute_dtype,
+    conv_backward,
     conv_geometry,
-    cudnn_fp32_precision,
     dot_precision,
     pow2_block,
     prune_block_configs,
+    resolve_allow_tf32,
     square_int,
     tl_acc_dtype,
     tune_configs,
@@ -504,8 +505,8 @@ class GaborConv2dFunction(torch.autograd.Function):
     """Fused Gabor conv (+ ReLU, + mixed pooling, + folded BN) with gradients for x, the four parameters, alpha.
 
     Backward: the kernel recomputes the conv tile and writes ``dL/dz`` (no pre-pool activation is saved) and the
-    ``alpha`` partial sums; ``dL/dx`` and ``dL/dW`` come from ``aten.convolution_backward`` (cuDNN on a GPU) on
-    ``dL/dz`` and the materialised bank; ``dL/dW`` is pulled back to the four parameters by
+    ``alpha`` partial sums; ``dL/dx`` and ``dL/dW`` come from :func:`conv_backward` (cuDNN on a GPU, at the precision
+    the forward resolved) on ``dL/dz`` and the materialised bank; ``dL/dW`` is pulled back to the four parameters by
     :func:`_gabor_param_grad_kernel`. Without pooling or BN, ``dL/dz`` is read off the saved output instead.
     """
 
@@ -543,11 +544,9 @@ class GaborConv2dFunction(torch.autograd.Function):
 
         if need_x or any(need_params):
             weight = _launch_bank(params, taps, opt.kernel_size, opt.legacy, x.dtype)
-            with cudnn_fp32_precision(opt.allow_tf32):
-                grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                    grad_z.to(x.dtype), x, weight, None, [geo.stride] * 2, [geo.padding] * 2, [geo.dilation] * 2,
-                    False, [0, 0], 1, [need_x, any(need_params), False],
-                )  # fmt: skip
+            grad_x, grad_w = conv_backward(
+                grad_z.to(x.dtype), x, weight, geo, need_x, any(need_params), opt.allow_tf32
+            )
             grads[0] = grad_x
             if any(need_params):
                 grad_params = _launch_param_grad(grad_w, params, taps, opt.kernel_size, opt.legacy)
@@ -586,7 +585,7 @@ def gabor_conv2d(
     grid: str = "centered",
     bn: tuple[torch.Tensor, torch.Tensor] | None = None,
     groups: int = 1,
-    allow_tf32: bool = False,
+    allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     """Gabor convolution with the bank generated in-kernel, optionally fused with ReLU, mixed pooling and BN.
 
@@ -603,7 +602,9 @@ def gabor_conv2d(
         grid: ``"centered"`` or ``"legacy"`` (the authors' grid and normalisation), as in ``gabor_bank``.
         bn: a folded inference BatchNorm ``(scale, shift)`` applied after the pooling (``fold_bn``); constants.
         groups: only 1 is supported.
-        allow_tf32: let float32 dots (forward kernel and the cuDNN backward) use TF32.
+        allow_tf32: let float32 products (the forward kernel's dots and the backward) use TF32 tensor cores.
+            ``None`` (default) does what PyTorch's own fp32 convolutions do (TF32 unless
+            ``torch.backends.cudnn.conv.fp32_precision`` / ``allow_tf32`` say otherwise); ``False`` is IEEE fp32.
 
     Returns:
         ``(B, C_out, OH // 2, OW // 2)`` with pooling, else ``(B, C_out, OH, OW)``, in ``x.dtype``.
@@ -630,7 +631,7 @@ def gabor_conv2d(
     scale, shift = check_bn(bn, CO, x)
     geo = conv_geometry(x, CO, k, stride, padding, dilation, alpha is not None)
     opt = _Options(k, stride, padding, dilation, bool(relu), alpha is not None, scale is not None, grid == "legacy",
-                   bool(allow_tf32))  # fmt: skip
+                   resolve_allow_tf32(allow_tf32))  # fmt: skip
     if alpha is None:
         alpha = torch.ones((), device=x.device, dtype=compute_dtype(x.dtype))
     return GaborConv2dFunction.apply(x, freq, theta, sigma, psi, alpha, scale, shift, geo, opt)

@@ -304,7 +304,7 @@ def _block_args(c_in=2, c_out=3, dilations=(1, 2)):
         (lambda a: a.update(bn=torch.nn.BatchNorm2d(3).train()), "bn"),  # training-mode BN cannot be folded
         (lambda a: a.update(bn="batchnorm"), "bn"),
         (lambda a: a.update(relu=1), "relu"),
-        (lambda a: a.update(allow_tf32=None), "allow_tf32"),
+        (lambda a: a.update(allow_tf32=1), "allow_tf32"),  # True, False or None (follow torch)
     ],
 )
 def test_dilated_errors_name_the_parameter(change, param):

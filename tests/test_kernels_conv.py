@@ -56,12 +56,14 @@ class Tol:
     scaled: bool  # 16-bit rows: atol is relative to the tensor's largest magnitude
 
 
-# Tolerances per dtype. 16-bit and TF32 rows compare against float32 math on the same rounded inputs, with atol
-# relative to the tensor's largest magnitude; parameter gradients (sums over batch and pixels) always use that.
+# Tolerances per dtype. fp32 is IEEE on both sides (allow_tf32=False, the reference under cuDNN's IEEE mode); the
+# tf32 row runs both sides with TF32 products (10-bit mantissa, fp32 accumulation); 16-bit rows compare against
+# float32 math on the same rounded inputs. Rows marked scaled take atol relative to the tensor's largest magnitude;
+# parameter gradients (sums over batch and pixels) always do.
 DTYPES = {
     "fp32": Tol(torch.float32, False, 1e-5, 1e-4, False),
-    "tf32": Tol(torch.float32, True, 5e-3, 5e-3, True),
-    "bf16": Tol(torch.bfloat16, False, 2e-2, 2e-2, True),
+    "tf32": Tol(torch.float32, True, 1e-3, 1e-3, True),
+    "bf16": Tol(torch.bfloat16, False, 1e-2, 1e-2, True),
     "fp16": Tol(torch.float16, False, 1e-2, 1e-2, True),
 }
 
@@ -349,6 +351,134 @@ def test_expanded_grad_output(op):
     (gk,) = torch.autograd.grad(y.sum(), [x])
     (gr,) = torch.autograd.grad(ref.sum(), [x])
     assert_match("grad x", gk, gr, 1e-5, 1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fp32 precision: follows torch's convolution setting by default, passed explicitly, never written globally
+# --------------------------------------------------------------------------------------------------------------
+
+needs_fp32_precision_api = pytest.mark.skipif(
+    not hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"),
+    reason="this torch has no torch.backends.cudnn.conv.fp32_precision",
+)
+
+
+@pytest.fixture
+def set_conv_precision():
+    """Sets ``torch.backends.cudnn.conv.fp32_precision`` for one test and restores it afterwards."""
+    conv = torch.backends.cudnn.conv
+    saved = conv.fp32_precision
+
+    def set_to(value: str) -> None:
+        conv.fp32_precision = value
+
+    yield set_to
+    conv.fp32_precision = saved
+
+
+class LaunchSpy:
+    """Stands in for an autotuned kernel: records the keyword arguments of every launch, then runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def run_op_with_spies(op: str, monkeypatch, dtype=torch.float32, **kwargs) -> list[dict]:
+    """Forward and backward of a small pooled layer; the launch arguments of its forward and backward kernels."""
+    module, names = (gabor_conv, ("_gabor_conv_fwd", "_gabor_conv_bwd")) if op == "gabor" else (
+        conv_mixpool, ("_conv_mixpool_fwd", "_conv_mixpool_bwd"))  # fmt: skip
+    spies = [LaunchSpy(getattr(module, n)) for n in names]
+    for name, spy in zip(names, spies):
+        monkeypatch.setattr(module, name, spy)
+    torch.manual_seed(3)
+    x = torch.randn(1, 3, 6, 6, device=DEVICE, dtype=dtype, requires_grad=True)
+    if op == "gabor":
+        params = [p.to(DEVICE, dtype).requires_grad_(True) for p in gabor_params(4, 3, 3)]
+        y = gabor_conv2d(x, *params, 3, 1, 1, relu=True, pool_alpha=0.5, **kwargs)
+    else:
+        w = torch.randn(4, 3, 3, 3, device=DEVICE, dtype=dtype, requires_grad=True)
+        y = conv2d_mixpool(x, w, None, 0.5, **kwargs)
+    y.sum().backward()
+    calls = spies[0].calls + spies[1].calls
+    assert len(calls) == 2, "expected one forward and one backward launch"
+    return calls
+
+
+@needs_fp32_precision_api
+@pytest.mark.parametrize("setting", ["tf32", "ieee"])
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_fp32_precision_follows_torch_by_default(op, setting, monkeypatch, set_conv_precision):
+    """Without ``allow_tf32`` the fp32 dots do what torch's own convolutions do (TF32 is torch's default)."""
+    set_conv_precision(setting)
+    assert _common.torch_conv_allows_tf32() == (setting == "tf32")
+    calls = run_op_with_spies(op, monkeypatch)
+    assert [c["DOT_PRECISION"] for c in calls] == [setting, setting]
+
+
+@needs_fp32_precision_api
+@pytest.mark.parametrize(
+    "allow_tf32, dtype, expected",
+    [(False, torch.float32, "ieee"), (True, torch.float32, "tf32"), (True, torch.float64, "ieee")],
+    ids=["ieee-asked", "tf32-asked", "float64-never-tf32"],
+)
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_explicit_precision_wins(op, allow_tf32, dtype, expected, monkeypatch, set_conv_precision):
+    set_conv_precision("ieee" if allow_tf32 else "tf32")
+    calls = run_op_with_spies(op, monkeypatch, dtype=dtype, allow_tf32=allow_tf32)
+    assert [c["DOT_PRECISION"] for c in calls] == [expected, expected]
+
+
+@needs_fp32_precision_api
+def test_torch_precision_none_inherits(set_conv_precision):
+    """``"none"`` at the conv level defers to the cuDNN level, then to the global setting (IEEE when all are none)."""
+    set_conv_precision("none")
+    assert _common.torch_conv_allows_tf32() is False
+
+
+class _ReadOnlyPrecision:
+    """``torch.backends.cudnn.conv`` as the kernels may see it: readable, any write fails the test."""
+
+    def __init__(self, real):
+        object.__setattr__(self, "_real", real)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def __setattr__(self, name, value):
+        raise AssertionError(f"the kernels wrote torch.backends.cudnn.conv.{name} = {value!r} (process-global)")
+
+
+@pytest.mark.parametrize("allow_tf32", [None, False, True], ids=["default", "ieee", "tf32"])
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_backward_writes_no_global_precision_flag(op, allow_tf32, monkeypatch):
+    """Forward and backward read torch's TF32 settings and never write them (the switches are not thread-local)."""
+    if hasattr(torch.backends.cudnn, "conv"):
+        monkeypatch.setattr(torch.backends.cudnn, "conv", _ReadOnlyPrecision(torch.backends.cudnn.conv))
+    cls = type(torch.backends.cudnn)
+    descriptor = cls.__dict__["allow_tf32"]
+
+    def refuse(_self, value):
+        raise AssertionError(f"the kernels wrote torch.backends.cudnn.allow_tf32 = {value!r} (process-global)")
+
+    monkeypatch.setattr(cls, "allow_tf32", property(lambda self: descriptor.__get__(self, cls), refuse))
+    run_op_with_spies(op, monkeypatch, allow_tf32=allow_tf32)
+
+
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_allow_tf32_must_be_a_bool_or_none(op):
+    x = _x(1, 2, 6, 6)
+    with pytest.raises(ValueError, match="^allow_tf32"):
+        if op == "gabor":
+            gabor_conv2d(x, *[_x(4, 2)] * 4, 3, allow_tf32="yes")
+        else:
+            conv2d_mixpool(x, _x(4, 2, 3, 3), None, 0.5, allow_tf32=1)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def run_bench(
         data = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {"benchmarks": []}
     settings = {
         "device": device, "quick": quick, "select": select, "target_s": target_s if target_s is not None else 1.0,
-        "threads": threads or torch.get_num_threads(), "tf32": False, "suite": str(suite_path),
+        "threads": threads or torch.get_num_threads(), "suite": str(suite_path),
+        "fp32": "torch defaults: TF32 convolutions, IEEE matmuls" if device == "cuda" else "IEEE",
     }  # fmt: skip
     report = build_report(data, machine=machine, settings=settings, outcomes=outcomes.as_dict(exit_code), notes=notes)
     paths = write_report(report, out)
