@@ -17,6 +17,7 @@ Every file is written under a temporary name in the output folder and renamed wh
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -401,17 +402,32 @@ def _bbox(detections: Sequence[Detection]) -> list[float]:
 def geo_metadata(detections: Sequence[Detection]) -> dict[str, Any]:
     """GeoParquet 1.1 ``geo`` metadata of the detections table.
 
-    No ``crs`` member: GeoParquet then means OGC:CRS84, WGS 84 longitude/latitude, which the footprints are in.
+    The ``crs`` member is written out (PROJJSON of OGC:CRS84, WGS 84 longitude/latitude, which the footprints are
+    in) although GeoParquet means that CRS when it is absent: readers that do not apply the default then still
+    place the footprints right.
     """
     column: dict[str, Any] = {
         "encoding": "WKB",
         "geometry_types": sorted({d.footprint["type"] for d in detections}),
+        "crs": crs84_projjson(),
         "orientation": "counterclockwise",
         "edges": "planar",
     }
     if detections:
         column["bbox"] = _bbox(detections)
     return {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}
+
+
+def crs84_projjson() -> dict[str, Any]:
+    """PROJJSON of OGC:CRS84 (WGS 84, longitude first), as this machine's PROJ writes it; a fresh copy."""
+    return json.loads(_crs84_text())
+
+
+@functools.lru_cache(maxsize=1)
+def _crs84_text() -> str:
+    from rasterio.crs import CRS
+
+    return json.dumps(CRS.from_user_input("OGC:CRS84").to_dict(projjson=True))
 
 
 def write_geoparquet(path: Path, detections: Sequence[Detection]) -> None:
