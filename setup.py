@@ -54,8 +54,10 @@ setup(
         "experiments": ["matplotlib>=3.6", "scikit-learn>=1.2"],
         # ImageNet baselines: torchvision 0.13 introduced the *_Weights API used; it must match the torch build.
         "baselines": ["torchvision>=0.13"],
-        # Tests. pytest 7.0: pytest.importorskip(..., reason=) and the ini options in pyproject.toml.
-        "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", "matplotlib>=3.6"],
+        # Tests. pytest 7.0: pytest.importorskip(..., reason=) and the ini options in pyproject.toml; pystac 1.12,
+        # the first to read STAC 1.1.0 items and the projection extension v2.0.0 (proj:code) as written, for the
+        # round trip of the scan's STAC item.
+        "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", "matplotlib>=3.6", "pystac>=1.12"],
     },
     entry_points={"console_scripts": ["fusionkern=fusionkern.cli:main"]},
 )

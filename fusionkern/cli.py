@@ -21,7 +21,8 @@ from fusionkern.files import WRITE_ERRNOS
 # Subcommands, in the order `fusionkern --help` lists them. Modules are imported lazily so that
 # `fusionkern --help` stays fast and a missing optional extra only affects the command that needs it.
 COMMANDS = (
-    "demo", "train", "chips", "scan", "mine", "calibrate", "evaluate", "export", "bench", "experiment", "explain",
+    "demo", "train", "chips", "scan", "report", "mine", "calibrate", "evaluate", "export", "bench", "experiment",
+    "explain",
 )  # fmt: skip
 
 

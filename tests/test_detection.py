@@ -531,3 +531,15 @@ def test_oracle_ceiling_from_the_generator(region):
     assert 0.2 < ceiling["industry_pass_rate"] < 0.25 and 0.9 < ceiling["precision"] < 0.97
     assert expected_ceiling(12, 96)["precision"] < ceiling["precision"]
     assert region_ceiling(region.manifest.parent / "truth.geojson")["plants"] == len(plants)
+
+
+def test_candidates_reach_below_every_plant_within_a_cap():
+    from fusionkern.scan.calibrate import CANDIDATE_MARGIN, pick_candidates
+
+    scores = np.array([0.9, 0.5, 0.3, 0.02, 0.01, 0.005, 0.001])
+    plants = [{0}, set(), set(), {1}, set(), set(), set()]
+    threshold = pick_candidates(scores, plants, budget=0.0, area_km2=1000.0, n_plants=2)
+    weakest = decide.sigmoid(decide.logit(0.02) - CANDIDATE_MARGIN)  # below the weakest plant site by the margin
+    assert threshold == pytest.approx(weakest) and threshold < 0.02
+    capped = pick_candidates(scores, plants, budget=0.0, area_km2=100.0, n_plants=2)  # at most 2 candidates
+    assert (scores >= capped).sum() == 2

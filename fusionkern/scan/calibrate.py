@@ -10,8 +10,9 @@ gives the same decisions on the calibration region; the one stored is their midp
 region nobody calibrated on has margin on both sides.
 
 Both decision modes are calibrated in one run: ``plain`` (the chips' own probability) and, with a verifier,
-``verified``: candidates above a looser budget (:data:`CANDIDATE_BUDGET`) are re-scored by the ensemble and the
-threshold is set on the verifier's score the same way. The thresholds, the deployment prior (estimated as the
+``verified``: candidates are chosen for recall (:func:`candidate_threshold`: below every plant site of the region
+by a margin, within a cap on how many there are per 1000 km²), re-scored by the ensemble, and the threshold is set on
+the verifier's score the same way. The thresholds, the deployment prior (estimated as the
 share of scored chips that hold a known plant, or ``--prior``) and the budget are stored in the checkpoint's
 ``metadata.calibration``; ``fusionkern scan`` uses them by default.
 """
@@ -29,7 +30,15 @@ import numpy as np
 from fusionkern.errors import CheckpointError, ConfigError, InputError
 
 CANDIDATE_BUDGET = 10.0
-"""The verifier's candidates are chosen at this many times the false-detection budget."""
+"""Candidates for the verifier reach down at least to the threshold of this many times the false-detection budget."""
+
+CANDIDATE_MARGIN = 1.0
+"""...and to this many log-odds below the weakest plant site of the calibration region (plants elsewhere score
+lower or higher than these few; the first pass must not lose them)."""
+
+MAX_CANDIDATES_PER_1000KM2 = 20.0
+"""...but no further than this many candidate sites per 1000 km², which keeps the verifier's cost near a tenth of the
+scan's (it scores each candidate with every member under four views, and reads its chip)."""
 
 _FLOOR = 1e-9  # sites scoring below this (at the deployment prior) are never detections
 
@@ -244,9 +253,7 @@ def _calibrate_verified(options, result, scores, near, sites, site_scores, allow
     from fusionkern.devices import resolve_device
 
     grid, layout = result.grid, result.layout
-    loose = int(math.floor(CANDIDATE_BUDGET * options.budget * area_km2 / 1000.0 + 1e-9))
-    candidates = pick_threshold(site_scores, near, loose, n_plants)
-    candidate_threshold = candidates["lowest"]
+    candidate_threshold = pick_candidates(site_scores, near, options.budget, area_km2, n_plants)
     chosen = [k for k in range(len(sites)) if site_scores[k] >= candidate_threshold]
     from fusionkern.scan.backends import load_scan_model
 
@@ -268,10 +275,41 @@ def _calibrate_verified(options, result, scores, near, sites, site_scores, allow
         return None
     log(f"verified: {len(chosen)} candidate(s) from chip probability {candidate_threshold:.4g}; threshold "
         f"{pick['threshold']:.4g}, {pick['false']} false, {pick['found']}/{n_plants} plants")  # fmt: skip
+    candidate_found = set().union(*(near[k] for k in chosen)) if chosen else set()
     return {**pick, "candidate_threshold": candidate_threshold, "candidates": len(chosen),
-            "candidate_recall": candidates["recall"],
+            "candidate_recall": len(candidate_found) / n_plants if n_plants else None,
             "false_per_1000km2": round(1000.0 * pick["false"] / area_km2, 4),
             "checkpoints": [str(p) for p in paths]}  # fmt: skip
+
+
+def pick_candidates(scores: np.ndarray, plants: Sequence[set], budget: float, area_km2: float, n_plants: int) -> float:
+    """The chip probability from which sites go to the verifier: recall first, cost bounded.
+
+    The lower of the threshold meeting :data:`CANDIDATE_BUDGET` times the budget and :data:`CANDIDATE_MARGIN`
+    log-odds below the weakest plant site, raised where needed to keep at most :data:`MAX_CANDIDATES_PER_1000KM2`.
+
+    Args:
+        scores: Per site, its chip probability.
+        plants: Per site, the plants it lies near.
+        budget: False detections allowed per 1000 km².
+        area_km2: The region's scanned area.
+        n_plants: Known plants of the region.
+    """
+    from fusionkern.scan.decide import logit, sigmoid
+
+    loose = int(math.floor(CANDIDATE_BUDGET * budget * area_km2 / 1000.0 + 1e-9))
+    try:
+        threshold = pick_threshold(scores, plants, loose, n_plants)["lowest"]
+    except InputError:
+        threshold = 1.0
+    claimed = [scores[k] for k, p in enumerate(claim(scores, plants)) if p]
+    if claimed:
+        threshold = min(threshold, float(sigmoid(logit(min(claimed)) - CANDIDATE_MARGIN)))
+    cap = int(math.ceil(MAX_CANDIDATES_PER_1000KM2 * area_km2 / 1000.0))
+    ranked = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    if len(ranked) > cap:
+        threshold = max(threshold, float(np.nextafter(np.float32(ranked[cap]), np.float32(np.inf))))
+    return max(threshold, _FLOOR)
 
 
 def store_calibration(checkpoint: str | Path, record: dict[str, Any]) -> None:

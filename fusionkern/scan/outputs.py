@@ -35,8 +35,10 @@ SCORES = "scores.tif"
 GEOJSON = "detections.geojson"
 PARQUET = "detections.parquet"
 QUICKLOOK = "quicklook.png"
+REPORT = "report.html"
+STAC_ITEM = "scan.stac.json"
 SCAN_JSON = "scan.json"
-FINAL_OUTPUTS = (SCORES, GEOJSON, PARQUET, QUICKLOOK, SCAN_JSON)
+FINAL_OUTPUTS = (SCORES, GEOJSON, PARQUET, QUICKLOOK, REPORT, STAC_ITEM, SCAN_JSON)
 """Every final output, in the order they are written (``scan.json`` last: its presence marks a finished scan)."""
 
 _COORD_DIGITS = 7  # about 1 cm in latitude
@@ -131,6 +133,7 @@ class Detection:
         return {
             "id": self.id,
             "rank": self.id,
+            "class": "cement",  # the class property that the STAC label extension names (label:properties)
             "score": round(self.score, 6),
             "chip_score": round(self.chip_score, 6),
             "verifier_score": None if self.verifier_score is None else round(self.verifier_score, 6),

@@ -19,13 +19,12 @@ import numpy as np
 
 from fusionkern import __version__
 from fusionkern.errors import ConfigError, InputError
-from fusionkern.scan import outputs
+from fusionkern.scan import outputs, review, stac
 from fusionkern.scan.decide import Decision, Verifier, recentred_chips, resolve_decision, shift_scores, sigmoid
 from fusionkern.scan.backends import BACKENDS, chip_metres, load_scan_model, make_predictor
 from fusionkern.scan.engine import EngineOptions, EngineStats, run_local
 from fusionkern.scan.grid import (
     ChipLayout,
-    GridSource,
     ScanGrid,
     chip_layout,
     footprint_overlaps,
@@ -199,8 +198,10 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> list[str] | None:
 
 
 def _write_report(out: Path, report: dict[str, Any]) -> None:
-    """Writes ``scan.json``, the last output; where that fails, the other outputs go too (never a partial set)."""
+    """Writes the STAC item and ``scan.json``, the last outputs; where that fails, the other outputs go too (never a
+    partial set)."""
     try:
+        stac.write_item(out, report, stac.report_bytes(report))  # lists scan.json with the checksum of these bytes
         outputs.write_json(out / outputs.SCAN_JSON, report)
     except BaseException:
         for name in outputs.FINAL_OUTPUTS:
@@ -418,11 +419,12 @@ def _describe_checkpoint(options: ScanOptions, plan: _Plan) -> dict[str, Any]:
 
 
 def _write_outputs(
-    out: Path, options: ScanOptions, plan: _Plan, scores: np.ndarray, detections: list[outputs.Detection]
+    out: Path, options: ScanOptions, plan: _Plan, scores: np.ndarray, detections: list[outputs.Detection],
+    report: dict[str, Any],
 ) -> None:
-    """Writes scores, detections and the quick look; on failure removes those already written."""
+    """Writes scores, detections, the quick look and the review page; on failure removes those already written."""
     try:
-        _write_maps(out, options, plan, scores, detections)
+        _write_maps(out, options, plan, scores, detections, report)
     except BaseException:
         for name in outputs.FINAL_OUTPUTS:  # never a partial set of outputs
             (out / name).unlink(missing_ok=True)
@@ -430,7 +432,8 @@ def _write_outputs(
 
 
 def _write_maps(
-    out: Path, options: ScanOptions, plan: _Plan, scores: np.ndarray, detections: list[outputs.Detection]
+    out: Path, options: ScanOptions, plan: _Plan, scores: np.ndarray, detections: list[outputs.Detection],
+    report: dict[str, Any],
 ) -> None:
     grid, layout, decision = plan.grid, plan.layout, plan.decision
     tags = {
@@ -444,16 +447,11 @@ def _write_maps(
     }}  # fmt: skip
     outputs.write_geojson(out / outputs.GEOJSON, detections, meta)
     outputs.write_geoparquet(out / outputs.PARQUET, detections)
+    composite = review.read_composite(plan.inputs, grid, layout) if options.quicklook else None  # and the page's
     if options.quicklook:
-        first = [plan.inputs.bands[b][0].path for b in ("b7", "b6", "b10")]
-        sources = [GridSource(p, grid, layout.extent_px) for p in first]
-        try:
-            composite = outputs.composite_bands(sources, grid)
-        finally:
-            for source in sources:
-                source.close()
         outputs.write_quicklook(out / outputs.QUICKLOOK, composite, scores, grid, layout, detections,
                                 decision.threshold, f"{Path(out).name}: {len(detections)} detection(s)")  # fmt: skip
+    report["review"] = review.write_review(out, report, grid, layout, plan.inputs, scores, composite)
 
 
 def scanned_area_km2(scores: np.ndarray, layout: ChipLayout, grid: ScanGrid) -> float:
@@ -550,12 +548,13 @@ def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: Non
     report = _report(options, plan, checksums.join_result(), backend, resumed)
     scores = shift_scores(collector.scores, plan.decision.shift)
     detections, candidates, verifier = detect(scores, plan, options)
-    _write_outputs(out, options, plan, scores, detections)
     report["counts"] = _counts(collector, scores, detections, plan.decision)
     report["counts"]["area_km2"] = scanned_area_km2(scores, plan.layout, plan.grid)
     report["verifier"] = verifier or None
-    written = [n for n in outputs.FINAL_OUTPUTS if n != outputs.SCAN_JSON and (out / n).exists()]
-    report["outputs"] = [*written, outputs.SCAN_JSON]
+    _write_outputs(out, options, plan, scores, detections, report)
+    last = (outputs.STAC_ITEM, outputs.SCAN_JSON)  # written by _write_report
+    written = [n for n in outputs.FINAL_OUTPUTS if n not in last and (out / n).exists()]
+    report["outputs"] = [*written, *last]
     report["timings"] = _timings(stats, setup_s, time.perf_counter() - t_out, time.perf_counter() - t_start)
     if verifier:
         report["timings"]["verify_s"] = verifier["seconds"]
