@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = out / f"seed{seed}-{size}px-{lookalikes}la-{mode}"
             t0 = time.perf_counter()
             summary = run_scan_demo(folder, args.checkpoint, size_px=size, n_plants=args.plants,
-                                    n_confusers=lookalikes, seed=seed, verify="auto" if mode == "verified" else None,
+                                    n_confusers=lookalikes, seed=seed, verify="auto" if mode == "verified" else "none",
                                     progress=False, log=lambda line: None)  # fmt: skip
             truth = folder / "region" / "truth.geojson"
             ceiling = region_ceiling(truth)

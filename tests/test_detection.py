@@ -543,3 +543,23 @@ def test_candidates_reach_below_every_plant_within_a_cap():
     assert threshold == pytest.approx(weakest) and threshold < 0.02
     capped = pick_candidates(scores, plants, budget=0.0, area_km2=100.0, n_plants=2)  # at most 2 candidates
     assert (scores >= capped).sum() == 2
+
+
+def test_scan_verifies_as_the_calibration_did(tmp_path, trained):
+    from fusionkern.scan.calibrate import store_calibration
+
+    folder = tmp_path / "run"
+    for k in range(2):
+        (folder / f"split_{k}").mkdir(parents=True)
+        (folder / f"split_{k}" / "best.pt").write_bytes((trained / f"split_{k}" / "best.pt").read_bytes())
+    path = folder / "split_1" / "best.pt"
+    store_calibration(path, {"prior": 0.01, "fp_per_1000km2": 1.0, "plain": {"threshold": 0.4},
+                             "verified": {"threshold": 0.2, "candidate_threshold": 0.05}})  # fmt: skip
+    model = load_checkpoint(path)
+    as_calibrated = decide.resolve_decision(model, path)
+    assert as_calibrated.verify == sorted(folder.glob("split_*/best.pt")) and as_calibrated.threshold == 0.2
+    assert as_calibrated.candidate_threshold == 0.05 and as_calibrated.threshold_source == "calibration"
+    plain = decide.resolve_decision(model, path, verify="none")
+    assert plain.verify == [] and plain.threshold == 0.4 and plain.candidate_threshold is None
+    moved = decide.resolve_decision(model, path, verify="none", prior=0.1)  # same decisions under another prior
+    assert decide.logit(moved.threshold) - decide.logit(0.4) == pytest.approx(decide.logit(0.1) - decide.logit(0.01))

@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     decide.add_argument(
         "--verify", metavar="auto|FILE",
         help="verify candidate sites with an ensemble: auto (the split checkpoints beside CHECKPOINT), a "
-        "checkpoint, a training folder or a file listing checkpoints; default: no verifier",
+        "checkpoint, a training folder, a file listing checkpoints, or none; default: auto where the checkpoint "
+        "was calibrated with a verifier, else none",
     )
     decide.add_argument(
         "--candidate-threshold", type=float,
@@ -78,12 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("execution")
     run.add_argument("--backend", default="torch", choices=("torch", "triton", "onnxruntime", "tensorrt"),
                      help="inference backend (default torch)")  # fmt: skip
-    run.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N (default auto)")
+    run.add_argument("--device", default="auto",
+                     help="torch device: auto, cpu, cuda, cuda:N (default auto); with --engine ray, auto, cpu or "
+                     "cuda, decided by each actor on its node")  # fmt: skip
     run.add_argument("--engine", default="local", choices=("local", "ray"), help="local (default) or ray")
-    run.add_argument("--address", help="Ray cluster address for --engine ray (default: a local Ray instance)")
+    run.add_argument("--address", help="Ray cluster for --engine ray: HOST:PORT, auto, ray://HOST:PORT, or local for "
+                     "a new local instance (default: RAY_ADDRESS, else the cluster this machine belongs to, else a "
+                     "new local instance)")  # fmt: skip
     run.add_argument("--batch-size", type=int, default=256, help="chips per model call (default 256)")
     run.add_argument("--tile-px", type=int, default=1024, help="side of the windows read at once, px (default 1024)")
-    run.add_argument("--workers", type=int, default=2, help="reader threads, or Ray actors (default 2)")
+    run.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
+                     help="reader threads (default 2), or Ray actors in all (default auto: one per GPU, else one per "
+                     "4 CPUs, on each node)")  # fmt: skip
     run.add_argument("--queue", dest="queue_batches", type=int, default=8,
                      help="batches in flight between readers and the model (default 8)")  # fmt: skip
     run.add_argument("--resume", action="store_true", help="continue a killed scan in --out")
@@ -92,6 +99,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="record size and modification time of the inputs instead of SHA-256")  # fmt: skip
     run.add_argument("--no-quicklook", dest="quicklook", action="store_false", help="skip quicklook.png")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _workers(text: str) -> int | None:
+    """``--workers``: a number, or ``auto`` (None)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or auto, not {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -164,7 +164,8 @@ def resolve_decision(
         checkpoint: Its path (``verify="auto"`` looks beside it).
         threshold: ``--threshold``, or None.
         prior: ``--prior``, or None.
-        verify: ``--verify``: ``auto``, a checkpoint, a training folder, a list file, or None / ``none``.
+        verify: ``--verify``: ``auto``, a checkpoint, a training folder, a list file, ``none``; None: as the
+            checkpoint's calibration did (``auto`` where it calibrated a verified threshold), else none.
         candidate_threshold: ``--candidate-threshold``, or None.
 
     Raises:
@@ -187,6 +188,9 @@ def resolve_decision(
     elif train_prior is not None:
         prior = train_prior
     shift = float(logit(prior) - logit(train_prior)) if prior is not None and train_prior is not None else 0.0
+    if verify is None and (calibration or {}).get("verified"):
+        verify = "auto"  # calibrated with the verifier: scan as calibrated unless told --verify none
+        notes.append("verifying with the split checkpoints, as the calibration did (--verify none turns it off)")
     paths = resolve_verifier(verify, checkpoint) if verify not in (None, "none") else []
     mode = "verified" if paths else "plain"
     source = "option"
