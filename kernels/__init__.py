@@ -4,6 +4,8 @@ One op per module: ``gabor_conv`` (Gabor generation + conv + ReLU + mixed poolin
 ReLU + mixed pooling, BN folded in inference), ``dilated`` (the dilated block in one pass), ``attention`` (channel
 attention). ``stage_forward``, ``block_forward`` and ``attention_forward`` run a reference layer on the kernels;
 ``model.to_backend("triton")`` uses them. Kernels run on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (tests).
+``sm90`` compiles every launch the model makes for an H100 without a GPU and reads registers, spills, occupancy and
+tensor-core use (``python -m fusionkern.kernels.sm90 --report PATH``).
 """
 
 from fusionkern.kernels._common import UnsupportedOptionError

@@ -657,10 +657,20 @@ def test_autotune_setup():
     if interpreting():
         assert len(_common.tune_configs()) == 1
     gpu = _common.make_configs(_common.GPU_CONV_CONFIGS)
-    kept = _common.prune_block_configs(gpu, {"CI": 3, "CO": 32}, K=3)  # paper layer 1: R = 27, CO = 32
-    assert kept and all(c.kwargs["BLOCK_CO"] <= 32 and c.kwargs["BLOCK_R"] <= 32 for c in kept)
-    assert len(_common.prune_block_configs(gpu, {"CI": 128, "CO": 256}, K=3)) == len(gpu)
-    assert _common.prune_block_configs(gpu, {"CI": 1, "CO": 1}, K=1)  # never empty
+
+    def kept(pool: bool, **args) -> list[dict]:
+        configs = [_common._config_dict(c) for c in _common.prune_block_configs(gpu, args, K=3, POOL=pool)]
+        return sorted(configs, key=lambda c: sorted(c.items()))
+
+    def as_sorted(configs) -> list[dict]:
+        return sorted(configs, key=lambda c: sorted(c.items()))
+
+    layer1 = kept(True, CI=3, CO=32)  # paper layer 1: R = 27, CO = 32
+    assert layer1 and all(c["BLOCK_CO"] <= 32 and c["BLOCK_R"] <= 32 for c in layer1)
+    assert kept(True, CI=128, CO=256) == as_sorted(_common.GPU_POOLED_CONV_CONFIGS)  # each kind: its own list
+    assert kept(False, CI=128, CO=256) == as_sorted(_common.GPU_PLAIN_CONV_CONFIGS)
+    assert kept(True, CI=1, CO=1) == [_common.GPU_POOLED_CONV_CONFIGS[-1]]  # never empty: the smallest tile
+    assert kept(False, CI=1, CO=1) == [_common.GPU_PLAIN_CONV_CONFIGS[-1]]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,542 @@
+"""Static sm_90 (H100/H200) analysis of every Triton launch FusionNet makes, no GPU needed.
+
+What a launch will cost on Hopper is mostly decided at compile time: registers per thread (and whether ptxas had
+to spill to local memory), shared memory, the occupancy those allow, and whether the dots became tensor-core
+instructions (``wgmma`` / ``mma`` in the PTX) or plain FMAs. This module measures all of that without a GPU:
+
+1. :func:`record_model_launches` runs a FusionNet on the ``meta`` device (shapes only, no memory, no arithmetic)
+   through the fused kernels, with every kernel object of :mod:`.gabor_conv`, :mod:`.conv_mixpool`, :mod:`.dilated`
+   and :mod:`.attention` replaced by a recorder: the launchers run unchanged, so the recorded arguments, strides,
+   constexprs and grids are exactly those of a real call. Autotuned kernels expand to the configs the launcher's
+   own pruning keeps at that shape.
+2. :func:`compile_launch` compiles one recorded launch for ``sm_90`` with Triton's own argument specialization
+   (divisibility and alignment, as a real launch would get) and reads Triton's own ``ptxas -v`` log.
+3. :func:`analyse` does both in fresh interpreters (``TRITON_INTERPRET`` unset: under the interpreter kernels
+   cannot be lowered) and returns one :class:`LaunchFigures` per unique compiled kernel; :func:`markdown_table`
+   renders them.
+
+Occupancy and waves are computed from the H100's limits (:data:`H100`): they are what the hardware would allow, not
+a measurement; timings need a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+PRECISIONS = ("tf32", "ieee", "bf16")
+"""``tf32``: float32 under torch's defaults (cuDNN conv TF32, so the kernels' default); ``ieee``: float32 with
+torch's convolution precision set to IEEE; ``bf16``: the model in bfloat16."""
+
+MODES = ("eval", "train")
+
+# preset -> the batch its launches are analysed at (the issue's real shapes: paper 64 sites, native 256).
+PRESET_BATCH = {"paper": 64, "native": 256}
+
+H100 = dict(sms=132, regs_per_sm=65536, max_warps_per_sm=64, max_blocks_per_sm=32, smem_per_sm=233472,
+            smem_reserved_per_block=1024, reg_alloc_unit=256)  # fmt: skip
+"""sm_90 limits (H100 SXM; the H200 has the same SM): 64 K registers and 228 KiB shared memory per SM, at most 64
+warps and 32 blocks per SM, registers allocated per warp in units of 256, 1 KiB of shared memory reserved per
+block."""
+
+_KERNEL_MODULES = (
+    "fusionkern.kernels.gabor_conv",
+    "fusionkern.kernels.conv_mixpool",
+    "fusionkern.kernels.dilated",
+    "fusionkern.kernels.attention",
+)
+
+
+@dataclass
+class Launch:
+    """One kernel launch, JSON-able: tensors become ``{"tensor": dtype}``, ints stay ints.
+
+    ``configs`` are the meta-parameters (with ``num_warps`` and ``num_stages``) that can run it: one for a plain
+    ``@triton.jit`` launch, every config the autotuner's pruning keeps for an autotuned one. ``programs`` gives the
+    grid size for each config.
+    """
+
+    module: str
+    kernel: str
+    args: list
+    constexprs: dict
+    configs: list
+    programs: list
+    layer: str = ""
+    where: list = field(default_factory=list)  # (preset, mode, precision) of every run that made this launch
+    compile_keys: list = field(default_factory=list)  # per config: what Triton would compile (specialization)
+
+    def key(self) -> str:
+        return json.dumps([self.module, self.kernel, self.args, self.constexprs, self.configs], sort_keys=True)
+
+
+@dataclass
+class LaunchFigures:
+    """The compiled form of one launch at one config."""
+
+    kernel: str
+    layer: str
+    precision: str  # the dot precision the launch asked for ("tf32" / "ieee"; bf16 inputs say "ieee")
+    dtype: str  # the data pointers' element type
+    config: str
+    num_warps: int
+    registers: int
+    spill_stores: int  # bytes
+    spill_loads: int  # bytes
+    stack: int  # bytes of local memory per thread
+    shared: int  # bytes of shared memory per block
+    wgmma: int  # wgmma.mma_async instructions in the PTX
+    mma: int  # mma.sync instructions in the PTX
+    has_dot: bool  # the kernel contains a tl.dot (so tensor cores are expected for tf32/bf16)
+    occupancy: float  # resident warps / 64 on an H100 SM
+    waves: float  # programs / (132 SMs x resident blocks per SM), for the largest grid of this config
+    where: list
+    error: str | None = None
+
+    @property
+    def tensor_cores(self) -> bool:
+        return self.wgmma + self.mma > 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recording (runs where kernels are JITFunctions, i.e. without TRITON_INTERPRET)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _json_arg(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return {"tensor": str(a.dtype).replace("torch.", "")}
+    if isinstance(a, bool) or a is None or isinstance(a, (int, float, str)):
+        return a
+    name = getattr(a, "name", None)  # tl.dtype constexprs (ACC_DTYPE)
+    if name is not None and type(a).__module__.startswith("triton"):
+        return {"tl": name}
+    raise TypeError(f"cannot record a launch argument of type {type(a).__name__}")
+
+
+class _Recorder:
+    """Stands in for a kernel object (``JITFunction`` or ``Autotuner``): ``kernel[grid](*args, **kw)`` records."""
+
+    def __init__(self, module: str, name: str, kernel: Any, sink: list[Launch], layer: list[str]):
+        self.module, self.name, self.kernel, self.sink, self.layer = module, name, kernel, sink, layer
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._record(grid, args, kwargs)
+
+    def _record(self, grid, args, kwargs) -> None:
+        import triton
+
+        tuner = self.kernel if isinstance(self.kernel, triton.runtime.Autotuner) else None
+        fn = tuner.fn if tuner is not None else self.kernel
+        nargs = dict(zip(fn.arg_names, args))
+        if tuner is not None:
+            configs = tuner.configs
+            if tuner.early_config_prune is not None:
+                configs = tuner.early_config_prune(configs, nargs, **kwargs)
+            metas = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
+            constexprs = dict(kwargs)
+        else:
+            launch_opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+            metas = [{"num_warps": launch_opts.get("num_warps", 4), "num_stages": launch_opts.get("num_stages", 3)}]
+            constexprs = {k: v for k, v in kwargs.items() if k not in launch_opts}
+        programs = []
+        for meta in metas:
+            g = grid({**nargs, **constexprs, **meta}) if callable(grid) else grid
+            programs.append(int(math.prod(g)))
+        self.sink.append(Launch(self.module, self.name if tuner is None else fn.__name__,
+                                [_json_arg(a) for a in args], {k: _json_arg(v) for k, v in constexprs.items()},
+                                metas, programs, self.layer[-1] if self.layer else ""))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _recording(sink: list[Launch], layer: list[str]) -> Iterator[None]:
+    """Every kernel object of the kernel modules replaced by a :class:`_Recorder`; ``check_device`` accepts meta."""
+    import importlib
+
+    import triton
+
+    saved = []
+    for mod_name in _KERNEL_MODULES:
+        mod = importlib.import_module(mod_name)
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, (triton.runtime.JITFunction, triton.runtime.Autotuner)) and not name.startswith(
+                "__"
+            ):
+                if isinstance(value, triton.runtime.JITFunction) and not name.endswith("_kernel"):
+                    continue  # device helpers, never launched
+                saved.append((mod, name, value))
+                setattr(mod, name, _Recorder(mod_name, name, value, sink, layer))
+        if hasattr(mod, "check_device"):
+            saved.append((mod, "check_device", mod.check_device))
+            mod.check_device = lambda name, t: None
+    try:
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+@contextlib.contextmanager
+def _conv_precision(precision: str) -> Iterator[None]:
+    """torch's convolution fp32 precision for one recording (the kernels' ``allow_tf32=None`` follows it)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = precision != "ieee"
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
+        return
+    previous = conv.fp32_precision
+    conv.fp32_precision = "ieee" if precision == "ieee" else "tf32"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = previous
+
+
+def record_model_launches(preset: str, batch: int, mode: str, precision: str) -> list[Launch]:
+    """Every kernel launch of one FusionNet forward (``eval``) or forward + backward (``train``) at ``batch``.
+
+    The model and its inputs live on the ``meta`` device; only the launchers' bookkeeping runs.
+    """
+    from fusionkern.models import FusionNet
+    from fusionkern.models.layers import ChannelAttention, DilatedAvgBlock
+    from fusionkern.models.networks import ConvStage
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with torch.device("meta"):
+        model = FusionNet(preset).to(dtype)
+    model.train(mode == "train")
+    layer: list[str] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, (ConvStage, DilatedAvgBlock, ChannelAttention)):
+            m.backend = "triton"  # what model.to_backend("triton") sets, without its CUDA-device check
+            hooks.append(m.register_forward_pre_hook(lambda mod, _args: layer.append(names[id(mod)])))
+    sink: list[Launch] = []
+    side = model.preset.input_size
+    x = torch.empty((batch, len(model.branches), 3, side, side), device="meta", dtype=dtype)
+    try:
+        with _recording(sink, layer), _conv_precision(precision):
+            if mode == "train":
+                out = model(x)
+                layer.append("backward")
+                out.backward(torch.ones_like(out))
+            else:
+                with torch.no_grad():
+                    model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    for launch in sink:
+        launch.where = [[preset, mode, precision]]
+    return sink
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compilation and figures
+# --------------------------------------------------------------------------------------------------------------
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _build_args(launch: Launch, config: dict) -> tuple[list, dict]:
+    import triton.language as tl
+
+    def value(a):
+        if isinstance(a, dict) and "tensor" in a:
+            return torch.empty(16, dtype=getattr(torch, a["tensor"]))  # 16-byte aligned, as CUDA allocations are
+        if isinstance(a, dict) and "tl" in a:
+            return getattr(tl, a["tl"].replace("fp", "float").replace("bf16", "bfloat16"))
+        return a
+
+    kwargs = {k: value(v) for k, v in launch.constexprs.items()}
+    kwargs.update(config)
+    return [value(a) for a in launch.args], kwargs
+
+
+def _specialize(launch: Launch, config: dict):
+    """Triton's own binding of a launch for sm_90: (fn, target, backend, options, signature, constexprs, attrs)."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = getattr(importlib.import_module(launch.module), launch.kernel)
+    fn = getattr(fn, "fn", fn) if isinstance(fn, triton.runtime.Autotuner) else fn
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    args, kwargs = _build_args(launch, config)
+    bound, specialization, options = binder(*args, **kwargs)
+    return (fn, target, *fn._pack_args(backend, kwargs, bound, specialization, options))
+
+
+def compile_key(launch: Launch, config: dict) -> str:
+    """What Triton compiles for this launch and config: equal keys give the same binary (argument values that
+    specialize alike, e.g. two channel counts divisible by 16, compile once)."""
+    _, _, options, signature, constexprs, attrs = _specialize(launch, config)
+    return json.dumps([launch.module, launch.kernel, signature, {str(k): str(v) for k, v in constexprs.items()},
+                       {str(k): str(v) for k, v in attrs.items()}, str(options)])  # fmt: skip
+
+
+def compile_launch(launch: Launch, config: dict):
+    """Compile ``launch`` at ``config`` for sm_90 as ``kernel[grid](...)`` would; returns (compiled, ptxas log).
+
+    Needs a process without ``TRITON_INTERPRET=1``.
+    """
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource
+
+    fn, target, options, signature, constexprs, attrs = _specialize(launch, config)
+    knobs.nvidia.dump_ptxas_log = True  # Triton prints its own ptxas -v log (its flags, its ptxas)
+    knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return compiled, log.getvalue()
+
+
+def occupancy(registers: int, shared: int, num_warps: int, limits: dict = H100) -> tuple[float, int]:
+    """(resident warps / max warps, resident blocks) per SM for a kernel of these resources."""
+    warp_regs = math.ceil(max(registers, 1) * 32 / limits["reg_alloc_unit"]) * limits["reg_alloc_unit"]
+    # registers are split over the SM's 4 sub-partitions; a warp lives in one of them
+    warps_by_regs = (limits["regs_per_sm"] // 4 // warp_regs) * 4
+    blocks = min(
+        limits["max_blocks_per_sm"],
+        warps_by_regs // num_warps,
+        limits["max_warps_per_sm"] // num_warps,
+        limits["smem_per_sm"] // (shared + limits["smem_reserved_per_block"]),
+    )
+    return blocks * num_warps / limits["max_warps_per_sm"], blocks
+
+
+def figures(launch: Launch, index: int, compiled, log: str) -> LaunchFigures:
+    """The :class:`LaunchFigures` of config ``index`` of ``launch`` from its compiled kernel and ptxas log."""
+    config = launch.configs[index]
+    regs = _PTXAS_REGS.search(log)
+    spill = _PTXAS_SPILL.search(log)
+    if regs is None or spill is None:
+        raise RuntimeError(f"no ptxas -v figures in Triton's log for {launch.kernel}:\n{log[-2000:]}")
+    ptx = compiled.asm["ptx"]
+    shared = int(compiled.metadata.shared)
+    occ, blocks = occupancy(int(regs.group(1)), shared, config["num_warps"])
+    waves = launch.programs[index] / (H100["sms"] * max(blocks, 1))
+    ttgir = compiled.asm.get("ttgir", "")
+    data = [a["tensor"] for a in launch.args if isinstance(a, dict) and "tensor" in a]
+    precision = launch.constexprs.get("DOT_PRECISION", launch.constexprs.get("INPUT_PRECISION", "-"))
+    meta = ",".join(f"{k}={v}" for k, v in config.items() if k not in ("num_warps", "num_stages"))
+    return LaunchFigures(
+        kernel=launch.kernel, layer=launch.layer, precision=str(precision), dtype=data[0] if data else "-",
+        config=f"{meta} w{config['num_warps']} s{config['num_stages']}".strip(), num_warps=config["num_warps"],
+        registers=int(regs.group(1)), spill_stores=int(spill.group(2)), spill_loads=int(spill.group(3)),
+        stack=int(spill.group(1)), shared=shared, wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        mma=len(re.findall(r"\bmma\.sync", ptx)), has_dot="tt.dot" in ttgir or "ttng.warp_group_dot" in ttgir,
+        occupancy=occ, waves=waves, where=launch.where,
+    )  # fmt: skip
+
+
+def unique_launches(launches: Sequence[Launch]) -> list[Launch]:
+    """Merge launches that compile to the same kernel (same arguments' specialization, constexprs and configs)."""
+    merged: dict[str, Launch] = {}
+    for launch in launches:
+        k = launch.key()
+        if k in merged:
+            seen = merged[k]
+            seen.where += [w for w in launch.where if w not in seen.where]
+            seen.programs = [max(a, b) for a, b in zip(seen.programs, launch.programs)]
+        else:
+            merged[k] = Launch(**{**asdict(launch), "where": list(launch.where)})
+    return list(merged.values())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fresh interpreters: record and compile without TRITON_INTERPRET
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _child(request: dict) -> dict:
+    """Entry of a child process: ``{"record": [[preset, batch, mode, precision], ...]}`` returns the launches;
+    ``{"compile": [[launch, config index], ...]}`` returns their figures."""
+    if "version" in request:
+        import triton
+
+        return {"triton": triton.__version__}
+    if "record" in request:
+        out = []
+        for preset, batch, mode, precision in request["record"]:
+            for launch in record_model_launches(preset, batch, mode, precision):
+                launch.compile_keys = [compile_key(launch, c) for c in launch.configs]
+                out.append(asdict(launch))
+        return {"launches": out}
+    results = []
+    for launch_dict, index in request["compile"]:
+        launch = Launch(**launch_dict)
+        try:
+            compiled, log = compile_launch(launch, launch.configs[index])
+            results.append(asdict(figures(launch, index, compiled, log)))
+        except Exception as exc:  # report every failure, keep compiling the others
+            config = launch.configs[index]
+            results.append({"kernel": launch.kernel, "layer": launch.layer, "config": json.dumps(config),
+                            "error": f"{type(exc).__name__}: {exc}"[:2000]})  # fmt: skip
+    return {"figures": results}
+
+
+def _run_children(requests: list[dict], timeout: float, env_extra: dict | None = None) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env.update(env_extra or {})
+    procs = []
+    for req in requests:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fusionkern.kernels.sm90"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        procs.append((proc, json.dumps(req)))
+    replies = []
+    for proc, payload in procs:
+        try:
+            out, err = proc.communicate(payload, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        line = next((x for x in out.splitlines() if x.startswith("SM90")), None)
+        if line is None:
+            raise RuntimeError(f"sm_90 analysis process failed (exit {proc.returncode}):\n{err[-4000:]}")
+        replies.append(json.loads(line[4:]))
+    return replies
+
+
+def analyse(
+    runs: Sequence[tuple[str, str, str]],
+    *,
+    select=None,
+    jobs: int | None = None,
+    timeout: float = 1800.0,
+    env: dict | None = None,
+) -> tuple[list[Launch], list[LaunchFigures | dict]]:
+    """Record the launches of ``runs`` (``(preset, mode, precision)``, batch from :data:`PRESET_BATCH`), keep those
+    ``select(launch)`` accepts, and compile each unique one at each of its configs for sm_90.
+
+    Returns the unique launches and one :class:`LaunchFigures` per (launch, config), or a dict with ``error`` for
+    one that failed to compile. ``jobs`` processes compile side by side (default: cores, at most 4); ``env`` adds
+    environment variables to them (e.g. a ``PYTHONPATH`` with another triton).
+    """
+    runs = [[p, PRESET_BATCH[p], m, q] for p, m, q in runs]
+    (recorded,) = _run_children([{"record": runs}], timeout, env)
+    launches = unique_launches([Launch(**d) for d in recorded["launches"]])
+    if select is not None:
+        launches = [x for x in launches if select(x)]
+    # one compile per distinct binary; its figures serve every (launch, config) that compiles to it
+    first: dict[str, tuple[Launch, int]] = {}
+    for launch in launches:
+        for i, k in enumerate(launch.compile_keys):
+            first.setdefault(k, (launch, i))
+    work = [[asdict(x), i] for x, i in first.values()]
+    jobs = max(1, min(len(work), jobs or min(4, os.cpu_count() or 1)))
+    replies = _run_children([{"compile": work[i::jobs]} for i in range(jobs)], timeout, env) if work else []
+    by_key: dict[str, dict] = {}
+    for (x, i), d in zip([w for j in range(jobs) for w in work[j::jobs]], [d for r in replies for d in r["figures"]]):
+        by_key[x["compile_keys"][i]] = d
+    results: list[LaunchFigures | dict] = []
+    for launch in launches:
+        for i, k in enumerate(launch.compile_keys):
+            d = by_key[k]
+            if d.get("error") is not None or "registers" not in d:
+                results.append({**d, "layer": launch.layer})
+                continue
+            blocks = round(d["occupancy"] * H100["max_warps_per_sm"] / d["num_warps"])
+            waves = launch.programs[i] / (H100["sms"] * max(blocks, 1))
+            results.append(LaunchFigures(**{**d, "layer": launch.layer, "where": launch.where, "waves": waves}))
+    return launches, results
+
+
+def markdown_table(results: Sequence[LaunchFigures]) -> str:
+    """One row per compiled kernel and config, sorted by kernel, layer and config."""
+    head = ("| kernel | layer | dtype | dot | config | regs | spill st/ld (B) | smem (KiB) | occupancy | waves | "
+            "wgmma | mma |\n|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    rows = []
+    for r in sorted(results, key=lambda r: (r.kernel, r.layer, r.dtype, r.precision, r.config)):
+        rows.append(
+            f"| {r.kernel} | {r.layer} | {r.dtype} | {r.precision} | {r.config} | {r.registers} | "
+            f"{r.spill_stores}/{r.spill_loads} | {r.shared / 1024:.0f} | {r.occupancy:.1%} | {r.waves:.2f} | "
+            f"{r.wgmma} | {r.mma} |"
+        )
+    return "\n".join([head, *rows])
+
+
+def digest(launch: Launch) -> str:
+    """A short stable name for a launch (for test ids)."""
+    return hashlib.sha1(launch.key().encode()).hexdigest()[:8]
+
+
+def write_report(path: str, runs: Sequence[tuple[str, str, str]], env: dict | None = None, jobs: int | None = None):
+    """Analyse ``runs`` and write the table (markdown) and every figure (JSON) to ``path``.md / ``path``.json."""
+    import triton
+
+    launches, results = analyse(runs, jobs=jobs, env=env)
+    version = _run_children([{"version": True}], 120.0, env)[0]["triton"] if env else triton.__version__
+    ok = [r for r in results if isinstance(r, LaunchFigures)]
+    failed = [r for r in results if not isinstance(r, LaunchFigures)]
+    lines = [
+        f"Triton {version}, sm_90 (H100 limits for occupancy and waves), runs: "
+        + ", ".join(f"{p} {m} {q} (batch {PRESET_BATCH[p]})" for p, m, q in runs) + ".",
+        f"{len(launches)} unique launches, {len(ok)} compiled configs, {len(failed)} failures; "
+        f"{sum(1 for r in ok if r.spill_stores or r.spill_loads)} configs spill; "
+        f"{sum(1 for r in ok if r.has_dot and not r.tensor_cores)} dot configs without tensor cores.",
+        "",
+        markdown_table(ok),
+        "",
+    ]
+    lines += [f"* compile failure: {f['kernel']} {f['config']}: {f['error']}" for f in failed]
+    with open(path + ".md", "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+    with open(path + ".json", "w", encoding="utf-8") as fh:
+        json.dump({"triton": version, "runs": runs, "figures": [asdict(r) if isinstance(r, LaunchFigures) else r
+                                                                for r in results]}, fh, indent=1)  # fmt: skip
+    return results
+
+
+def _main(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fusionkern.kernels.sm90", description=__doc__.split("\n")[0])
+    parser.add_argument("--report", metavar="PATH", help="write PATH.md and PATH.json for the full sweep")
+    parser.add_argument("--pythonpath", help="prepend to PYTHONPATH of the compiling processes (another triton)")
+    parser.add_argument("--jobs", type=int, default=None)
+    args = parser.parse_args(argv)
+    if not args.report:
+        parser.error("give --report PATH")
+    runs = [(p, m, q) for p in PRESET_BATCH for m in MODES for q in PRECISIONS]
+    env = None
+    if args.pythonpath:
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.pythonpath, os.environ.get("PYTHONPATH")]))}
+    write_report(args.report, runs, env, args.jobs)
+    return 0
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    if sys.argv[1:]:
+        sys.exit(_main(sys.argv[1:]))
+    print("SM90" + json.dumps(_child(json.load(sys.stdin))))

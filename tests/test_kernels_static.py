@@ -1,0 +1,100 @@
+"""Static gates on the compiled sm_90 (H100/H200) form of every Triton launch FusionNet makes; no GPU needed.
+
+:mod:`fusionkern.kernels.sm90` runs FusionNet on the meta device through the kernels' own launchers (so the
+arguments, strides, constexprs and the autotune configs the launchers keep are those of a real call at the real
+shapes: paper preset at batch 64, native at 256), compiles every launch for sm_90 with Triton's own argument
+specialization and reads Triton's own ``ptxas -v`` log and PTX. Gates:
+
+* every config compiles;
+* zero spill bytes for every config the launchers can pick;
+* tensor-core instructions (``wgmma`` or ``mma``) in every kernel with a ``tl.dot`` in fp32 under torch's
+  defaults (TF32) and in bf16;
+* occupancy of at least 25 % on an H100 SM for the convolution configs.
+
+By default a representative subset runs (the native preset: a training step in fp32 under torch's defaults and
+inference in bf16; each distinct binary compiled once, about 1.5 minutes on two cores); ``FUSIONKERN_SM90_FULL=1`` sweeps both presets, eval and train, fp32 TF32, fp32 IEEE and
+bf16. The measured table of the full sweep is committed under ``benchmarks/results/<date>-sm90-static/`` (written
+by ``python -m fusionkern.kernels.sm90 --report DIR``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fusionkern.kernels import sm90
+
+FULL = os.environ.get("FUSIONKERN_SM90_FULL") == "1"
+RUNS = (
+    [(p, m, q) for p in sm90.PRESET_BATCH for m in sm90.MODES for q in sm90.PRECISIONS]
+    if FULL
+    else [("native", "train", "tf32"), ("native", "eval", "bf16")]
+)
+# The fused convolution kernels (implicit GEMMs with a tl.dot), held to the occupancy gate.
+CONV_KERNELS = {"_gabor_conv_fwd_kernel", "_gabor_conv_bwd_kernel", "_conv_mixpool_fwd_kernel",
+                "_conv_mixpool_bwd_kernel", "_dilated_conv_kernel", "_dilated_conv_wgrad_kernel"}  # fmt: skip
+MIN_OCCUPANCY = 0.25
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    launches, results = sm90.analyse(RUNS)
+    return launches, results
+
+
+def _figures(analysis) -> list[sm90.LaunchFigures]:
+    return [r for r in analysis[1] if isinstance(r, sm90.LaunchFigures)]
+
+
+def _describe(r: sm90.LaunchFigures) -> str:
+    return f"{r.kernel} [{r.layer}, {r.dtype}, dot {r.precision}, {r.config}]"
+
+
+def test_every_launch_was_recorded_and_compiled(analysis):
+    launches, results = analysis
+    kernels = {x.kernel for x in launches}
+    # forward and backward of every fused op of the model
+    assert CONV_KERNELS | {"_channel_pool_kernel", "_channel_scale_kernel"} <= kernels, sorted(kernels)
+    failures = [r for r in results if not isinstance(r, sm90.LaunchFigures)]
+    assert not failures, "\n".join(f"{f['kernel']} {f['config']}: {f['error']}" for f in failures)
+    assert len(results) == sum(len(x.configs) for x in launches)
+
+
+def test_no_config_spills(analysis):
+    spilling = [r for r in _figures(analysis) if r.spill_stores or r.spill_loads]
+    assert not spilling, "spills to local memory:\n" + "\n".join(
+        f"{_describe(r)}: {r.registers} registers, {r.spill_stores} B stores / {r.spill_loads} B loads"
+        for r in spilling
+    )
+
+
+def test_dots_use_tensor_cores(analysis):
+    """fp32 under torch's defaults (TF32) and bf16: every kernel with a tl.dot must become wgmma or mma."""
+    expected = [r for r in _figures(analysis) if r.has_dot and (r.precision == "tf32" or r.dtype == "bfloat16")]
+    assert expected, "no tf32 or bf16 dot kernel was analysed"
+    scalar = [r for r in expected if not r.tensor_cores]
+    assert not scalar, "no tensor-core instruction:\n" + "\n".join(_describe(r) for r in scalar)
+
+
+def test_ieee_fp32_stays_off_the_tensor_cores(analysis):
+    """The IEEE option really is IEEE: fp32 dots asked for IEEE precision compile to FMAs (full sweep only)."""
+    ieee = [r for r in _figures(analysis) if r.has_dot and r.dtype == "float32" and r.precision == "ieee"]
+    if not ieee:
+        pytest.skip("no IEEE fp32 run in the default subset (FUSIONKERN_SM90_FULL=1 adds it)")
+    assert not [r for r in ieee if r.tensor_cores]
+
+
+def test_conv_occupancy(analysis):
+    low = [r for r in _figures(analysis) if r.kernel in CONV_KERNELS and r.occupancy < MIN_OCCUPANCY]
+    assert not low, f"occupancy below {MIN_OCCUPANCY:.0%} on an H100 SM:\n" + "\n".join(
+        f"{_describe(r)}: {r.registers} registers, {r.shared} B shared, {r.occupancy:.1%}" for r in low
+    )
+
+
+def test_occupancy_model_matches_the_known_cases():
+    """255 registers with 4 warps leaves 2 blocks (12.5 %); 128 registers and 8 warps, 2 blocks (25 %)."""
+    assert sm90.occupancy(255, 0, 4) == (0.125, 2)
+    assert sm90.occupancy(128, 0, 8) == (0.25, 2)
+    assert sm90.occupancy(32, 0, 4)[0] == 1.0
+    assert sm90.occupancy(64, 120 * 1024, 4) == (0.0625, 1)  # shared memory binds: one 120 KiB block per SM
