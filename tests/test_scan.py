@@ -1,5 +1,5 @@
 """``fusionkern scan``: grids and georeferencing on the real clips, tiling, edges, resumption, bounded memory, warped
-inputs, refusals, detections and their formats, backends, the Ray engine against the local one, the scan demo.
+inputs, refusals, detections and their formats, backends, the scan demo (the Ray engine: test_ray.py).
 
 Most tests use a small generated region (a manifest of twelve float32 GeoTIFFs) and a deterministic stand-in
 predictor where the model's numbers do not matter; the real model (native preset, width 0.25) runs where they do.
@@ -547,23 +547,6 @@ def test_gpu_backends_explain_what_they_need(checkpoint, monkeypatch, tmp_path):
             make_predictor("tensorrt", model, "cpu", tmp_path)
     with pytest.raises(ConfigError, match="unknown backend"):
         make_predictor("tpu", model)
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own configuration defaults
-def test_ray_engine_gives_the_local_engine_results(checkpoint, tmp_path):
-    ray = pytest.importorskip("ray", reason="the Ray engine needs ray[data] (pip install 'fusionkern[ray]')")
-    manifest = write_region(tmp_path / "region", height=150, width=130)
-    common = dict(manifest=str(manifest), tile_px=80, batch_size=16, threshold=0.45, quicklook=False)
-    local = scan(tmp_path, checkpoint, "local", **common)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        distributed = scan(tmp_path, checkpoint, "ray", engine="ray", workers=2, **common)
-    finally:
-        ray.shutdown()
-    assert distributed.report["engine"]["name"] == "ray"
-    np.testing.assert_allclose(distributed.scores, local.scores, rtol=0, atol=1e-6, equal_nan=True)
-    np.testing.assert_array_equal(distributed.reasons, local.reasons)
-    assert [d.chips for d in distributed.detections] == [d.chips for d in local.detections]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ class ScanOptions:
         max_invalid: Largest fraction of a chip's pixels that may be nodata or cloudy for it to be scored.
         batch_size: Chips per model call.
         tile_px: Side of the tile windows read at once, in pixels.
-        workers: Reader threads (local engine) or actors (Ray engine).
+        workers: Reader threads (local engine) or actors (Ray engine); None: 2 threads, or actors sized from the
+            cluster's CPUs and GPUs.
         queue_batches: Batches in flight between readers and the model (local engine).
         backend: ``torch``, ``triton``, ``onnxruntime`` or ``tensorrt``.
         device: Torch device (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
@@ -96,7 +97,7 @@ class ScanOptions:
     max_invalid: float = 0.0
     batch_size: int = 256
     tile_px: int = 1024
-    workers: int = 2
+    workers: int | None = None
     queue_batches: int = 8
     backend: str = "torch"
     device: str = "auto"
@@ -121,7 +122,7 @@ class ScanOptions:
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must be a probability in [0, 1], got {self.threshold}")
         for name in ("batch_size", "tile_px", "workers", "queue_batches"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
@@ -353,15 +354,19 @@ class _Collector:
 def _run_engine(
     options: ScanOptions, plan: _Plan, todo: list[Tile], collect: Callable[[TileResult], None], out: Path
 ) -> tuple[EngineStats, dict[str, Any]]:
-    """Scores the tiles still to do with the chosen engine; returns its stats and the backend's description."""
-    engine_options = EngineOptions(options.batch_size, options.max_invalid, options.workers, options.queue_batches)
-    cache = str(out / CACHE_DIR / plan.checkpoint_sha256[:16])
+    """Scores the tiles still to do with the chosen engine; returns its stats and the backend's description (with
+    the Ray engine, the cluster's under ``cluster``)."""
+    workers = EngineOptions.workers if options.workers is None else options.workers
+    engine_options = EngineOptions(options.batch_size, options.max_invalid, workers, options.queue_batches)
     if options.engine == "ray":
-        from fusionkern.scan.ray_engine import run_ray
+        from fusionkern.scan.ray_engine import RayJob, run_ray
 
-        stats = run_ray(plan.inputs, plan.grid, plan.layout, todo, plan.tile_chips, options.checkpoint,
-                        options.backend, engine_options, collect, options.address, cache, options.preset)  # fmt: skip
-        return stats, {"name": options.backend, "device": "ray actors"}
+        job = RayJob(plan.inputs, plan.grid, plan.layout, plan.tile_chips, str(options.checkpoint),
+                     plan.checkpoint_sha256, options.backend, options.device, options.preset, engine_options,
+                     options.workers, options.address)  # fmt: skip
+        run = run_ray(job, todo, collect)
+        return run.stats, {**run.backend, "cluster": run.cluster}
+    cache = str(out / CACHE_DIR / plan.checkpoint_sha256[:16])
     device = _resolve_device(options.device, options.backend)
     predictor = make_predictor(options.backend, plan.model, device, cache, options.batch_size)
     stats = run_local(plan.inputs, plan.grid, plan.layout, todo, predictor, engine_options, collect)
@@ -586,6 +591,18 @@ def _check_scored(collector: _Collector, plan: _Plan) -> None:
     )
 
 
+def _describe_engine(options: ScanOptions, plan: _Plan, backend: dict[str, Any], resumed: int) -> dict[str, Any]:
+    """The engine part of ``scan.json``; with Ray, the cluster (moved out of the backend's description): its nodes,
+    actors per node, their devices, tiles per node, retries and lost actors."""
+    cluster = backend.pop("cluster", None)
+    workers = cluster["actors"] if cluster else options.workers or EngineOptions.workers
+    return {
+        "name": options.engine, "address": options.address, "workers": workers, "batch_size": options.batch_size,
+        "tile_px": options.tile_px, "tile_chips": plan.tile_chips, "tiles": len(plan.tiles), "tiles_resumed": resumed,
+        **({"cluster": cluster} if options.engine == "ray" else {}),
+    }  # fmt: skip
+
+
 def _report(
     options: ScanOptions, plan: _Plan, inputs: dict[str, Any], backend: dict[str, Any], resumed: int
 ) -> dict[str, Any]:
@@ -597,11 +614,7 @@ def _report(
         "inputs": {**inputs, "warped": [p for p in plan.inputs.rasters() if not on_grid(p, grid)]},
         "checkpoint": _describe_checkpoint(options, plan),
         "backend": backend,
-        "engine": {
-            "name": options.engine, "address": options.address, "workers": options.workers,
-            "batch_size": options.batch_size, "tile_px": options.tile_px, "tile_chips": plan.tile_chips,
-            "tiles": len(plan.tiles), "tiles_resumed": resumed,
-        },  # fmt: skip
+        "engine": _describe_engine(options, plan, backend, resumed),
         "grid": grid.describe(),
         "chips": {**layout.describe(grid), "stride_m_requested": options.stride_m},
         "scores": {
