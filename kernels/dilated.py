@@ -60,7 +60,6 @@ from ._common import (
     compute_dtype,
     dot_precision,
     fold_bn,
-    interpreting,
     resolve_allow_tf32,
     unsupported,
 )
@@ -360,7 +359,9 @@ def _next_pow2(v: int) -> int:
 
 def _conv_blocks(m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the forward / input-gradient kernel."""
-    if interpreting():  # Triton's interpreter runs each program in numpy: fewer, larger programs are faster
+    # CPU tensors run on the interpreter, each program in numpy: fewer, larger programs are faster. Every other
+    # device (cuda, and meta when fusionkern.kernels.sm90 records the launches) gets the GPU tiles.
+    if device.type == "cpu":
         return min(256, max(16, _next_pow2(m))), min(64, max(16, _next_pow2(c_out))), 16, 1, 1
     wide = triton.cdiv(m, 128) * triton.cdiv(c_out, 128) >= 264  # enough 128 x 128 tiles for two waves on an H100
     block_m = min(128 if wide else 64, max(16, _next_pow2(m)))
@@ -375,7 +376,7 @@ def _conv_blocks(m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torc
 
 def _wgrad_blocks(m: int, c_in: int, c_out: int, device: torch.device) -> tuple[int, ...]:
     """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages) for the weight-gradient kernel."""
-    if interpreting():  # see _conv_blocks
+    if device.type == "cpu":  # see _conv_blocks
         block_k = min(64, max(16, _next_pow2(c_in)))
         return min(256, max(16, _next_pow2(m))), block_k, min(64, max(16, _next_pow2(c_out))), 1, 1
     block_k = min(64, max(16, _next_pow2(c_in)))
