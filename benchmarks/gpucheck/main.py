@@ -198,7 +198,7 @@ def run_phase(name: str, s: dict, deadline: float) -> int:
         summary = summarise(rows)
         (work / "correctness-summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
         return 0
-    from fusionkern.bench.cases import set_tf32
+    from fusionkern.bench.cases import use_torch_fp32_defaults
     from gpucheck.correctness import apply_exclusions
     from gpucheck.report import write_bench
     from gpucheck.timings import Runner, catalogue, plan_for_check
@@ -212,7 +212,7 @@ def run_phase(name: str, s: dict, deadline: float) -> int:
         notes.append(f"Triton autotuning benchmarks each config for {s['autotune_rep_ms']:g} ms")
         set_autotune_bench(s["autotune_rep_ms"])
     if device.type == "cuda":
-        set_tf32(False)  # fp32 is fp32 for every variant, as in fusionkern bench
+        use_torch_fp32_defaults()  # the precision users get: TF32 convolutions, as in fusionkern bench
     plan = plan_for_check(s["device"], s["quick"], s["time"], s["scan_px"])
     runner = Runner(plan, device, work, s["time"])
     code = run_cases(catalogue(plan, name), runner, work / f"{name}.jsonl", deadline, notes)
