@@ -131,7 +131,11 @@ class Cluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: dict[str, subprocess.Popen] = {}
-        self._start("head", ["--head", "--port", str(self.port), "--num-cpus", "1", "--include-dashboard", "false"])
+        try:
+            self._start("head", ["--head", "--port", str(self.port), "--num-cpus", "1", "--include-dashboard", "false"])
+        except BaseException:
+            shutil.rmtree(self.temp, ignore_errors=True)
+            raise
 
     def add(self, name: str, cpus: int = 1, gpus: int = 0, hide: Path | None = None) -> None:
         """A node of ``cpus`` CPUs and ``gpus`` GPUs (for Ray); with ``hide``, that folder is empty there."""
