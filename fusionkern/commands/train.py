@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="native (default): 35 px chips as the scanner cuts them; paper: 256 px input, as published")
     p.add_argument("--width", type=float, help="channel width multiplier (default 1.0)")
     p.add_argument("--branch", choices=BRANCHES, help="input of a single-input model (default b76)")
-    p.add_argument("--alphas", help="MixPool initial alphas: paper, authors, or comma-separated numbers")
+    p.add_argument("--alphas", help="MixPool initial alphas: paper (default), authors, or comma-separated numbers")
     p.add_argument("--epochs", type=int, help="epochs per split (default 150)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="batch size (default 100)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
