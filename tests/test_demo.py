@@ -14,14 +14,16 @@ def test_demo_trains_and_scans_a_region(tmp_path, capsys):
                  "--no-progress"])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "accuracy" in printed and "recall" in printed and "mining region" in printed
+    assert "accuracy" in printed and "recall" in printed and "mining round 2" in printed
     assert "calibration region" in printed and "false detection" in printed
     first = json.loads((out / "train-r0" / "metrics.json").read_text())
     assert first["sites"] == {"cement": 10, "landcover": 20}
     metrics = json.loads((out / "train" / "metrics.json").read_text())
-    mined = sum(1 for _ in (out / "mined-r1" / "landcover").iterdir())
-    assert 1 <= mined <= 10 and metrics["sites"] == {"cement": 10, "landcover": 20 + mined}
-    assert set(metrics["summary_by_data"]) == {str(out / "data"), str(out / "mined-r1")}
+    mined = [sum(1 for _ in (out / f"mined-r{k}" / "landcover").iterdir()) for k in (1, 2)]
+    assert 1 <= mined[0] <= 10 and 1 <= mined[1] <= 6  # the second round adds hard negatives only
+    assert metrics["sites"] == {"cement": 10, "landcover": 20 + sum(mined)}
+    folders = {str(out / "data"), str(out / "mined-r1"), str(out / "mined-r2")}
+    assert str(out / "data") in metrics["summary_by_data"] and set(metrics["summary_by_data"]) <= folders
     summary = json.loads((out / "scan-demo" / "scan_demo.json").read_text())
     assert summary["region"]["size_px"] == 384 and len(summary["scan"]["decision"]["verify"]) == 2
     assert {"recall", "precision", "false_per_1000km2"} <= set(summary["match"])

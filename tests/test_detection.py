@@ -420,15 +420,17 @@ def test_verifier_removes_candidates_it_rejects(tmp_path, region, trained, monke
     def near_plant(self, chips):  # the stand-in ensemble: recentred chips are judged by where they were cut
         return np.array([8.0 if ok else -8.0 for ok in self._near], dtype=np.float64)
 
-    original = decide.recentred_chips
+    import fusionkern.scan.run as scan_run
 
-    def recentred(reader, grid_, chip_px, points):
-        chips, valid = original(reader, grid_, chip_px, points)
+    original = scan_run._read_recentred
+
+    def recentred(plan, points, threads=2):
+        chips, valid = original(plan, points, threads)
         near = [min(math.hypot(x - px, y - py) for px, py in zip(xs, ys)) < 600 for x, y in points]
         decide.Verifier._near = [n for n, v in zip(near, valid) if v]
         return chips, valid
 
-    monkeypatch.setattr("fusionkern.scan.run.recentred_chips", recentred)
+    monkeypatch.setattr(scan_run, "_read_recentred", recentred)
     monkeypatch.setattr(decide.Verifier, "log_odds", near_plant)
     verified = run_scan(ScanOptions(checkpoint=str(trained / "split_0" / "best.pt"), out=str(tmp_path / "ver"),
                                     manifest=str(region.manifest), threshold=0.5, verify="auto",
@@ -442,7 +444,9 @@ def test_verifier_removes_candidates_it_rejects(tmp_path, region, trained, monke
     assert after["false_detections"] == 0 and after["plants_found"] == before["plants_found"]
     assert all(d.verifier_score is not None for d in verified.detections)
     report = json.loads((tmp_path / "ver" / "scan.json").read_text())
-    assert report["verifier"]["candidates"] == len(plain.detections) and report["verifier"]["views"] == 4
+    cap = report["verifier"]["candidate_cap"]
+    assert cap == 10 and report["verifier"]["candidates"] == min(len(plain.detections), cap)  # the best first
+    assert report["verifier"]["views"] == 4
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -2,15 +2,15 @@
 
 Generates a small synthetic, physically motivated dataset in the site layout (kiln heat in b10/b11 on all three
 dates, dry altered soil raising b7/b6 around plants, seasonal landcover, confusers; 9 px of context around each
-chip), then runs what a user of the scanner does, on three synthetic regions that never share a seed:
+chip), then runs what a user of the scanner does, on synthetic regions that never share a seed:
 
 1. trains a small native-preset FusionNet with the paper's protocol (round 0);
-2. mines hard negatives and random background from a first region with it (``fusionkern mine``);
-3. trains again on the sites and the mined chips (round 1; the held-out figures of the original sites are printed
-   for both rounds);
-4. calibrates the round-1 checkpoint on a second region at a budget of false detections per 1000 km²
+2. mines hard negatives and random background from a region with it (``fusionkern mine``) and trains again on the
+   sites and the mined chips (round 1); then mines another region with that model and trains again (round 2): the
+   held-out figures of the original sites are printed for every round;
+3. calibrates the final checkpoint on another region at a budget of false detections per 1000 km²
    (``fusionkern calibrate``);
-5. scans a third region with the calibrated threshold and the split ensemble as verifier, and evaluates the
+4. scans a last region with the calibrated threshold and the split ensemble as verifier, and evaluates the
    detections against the planted plants (``fusionkern evaluate``).
 """
 
@@ -45,7 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mine-top", type=int, default=300, help="hard negatives mined (default 300)")
     p.add_argument("--mine-lookalikes", type=int, default=96,
                    help="look-alike windows of the mining region (default 96; the other regions have 32)")
-    p.add_argument("--mine-random", type=int, default=300, help="random background chips mined (default 300)")
+    p.add_argument("--mine-random", type=int, default=300,
+                   help="random background chips mined in the first round (default 300)")
+    p.add_argument("--mine-rounds", type=int, default=2,
+                   help="mining rounds, each on its own region with the model of the round before (default 2)")
     p.add_argument("--fp-budget", type=float, default=0.5,
                    help="false detections allowed per 1000 km² when calibrating (default 0.5)")
     p.add_argument("--no-scan", dest="scan", action="store_false",
@@ -78,6 +81,7 @@ def _best(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from fusionkern.data.synthetic import make_synthetic_sites
+    from fusionkern.errors import ConfigError
 
     out = Path(args.out)
     data = out / "data"
@@ -93,10 +97,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"report: {out / 'train' / 'report.md'}; checkpoints: {', '.join(r['checkpoint'] for r in result['splits'])}")
         print(f"done in {time.perf_counter() - t0:.0f} s")
         return 0
-    first = _train(args, [str(data)], out / "train-r0", "round 0 (synthetic sites only)")
-    mined = _mine(args, out, _best(first))
-    final = _train(args, [str(data), str(mined)], out / "train", "round 1 (with mined background)")
-    checkpoint = _best(final)
+    if args.mine_rounds < 1:
+        raise ConfigError(f"--mine-rounds must be at least 1, got {args.mine_rounds}")
+    folders = [str(data)]
+    result = _train(args, folders, out / "train-r0", "round 0 (synthetic sites only)")
+    for k in range(1, args.mine_rounds + 1):
+        folders.append(str(_mine(args, out, _best(result), k)))
+        last = k == args.mine_rounds
+        result = _train(args, folders, out / ("train" if last else f"train-r{k}"),
+                        f"round {k} (with {k} round(s) of mined chips)")  # fmt: skip
+    checkpoint = _best(result)
     _calibrate(args, out, checkpoint)
     from fusionkern.scan_demo import run_scan_demo
 
@@ -116,20 +126,23 @@ def _region(args: argparse.Namespace, folder: Path, seed: int, lookalikes: int =
     return make_demo_region(folder, args.mine_px, args.plants, n_confusers=lookalikes, seed=seed)
 
 
-def _mine(args: argparse.Namespace, out: Path, checkpoint: str) -> Path:
+def _mine(args: argparse.Namespace, out: Path, checkpoint: str, round_: int) -> Path:
+    """One mining round on a region of its own (seeds seed+101, seed+303, ...); background chips in round 1 only,
+    later rounds keep the chips the improved model still gets wrong."""
     from fusionkern.scan.mine import MineOptions, mine
     from fusionkern.scan_demo import region_truth
 
+    seed = args.seed + 101 + 202 * (round_ - 1)
     # mined where look-alikes are dense (as a country-wide mining pass meets them): more of them to learn from
-    region = _region(args, out / "regions" / "mine", args.seed + 101, args.mine_lookalikes)
-    target = out / "mined-r1"
+    region = _region(args, out / "regions" / f"mine-r{round_}", seed, args.mine_lookalikes)
+    target = out / f"mined-r{round_}"
     options = MineOptions(
         checkpoint=checkpoint, out=str(target), plants=region_truth(region), manifest=str(region.manifest),
-        top=args.mine_top, random=args.mine_random, context_px=args.context_px, seed=args.seed, overwrite=True,
-        progress=args.progress,
+        top=args.mine_top, random=args.mine_random if round_ == 1 else 0, round=round_, context_px=args.context_px,
+        seed=args.seed, overwrite=True, progress=args.progress,
     )  # fmt: skip
     report = mine(options)
-    print(f"\nmining region (seed {args.seed + 101}): " + report.lines()[0])
+    print(f"\nmining round {round_}, region seed {seed}: " + report.lines()[0])
     return target
 
 

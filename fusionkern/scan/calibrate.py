@@ -2,19 +2,19 @@
 
 The calibration scans a region whose plants are known (:func:`fusionkern.scan.run_scan`, nothing else reads the
 chips), groups its chips into sites as the scan does (:func:`~fusionkern.scan.outputs.group_sites`), and calls
-a site false when none of its chips comes within ``match_m`` of a known plant. For a budget of ``B`` false
-detections per 1000 km² over ``A`` km², ``k = floor(B * A / 1000)`` false sites are allowed: the threshold must lie
-above the ``(k + 1)``-th highest false site. A site is judged by its peak chip and matched one to one, so a
-site false here is false in :mod:`fusionkern.evaluate` too or right there by a wider footprint, never the reverse. Every threshold between that and the weakest plant site still found
-gives the same decisions on the calibration region; the one stored is their midpoint in log-odds, so that a
-region nobody calibrated on has margin on both sides.
+a site false when its peak chip does not come within ``match_m`` of a known plant that no higher-scoring site
+found first. Sites false here are false in :mod:`fusionkern.evaluate` too, or right there by a wider footprint,
+never the reverse. For a budget of ``B`` false detections per 1000 km² over ``A`` km², ``k = floor(B * A / 1000)``
+false sites are allowed: the threshold must lie above the ``(k + 1)``-th highest false site. Every threshold
+between that and the weakest plant site still found gives the same decisions on the calibration region; the one
+stored is their midpoint in log-odds, so that a region nobody calibrated on has margin on both sides.
 
 Both decision modes are calibrated in one run: ``plain`` (the chips' own probability) and, with a verifier,
-``verified``: candidates are chosen for recall (:func:`candidate_threshold`: below every plant site of the region
-by a margin, within a cap on how many there are per 1000 km²), re-scored by the ensemble, and the threshold is set on
-the verifier's score the same way. The thresholds, the deployment prior (estimated as the
-share of scored chips that hold a known plant, or ``--prior``) and the budget are stored in the checkpoint's
-``metadata.calibration``; ``fusionkern scan`` uses them by default.
+``verified``: candidates are chosen for recall (:func:`pick_candidates`: below every plant site of the region by a
+margin, within a cap on how many there are per 1000 km²), re-scored by the ensemble, and the threshold is set on
+the verifier's score the same way. The thresholds, the deployment prior (estimated as the share of scored chips
+that hold a known plant, or ``--prior``) and the budget are stored in the checkpoint's ``metadata.calibration``;
+``fusionkern scan`` uses them by default.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fusionkern.errors import CheckpointError, ConfigError, InputError
+from fusionkern.scan.decide import MAX_CANDIDATES_PER_1000KM2
 
 CANDIDATE_BUDGET = 10.0
 """Candidates for the verifier reach down at least to the threshold of this many times the false-detection budget."""
@@ -36,9 +37,6 @@ CANDIDATE_MARGIN = 1.0
 """...and to this many log-odds below the weakest plant site of the calibration region (plants elsewhere score
 lower or higher than these few; the first pass must not lose them)."""
 
-MAX_CANDIDATES_PER_1000KM2 = 20.0
-"""...but no further than this many candidate sites per 1000 km², which keeps the verifier's cost near a tenth of the
-scan's (it scores each candidate with every member under four views, and reads its chip)."""
 
 _FLOOR = 1e-9  # sites scoring below this (at the deployment prior) are never detections
 

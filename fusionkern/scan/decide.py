@@ -36,6 +36,13 @@ CANDIDATE_FACTOR = 0.25
 """Without a calibrated candidate threshold, candidates for the verifier are chips at this fraction of the
 detection threshold's odds (about 1.4 in log-odds below it)."""
 
+MAX_CANDIDATES_PER_1000KM2 = 20.0
+"""Most candidate sites the verifier scores per 1000 km² scanned (the best first): it bounds the verifier's cost
+near a tenth of the scan's on any region, however many look-alikes it holds."""
+
+MIN_CANDIDATES = 10
+"""Candidate sites the verifier may always score, however small the region."""
+
 _EPS = 2.0**-25  # keeps float32 probabilities of exactly 0 or 1 at finite log-odds
 
 
@@ -340,7 +347,9 @@ class Verifier:
                 "views": len(self.views)}  # fmt: skip
 
 
-def recentred_chips(reader: Any, grid: Any, chip_px: int, points: Sequence[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+def recentred_chips(
+    reader: Any, grid: Any, chip_px: int, points: Sequence[tuple[float, float]]
+) -> tuple[np.ndarray, np.ndarray]:
     """Scaled chips centred on grid-CRS points, read with the scan's own reader; and which could be read whole.
 
     Args:

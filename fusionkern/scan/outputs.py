@@ -320,6 +320,7 @@ def find_detections(
     threshold: float,
     max_site_m: float = MAX_SITE_M,
     context: dict[str, Any] | None = None,
+    limit: int | None = None,
 ) -> list[Detection]:
     """The sites of positive chips (:func:`group_sites`), ranked by their highest chip probability.
 
@@ -330,6 +331,7 @@ def find_detections(
         threshold: Probability at or above which a chip is positive.
         max_site_m: Largest side of a site's footprint in metres.
         context: Scan-wide properties written with every detection.
+        limit: Keep only this many sites, the best first (None: all).
 
     Returns:
         The detections, by rank.
@@ -337,7 +339,8 @@ def find_detections(
     from rasterio.warp import transform, transform_geom
 
     detections = []
-    for number, chips in enumerate(group_sites(scores, threshold, site_radius(layout, max_site_m, grid)), start=1):
+    sites = group_sites(scores, threshold, site_radius(layout, max_site_m, grid))
+    for number, chips in enumerate(sites[:limit] if limit is not None else sites, start=1):
         values = scores[chips[:, 0], chips[:, 1]].astype(np.float64)
         x, y = peak_point(scores, chips[0], layout, grid)
         (lon,), (lat,) = transform(grid.crs, "EPSG:4326", [x], [y])

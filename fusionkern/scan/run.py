@@ -7,6 +7,7 @@ tiles in ``<out>/.tiles`` for ``--resume`` and no final output behind.
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 import time
@@ -20,7 +21,16 @@ import numpy as np
 from fusionkern import __version__
 from fusionkern.errors import ConfigError, InputError
 from fusionkern.scan import outputs, review, stac
-from fusionkern.scan.decide import Decision, Verifier, recentred_chips, resolve_decision, shift_scores, sigmoid
+from fusionkern.scan.decide import (
+    MAX_CANDIDATES_PER_1000KM2,
+    MIN_CANDIDATES,
+    Decision,
+    Verifier,
+    recentred_chips,
+    resolve_decision,
+    shift_scores,
+    sigmoid,
+)
 from fusionkern.scan.backends import BACKENDS, chip_metres, load_scan_model, make_predictor
 from fusionkern.scan.engine import EngineOptions, EngineStats, run_local
 from fusionkern.scan.grid import (
@@ -486,13 +496,11 @@ def detect(
         return outputs.find_detections(scores, layout, grid, decision.threshold, context=context), [], {}
     t0 = time.perf_counter()
     if verifier is None:
-        device = _resolve_device(options.device, "torch")
-        verifier = Verifier(decision.verify, plan.model, device, options.batch_size)
-    candidates = outputs.find_detections(scores, layout, grid, decision.candidate_threshold or 0.0, context=context)
-    from fusionkern.scan.tiles import StackReader
-
-    with StackReader(plan.inputs, grid, layout) as reader:
-        chips, valid = recentred_chips(reader, grid, layout.chip_px, [(d.x, d.y) for d in candidates])
+        verifier = _build_verifier(plan, options)
+    cap = max(MIN_CANDIDATES, math.ceil(MAX_CANDIDATES_PER_1000KM2 * scanned_area_km2(scores, layout, grid) / 1000.0))
+    candidates = outputs.find_detections(scores, layout, grid, decision.candidate_threshold or 0.0, context=context,
+                                         limit=cap)  # fmt: skip
+    chips, valid = _read_recentred(plan, [(d.x, d.y) for d in candidates])
     log_odds = verifier.log_odds(chips[valid])
     verified = iter(sigmoid(log_odds + decision.shift))
     for detection, ok in zip(candidates, valid):
@@ -501,9 +509,56 @@ def detect(
             detection.score = detection.verifier_score
     detections = outputs.rank([d for d in candidates if d.score >= decision.threshold])
     seconds = time.perf_counter() - t0
-    report = {**verifier.describe(), "candidates": len(candidates), "verified": int(valid.sum()),
+    report = {**verifier.describe(), "candidates": len(candidates), "candidate_cap": cap, "verified": int(valid.sum()),
               "unverifiable": int((~valid).sum()), "seconds": round(seconds, 3)}  # fmt: skip
     return detections, outputs.rank(list(candidates)), report
+
+
+class _Prefetch(threading.Thread):
+    """Calls ``function(*args)`` in the background; :meth:`result` waits and returns it (or raises its error)."""
+
+    def __init__(self, function: Callable[..., Any], *args: Any):
+        super().__init__(name="scan-prefetch", daemon=True)
+        self.function, self.args = function, args
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.function(*self.args)
+        except BaseException as exc:  # raised by result(), in the scan's thread
+            self.error = exc
+
+    def result(self) -> Any:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _build_verifier(plan: _Plan, options: ScanOptions) -> Verifier:
+    return Verifier(plan.decision.verify, plan.model, _resolve_device(options.device, "torch"), options.batch_size)
+
+
+def _read_recentred(plan: _Plan, points: list[tuple[float, float]], threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates' re-centred chips, read by a few threads, each with its own rasters (GDAL releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusionkern.scan.tiles import StackReader
+
+    def read(part: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+        with StackReader(plan.inputs, plan.grid, plan.layout) as reader:
+            return recentred_chips(reader, plan.grid, plan.layout.chip_px, part)
+
+    parts = [points[k::threads] for k in range(threads)] if len(points) > 1 else [points]
+    with ThreadPoolExecutor(len(parts)) as pool:
+        results = list(pool.map(read, parts))
+    chips = np.zeros((len(points), *results[0][0].shape[1:]), dtype=np.float32)
+    valid = np.zeros(len(points), dtype=bool)
+    for k, (part_chips, part_valid) in enumerate(results):
+        chips[k::len(parts)], valid[k::len(parts)] = part_chips, part_valid
+    return chips, valid
 
 
 def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: None) -> ScanResult:
@@ -541,6 +596,7 @@ def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: Non
         log(note)
     collector.start_bar(sum(t.n_chips for t in plan.tiles) - sum(t.n_chips for t in todo), options.progress)
     setup_s = time.perf_counter() - t_start
+    ensemble = _Prefetch(_build_verifier, plan, options) if plan.decision.verify else None  # loads while scanning
     try:
         stats, backend = _run_engine(options, plan, todo, collector, out)
     except BaseException:
@@ -552,7 +608,7 @@ def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: Non
     t_out = time.perf_counter()
     report = _report(options, plan, checksums.join_result(), backend, resumed)
     scores = shift_scores(collector.scores, plan.decision.shift)
-    detections, candidates, verifier = detect(scores, plan, options)
+    detections, candidates, verifier = detect(scores, plan, options, ensemble.result() if ensemble else None)
     report["counts"] = _counts(collector, scores, detections, plan.decision)
     report["counts"]["area_km2"] = scanned_area_km2(scores, plan.layout, plan.grid)
     report["verifier"] = verifier or None
