@@ -11,6 +11,7 @@ def test_demo_trains_and_scans_a_region(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--cement", "10", "--landcover", "20", "--epochs", "1", "--splits", "2",
                  "--region-px", "384", "--plants", "2", "--mine-px", "384", "--mine-top", "6", "--mine-random", "4",
+                 "--mine-rounds", "2",
                  "--no-progress"])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out

@@ -6,8 +6,8 @@ chip), then runs what a user of the scanner does, on synthetic regions that neve
 
 1. trains a small native-preset FusionNet with the paper's protocol (round 0);
 2. mines hard negatives and random background from a region with it (``fusionkern mine``) and trains again on the
-   sites and the mined chips (round 1); then mines another region with that model and trains again (round 2): the
-   held-out figures of the original sites are printed for every round;
+   sites and the mined chips (round 1; ``--mine-rounds 2`` mines another region with that model and trains again):
+   the held-out figures of the original sites are printed for every round;
 3. calibrates the final checkpoint on another region at a budget of false detections per 1000 km²
    (``fusionkern calibrate``);
 4. scans a last region with the calibrated threshold and the split ensemble as verifier, and evaluates the
@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="look-alike windows of the mining region (default 96; the other regions have 32)")
     p.add_argument("--mine-random", type=int, default=300,
                    help="random background chips mined in the first round (default 300)")
-    p.add_argument("--mine-rounds", type=int, default=2,
-                   help="mining rounds, each on its own region with the model of the round before (default 2)")
+    p.add_argument("--mine-rounds", type=int, default=1,
+                   help="mining rounds, each on its own region with the model of the round before (default 1)")
     p.add_argument("--fp-budget", type=float, default=0.5,
                    help="false detections allowed per 1000 km² when calibrating (default 0.5)")
     p.add_argument("--no-scan", dest="scan", action="store_false",
