@@ -439,29 +439,57 @@ def compile_sm90_isolated(
     if not specs:
         return {}
     jobs = max(1, min(len(specs), jobs or min(4, os.cpu_count() or 1)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    procs = []
-    for chunk in (specs[i::jobs] for i in range(jobs)):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _ISOLATED_PROGRAM],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
-        procs.append((proc, json.dumps([{**asdict(s), "name": s.name} for s in chunk])))
+    payloads = [[{**asdict(s), "name": s.name} for s in specs[i::jobs]] for i in range(jobs)]
     results: dict[str, str | None] = {}
+    for reply in run_isolated(["-c", _ISOLATED_PROGRAM], payloads, "RESULTS", "sm_90 compilation", timeout):
+        results.update(reply)
+    return results
+
+
+def run_isolated(
+    args: Sequence[str], payloads: Sequence[Any], prefix: str, what: str, timeout: float, env: dict | None = None
+) -> list[Any]:
+    """Runs one fresh Python per payload, side by side, without ``TRITON_INTERPRET`` (what sm_90 compiles need).
+
+    Each child gets ``sys.executable *args``, reads its payload as JSON on stdin and prints one line
+    ``<prefix><json>``; a child past ``timeout`` seconds is killed.
+
+    Args:
+        args: The interpreter's arguments (``["-c", program]`` or ``["-m", module]``).
+        payloads: One JSON-able value per child.
+        prefix: The marker of the reply line.
+        what: What the children do, for the error.
+        timeout: Seconds each child may take.
+        env: Extra environment variables.
+
+    Returns:
+        The children's replies, in payload order.
+
+    Raises:
+        RuntimeError: A child printed no reply line (its exit code and the end of its stderr are quoted).
+    """
+    child_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child_env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    child_env.update(env or {})
+    procs = []
+    for payload in payloads:
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,
+        )  # fmt: skip
+        procs.append((proc, json.dumps(payload)))
+    replies = []
     for proc, payload in procs:
         try:
             out, err = proc.communicate(payload, timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-        for line in out.splitlines():
-            if line.startswith("RESULTS"):
-                results.update(json.loads(line[len("RESULTS"):]))
-                break
-        else:
-            raise RuntimeError(f"sm_90 compilation process failed (exit {proc.returncode}):\n{err[-4000:]}")
-    return results
+        line = next((x for x in out.splitlines() if x.startswith(prefix)), None)
+        if line is None:
+            raise RuntimeError(f"{what} process failed (exit {proc.returncode}):\n{err[-4000:]}")
+        replies.append(json.loads(line[len(prefix):]))
+    return replies
 
 
 # --------------------------------------------------------------------------------------------------------------

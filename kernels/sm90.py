@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
@@ -401,28 +400,9 @@ def _child(request: dict) -> dict:
 
 
 def _run_children(requests: list[dict], timeout: float, env_extra: dict | None = None) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env.update(env_extra or {})
-    procs = []
-    for req in requests:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fusionkern.kernels.sm90"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
-        procs.append((proc, json.dumps(req)))
-    replies = []
-    for proc, payload in procs:
-        try:
-            out, err = proc.communicate(payload, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        line = next((x for x in out.splitlines() if x.startswith("SM90")), None)
-        if line is None:
-            raise RuntimeError(f"sm_90 analysis process failed (exit {proc.returncode}):\n{err[-4000:]}")
-        replies.append(json.loads(line[4:]))
-    return replies
+    from fusionkern.kernels._common import run_isolated
+
+    return run_isolated(["-m", "fusionkern.kernels.sm90"], requests, "SM90", "sm_90 analysis", timeout, env_extra)
 
 
 def analyse(
