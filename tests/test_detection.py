@@ -15,7 +15,7 @@ import torch
 
 from fusionkern.cli import main
 from fusionkern.data import AugmentParams, SiteAugment, SiteDataset, load_many, read_site_layout
-from fusionkern.data.chips import Plant, read_plants
+from fusionkern.data.chips import read_plants
 from fusionkern.errors import CheckpointError, ConfigError, InputError
 from fusionkern.evaluate import Detection, distance_m, evaluate_detections, read_detections
 from fusionkern.models import FusionNet, load_checkpoint, save_checkpoint
@@ -420,17 +420,15 @@ def test_verifier_removes_candidates_it_rejects(tmp_path, region, trained, monke
     def near_plant(self, chips):  # the stand-in ensemble: recentred chips are judged by where they were cut
         return np.array([8.0 if ok else -8.0 for ok in self._near], dtype=np.float64)
 
-    import fusionkern.scan.run as scan_run
+    original = decide.read_recentred
 
-    original = scan_run._read_recentred
-
-    def recentred(plan, points, threads=2):
-        chips, valid = original(plan, points, threads)
+    def recentred(inputs, grid_, layout, points, threads=2):
+        chips, valid = original(inputs, grid_, layout, points, threads)
         near = [min(math.hypot(x - px, y - py) for px, py in zip(xs, ys)) < 600 for x, y in points]
         decide.Verifier._near = [n for n, v in zip(near, valid) if v]
         return chips, valid
 
-    monkeypatch.setattr(scan_run, "_read_recentred", recentred)
+    monkeypatch.setattr(decide, "read_recentred", recentred)
     monkeypatch.setattr(decide.Verifier, "log_odds", near_plant)
     verified = run_scan(ScanOptions(checkpoint=str(trained / "split_0" / "best.pt"), out=str(tmp_path / "ver"),
                                     manifest=str(region.manifest), threshold=0.5, verify="auto",

@@ -232,7 +232,7 @@ def calibrate(options: CalibrateOptions, log: Callable[[str], None] = lambda lin
         "plain": {**plain, "false_per_1000km2": round(1000.0 * plain["false"] / area_km2, 4)},
     }  # fmt: skip
     if options.verify not in (None, "none"):
-        record["verified"] = _calibrate_verified(options, result, scores, near, sites, site_scores, allowed,
+        record["verified"] = _calibrate_verified(options, model, result, scores, near, sites, site_scores, allowed,
                                                  len(pixels), area_km2, shift, log)  # fmt: skip
     from fusionkern.scan.outputs import write_json
 
@@ -242,29 +242,21 @@ def calibrate(options: CalibrateOptions, log: Callable[[str], None] = lambda lin
     return record
 
 
-def _calibrate_verified(options, result, scores, near, sites, site_scores, allowed, n_plants, area_km2, shift, log):
-    """Candidates at the looser budget, re-scored by the verifier, then the threshold on the verifier's score."""
-    from fusionkern.scan.decide import Verifier, recentred_chips, resolve_verifier, sigmoid
-    from fusionkern.scan.inputs import load_inputs
-    from fusionkern.scan.outputs import peak_point
-    from fusionkern.scan.tiles import StackReader
+def _calibrate_verified(
+    options, model, result, scores, near, sites, site_scores, allowed, n_plants, area_km2, shift, log
+):
+    """Candidates chosen for recall, re-scored by the verifier as the scan does, then the threshold on its score."""
     from fusionkern.devices import resolve_device
+    from fusionkern.scan.decide import Verifier, resolve_verifier
+    from fusionkern.scan.outputs import peak_point
 
     grid, layout = result.grid, result.layout
     candidate_threshold = pick_candidates(site_scores, near, options.budget, area_km2, n_plants)
     chosen = [k for k in range(len(sites)) if site_scores[k] >= candidate_threshold]
-    from fusionkern.scan.backends import load_scan_model
-
-    model = load_scan_model(options.checkpoint)
     paths = resolve_verifier(options.verify, options.checkpoint)
-    device = resolve_device(str(options.scan.get("device", "auto")))
-    verifier = Verifier(paths, model, device)
+    verifier = Verifier(paths, model, resolve_device(str(options.scan.get("device", "auto"))))
     points = [peak_point(scores, sites[k][0], layout, grid) for k in chosen]
-    inputs = load_inputs(options.scenes, options.manifest, bool(options.scan.get("calibrate", True)))
-    with StackReader(inputs, grid, layout) as reader:
-        chips, valid = recentred_chips(reader, grid, layout.chip_px, points)
-    verified = np.full(len(chosen), np.nan)
-    verified[valid] = sigmoid(verifier.log_odds(chips[valid]) + shift)
+    verified, _ = verifier.score(result.inputs, grid, layout, points, shift)
     verified = np.where(np.isfinite(verified), verified, site_scores[chosen])
     try:
         pick = pick_threshold(verified, [near[k] for k in chosen], allowed, n_plants)

@@ -339,6 +339,26 @@ class Verifier:
             total += torch.cat(margins).reshape(len(x), len(self.views)).mean(dim=1) + offset
         return (total / len(self.models)).numpy()
 
+    def score(
+        self, inputs: Any, grid: Any, layout: Any, points: Sequence[tuple[float, float]], shift: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ensemble's cement probability of the chips re-centred on grid-CRS points (:func:`read_recentred`).
+
+        Args:
+            inputs: The scan's rasters.
+            grid: The scan grid.
+            layout: The chips (their size).
+            points: Grid-CRS (x, y) centres.
+            shift: Log-odds added before the probability (the scan's prior shift).
+
+        Returns:
+            (N,) float64 probabilities, NaN where no whole chip could be read, and the bool mask of those read.
+        """
+        chips, valid = read_recentred(inputs, grid, layout, points)
+        probabilities = np.full(len(points), np.nan)
+        probabilities[valid] = sigmoid(self.log_odds(chips[valid]) + shift)
+        return probabilities, valid
+
     def describe(self) -> dict[str, Any]:
         """The ensemble, for ``scan.json``."""
         from fusionkern.files import sha256_file
@@ -377,4 +397,27 @@ def recentred_chips(
             continue
         chips[index] = scale_chips(data.stack)
         valid[index] = True
+    return chips, valid
+
+
+def read_recentred(
+    inputs: Any, grid: Any, layout: Any, points: Sequence[tuple[float, float]], threads: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`recentred_chips` read by a few threads, each with its own rasters (GDAL releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusionkern.scan.tiles import StackReader
+
+    def read(part: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+        with StackReader(inputs, grid, layout) as reader:
+            return recentred_chips(reader, grid, layout.chip_px, part)
+
+    points = list(points)
+    parts = [points[k::threads] for k in range(threads)] if len(points) > 1 else [points]
+    with ThreadPoolExecutor(len(parts)) as pool:
+        results = list(pool.map(read, parts))
+    chips = np.zeros((len(points), *results[0][0].shape[1:]), dtype=np.float32)
+    valid = np.zeros(len(points), dtype=bool)
+    for k, (part_chips, part_valid) in enumerate(results):
+        chips[k::len(parts)], valid[k::len(parts)] = part_chips, part_valid
     return chips, valid

@@ -227,16 +227,15 @@ def mine(options: MineOptions, log: Callable[[str], None] = lambda line: None) -
             **options.scan,
         )  # fmt: skip
         result = run_scan(scan_options, log=log)
-        report = _mine_from(result, scan_options, options, partial)
+        report = _mine_from(result, options, partial)
     report.out = out
     return report
 
 
-def _mine_from(result: Any, scan_options: Any, options: MineOptions, root: Path) -> MineReport:
+def _mine_from(result: Any, options: MineOptions, root: Path) -> MineReport:
     """Chooses the chips on a finished scan and writes them under ``root``."""
     from rasterio.warp import transform
 
-    from fusionkern.scan.inputs import load_inputs
     from fusionkern.scan.tiles import StackReader
 
     grid, layout, scores = result.grid, result.layout, result.raw_scores
@@ -266,7 +265,7 @@ def _mine_from(result: Any, scan_options: Any, options: MineOptions, root: Path)
         rng = np.random.default_rng(options.seed)
         chosen = cells[rng.permutation(len(cells))[: options.random * 2]]
         want += [("random", (int(r), int(c))) for r, c in chosen]
-    inputs = load_inputs(scan_options.scenes, scan_options.manifest, scan_options.calibrate)
+    inputs = result.inputs
     dates = tuple(r.label or Path(r.path).name for r in inputs.bands["b7"])
     descriptions = {b: dates for b in BRANCHES}
     records = []

@@ -26,10 +26,8 @@ from fusionkern.scan.decide import (
     MIN_CANDIDATES,
     Decision,
     Verifier,
-    recentred_chips,
     resolve_decision,
     shift_scores,
-    sigmoid,
 )
 from fusionkern.scan.backends import BACKENDS, chip_metres, load_scan_model, make_predictor
 from fusionkern.scan.engine import EngineOptions, EngineStats, run_local
@@ -157,6 +155,7 @@ class ScanResult:
         grid: The scan grid.
         layout: The chips on it.
         candidates: With a verifier, every candidate site it scored (those below the threshold too).
+        inputs: The rasters scanned.
     """
 
     out: Path
@@ -169,6 +168,7 @@ class ScanResult:
     grid: ScanGrid | None = field(default=None, repr=False)
     layout: ChipLayout | None = field(default=None, repr=False)
     candidates: list[outputs.Detection] = field(default_factory=list, repr=False)
+    inputs: ScanInputs | None = field(default=None, repr=False)
 
     def lines(self) -> list[str]:
         """A short human-readable summary."""
@@ -500,12 +500,10 @@ def detect(
     cap = max(MIN_CANDIDATES, math.ceil(MAX_CANDIDATES_PER_1000KM2 * scanned_area_km2(scores, layout, grid) / 1000.0))
     candidates = outputs.find_detections(scores, layout, grid, decision.candidate_threshold or 0.0, context=context,
                                          limit=cap)  # fmt: skip
-    chips, valid = _read_recentred(plan, [(d.x, d.y) for d in candidates])
-    log_odds = verifier.log_odds(chips[valid])
-    verified = iter(sigmoid(log_odds + decision.shift))
-    for detection, ok in zip(candidates, valid):
+    verified, valid = verifier.score(plan.inputs, grid, layout, [(d.x, d.y) for d in candidates], decision.shift)
+    for detection, probability, ok in zip(candidates, verified, valid):
         if ok:
-            detection.verifier_score = float(next(verified))
+            detection.verifier_score = float(probability)
             detection.score = detection.verifier_score
     detections = outputs.rank([d for d in candidates if d.score >= decision.threshold])
     seconds = time.perf_counter() - t0
@@ -539,26 +537,6 @@ class _Prefetch(threading.Thread):
 
 def _build_verifier(plan: _Plan, options: ScanOptions) -> Verifier:
     return Verifier(plan.decision.verify, plan.model, _resolve_device(options.device, "torch"), options.batch_size)
-
-
-def _read_recentred(plan: _Plan, points: list[tuple[float, float]], threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """The candidates' re-centred chips, read by a few threads, each with its own rasters (GDAL releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from fusionkern.scan.tiles import StackReader
-
-    def read(part: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
-        with StackReader(plan.inputs, plan.grid, plan.layout) as reader:
-            return recentred_chips(reader, plan.grid, plan.layout.chip_px, part)
-
-    parts = [points[k::threads] for k in range(threads)] if len(points) > 1 else [points]
-    with ThreadPoolExecutor(len(parts)) as pool:
-        results = list(pool.map(read, parts))
-    chips = np.zeros((len(points), *results[0][0].shape[1:]), dtype=np.float32)
-    valid = np.zeros(len(points), dtype=bool)
-    for k, (part_chips, part_valid) in enumerate(results):
-        chips[k::len(parts)], valid[k::len(parts)] = part_chips, part_valid
-    return chips, valid
 
 
 def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: None) -> ScanResult:
@@ -621,7 +599,7 @@ def run_scan(options: ScanOptions, log: Callable[[str], None] = lambda line: Non
         report["timings"]["verify_s"] = verifier["seconds"]
     _write_report(out, report)
     return ScanResult(out, scores, collector.reasons, detections, report, collector.scores, plan.decision,
-                      plan.grid, plan.layout, candidates)  # fmt: skip
+                      plan.grid, plan.layout, candidates, plan.inputs)  # fmt: skip
 
 
 def _check_dependencies(options: ScanOptions) -> None:
