@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "optional mtl, qa and dates lists of three",
     )
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--plan", action="store_true",
+                        help="say what the scan would cost (chips, tiles, bytes to read, nodata share from overviews, "
+                        "time from the benchmark records of this machine) and write DIR/plan.json; reads no pixel at "
+                        "full resolution and scores nothing")  # fmt: skip
+    parser.add_argument("--bench-results", metavar="DIR",
+                        help="with --plan: folder of fusionkern bench records (default: benchmarks/results of the "
+                        "checkout)")  # fmt: skip
 
     grid = parser.add_argument_group("scan grid (default: the first raster's)")
     grid.add_argument("--crs", help="grid CRS, e.g. EPSG:32650 (projected)")
@@ -77,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--preset", choices=("paper", "native"), help="refuse a checkpoint of another preset")
 
     run = parser.add_argument_group("execution")
-    run.add_argument("--backend", default="torch", choices=("torch", "triton", "onnxruntime", "tensorrt"),
+    run.add_argument("--backend", default="torch", metavar="{torch,triton,onnxruntime,tensorrt}",
                      help="inference backend (default torch)")  # fmt: skip
     run.add_argument("--device", default="auto",
                      help="torch device: auto, cpu, cuda, cuda:N (default auto); with --engine ray, auto, cpu or "
@@ -112,7 +119,7 @@ def _workers(text: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs the scan and prints its summary.
+    """Runs the scan and prints its summary, or with ``--plan`` prints and writes what it would cost.
 
     Args:
         args: Parsed options.
@@ -125,6 +132,12 @@ def run(args: argparse.Namespace) -> int:
 
     fields = ScanOptions.__dataclass_fields__
     options = ScanOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    if args.plan:
+        from fusionkern.scan.plan import run_plan
+
+        with output_errors(options.out):
+            run_plan(options, args.bench_results, log=print)
+        return 0
     with output_errors(options.out):  # a full disk or a folder turned read-only: one line naming --out
         result = run_scan(options, log=print)
     for line in result.lines():

@@ -95,15 +95,19 @@ def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a checkpoint dict (``weights_only=True``: nothing but tensors and plain values)."""
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Load and validate a checkpoint dict (``weights_only=True``: nothing but tensors and plain values).
+
+    ``mmap=True`` maps the tensors' storage instead of reading it: their values are read only when used, so that
+    the model's description (``model``, ``data``, ``metadata``) costs no more than the metadata itself.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses anyway
             warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable fusionkern checkpoint ({_load_failure(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

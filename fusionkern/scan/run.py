@@ -31,21 +31,13 @@ from fusionkern.scan.decide import (
 )
 from fusionkern.scan.backends import BACKENDS, chip_metres, load_scan_model, make_predictor
 from fusionkern.scan.engine import EngineOptions, EngineStats, run_local
-from fusionkern.scan.grid import (
-    ChipLayout,
-    ScanGrid,
-    chip_layout,
-    footprint_overlaps,
-    stride_note,
-    aligned_block,
-    make_grid,
-    on_grid,
-)
+from fusionkern.scan.grid import ChipLayout, ScanGrid, on_grid, stride_note
 from fusionkern.files import check_writable, sha256_file
 from fusionkern.progress import progress
-from fusionkern.scan.inputs import ScanInputs, describe_inputs, file_identity, load_inputs
+from fusionkern.scan.inputs import ScanInputs, describe_inputs, file_identity
+from fusionkern.scan.plan import place_region
 from fusionkern.scan.resume import TILES_DIR, TileStore
-from fusionkern.scan.tiles import NODATA, REASONS, SCORED, Tile, TileResult, plan_tiles, tile_chips_for
+from fusionkern.scan.tiles import NODATA, REASONS, SCORED, Tile, TileResult
 
 ENGINES = ("local", "ray")
 CACHE_DIR = ".cache"
@@ -232,16 +224,6 @@ def _forget_unstarted(out: Path, store: TileStore, before: list[str] | None) -> 
         out.rmdir()
 
 
-def _check_overlap(inputs: ScanInputs, grid: ScanGrid) -> None:
-    for path in inputs.rasters():
-        if not footprint_overlaps(path, grid):
-            west, south, east, north = grid.bounds
-            raise InputError(
-                f"{path} does not overlap the scan region ({west:.0f}, {south:.0f}, {east:.0f}, {north:.0f} in "
-                f"{grid.describe()['crs']}): check --bounds and the inputs"
-            )
-
-
 def _resolve_device(name: str, backend: str) -> Any:
     from fusionkern.devices import resolve_device
 
@@ -266,13 +248,9 @@ def _plan(options: ScanOptions) -> _Plan:
     model = load_scan_model(options.checkpoint, options.preset, options.backend)
     decision = resolve_decision(model, options.checkpoint, options.threshold, options.prior, options.verify,
                                 options.candidate_threshold)  # fmt: skip
-    inputs = load_inputs(options.scenes, options.manifest, options.calibrate)
-    grid = make_grid(inputs.reference, options.crs, options.resolution, options.bounds, options.bounds_crs)
-    _check_overlap(inputs, grid)
-    layout = chip_layout(grid, chip_metres(model), options.stride_m)
-    tile_chips = tile_chips_for(layout, options.tile_px, aligned_block(inputs.reference, grid))
-    tiles = plan_tiles(layout, tile_chips)
-    return _Plan(inputs, grid, layout, tiles, tile_chips, model, sha256_file(options.checkpoint), decision)
+    region = place_region(options, chip_metres(model))  # what fusionkern scan --plan lays out too
+    return _Plan(region.inputs, region.grid, region.layout, region.tiles, region.tile_chips, model,
+                 sha256_file(options.checkpoint), decision)  # fmt: skip
 
 
 def _params(options: ScanOptions, plan: _Plan) -> dict[str, Any]:
