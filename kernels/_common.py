@@ -8,7 +8,8 @@ Host side:
   :func:`conv_geometry`: argument validation.
 * :func:`interpreting`, :func:`pow2_block`, :func:`tune_configs`, :func:`make_configs`,
   :func:`prune_block_configs`: one small deterministic config on the Triton CPU interpreter, a short autotune list
-  (pruned to the problem size) on a GPU.
+  (pruned to the problem size) on a GPU; :data:`CONV_TUNE_KEY` and :func:`size_bucket`: what the autotuners key on
+  (the output pixel count bucketed to a power of two, so a new batch size in the same bucket does not re-tune).
 * :func:`torch_conv_allows_tf32`, :func:`resolve_allow_tf32`, :func:`dot_precision`: the fp32 precision of one
   call, following PyTorch's own convolution settings unless the caller says otherwise.
 * :func:`conv_backward`: ``dL/dx`` and ``dL/dw`` of a convolution at the precision the call resolved, without
@@ -328,6 +329,23 @@ GPU_CONV_CONFIGS = GPU_POOLED_CONV_CONFIGS + tuple(
 # The CPU interpreter runs one small config (autotuning there would only multiply the run time).
 INTERPRETER_CONV_CONFIG = dict(BLOCK_P=16, BLOCK_CO=16, BLOCK_R=16, num_warps=1, num_stages=1)
 assert min(c["BLOCK_P"] for c in (*GPU_CONV_CONFIGS, INTERPRETER_CONV_CONFIG)) >= MIN_BLOCK_P
+
+
+CONV_TUNE_KEY = ("M_BUCKET", "CI", "CO", "K", "conv_stride", "dilation", "RELU", "POOL", "BN", "DOT_PRECISION")
+"""The autotune key of both fused convolutions, which add their own flag (``HAS_BIAS``, ``LEGACY``): the GEMM's
+batch-dependent extent as a bucket (``M_BUCKET``, :func:`size_bucket`), its fixed extents and every argument that
+changes the kernel's work (the epilogue flags and the dot precision). Triton appends the dtype of every tensor
+argument to the key itself. The spatial size only enters through ``M_BUCKET``: the output pixels are the GEMM's rows,
+whatever the image they tile."""
+
+
+def size_bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (1 for ``n <= 1``): how the conv autotuners see the output pixel count.
+
+    The kernels take it as ``M_BUCKET``, an argument only the autotune key reads, so batch sizes whose
+    ``B * PH * PW`` fall in one bucket share one tuned config instead of each re-tuning.
+    """
+    return triton.next_power_of_2(max(1, int(n)))
 
 
 def tune_configs(
@@ -770,6 +788,10 @@ class ConvGeometry:
     @property
     def n_pixels(self) -> int:  # output pixels (pooled when pooling), the GEMM's M
         return self.B * self.PH * self.PW
+
+    @property
+    def m_bucket(self) -> int:  # n_pixels rounded up to a power of two: the autotune key's batch-dependent extent
+        return size_bucket(self.n_pixels)
 
     def grid(self, meta: dict) -> tuple[int, int]:
         """Launch grid: one program per BLOCK_P output pixels x BLOCK_CO output channels."""

@@ -30,14 +30,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._common import SUPPORTED_DTYPES, check_device, check_int32_indexable, compute_dtype, unsupported
 
 __all__ = [
     "ChannelAttentionFunction",
-    "attention_forward",
     "channel_attention",
     "channel_attention_grad_input",
     "channel_pool",
@@ -432,27 +430,3 @@ def channel_attention(f: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> to
         if w.device != f.device:
             unsupported(name, f"on {w.device}, f is on {f.device}")
     return ChannelAttentionFunction.apply(f, w1m, w2m)
-
-
-def attention_forward(att: nn.Module, f: torch.Tensor) -> torch.Tensor:
-    """Run a reference :class:`fusionkern.models.layers.ChannelAttention` on the kernels, same result as ``att(f)``
-    (train and eval mode alike: the layer has no mode-dependent parts).
-
-    Raises:
-        UnsupportedOptionError (a ValueError): ``att.mlp`` is not ``Sequential(Conv2d 1x1 no bias, ReLU, Conv2d 1x1
-            no bias)``, or ``f`` is not supported by the kernels.
-    """
-    mlp = getattr(att, "mlp", None)
-    if not isinstance(mlp, nn.Sequential) or len(mlp) != 3:
-        unsupported("att", f"expected a ChannelAttention with mlp = Sequential(conv, ReLU, conv), got {att}")
-    first, act, second = mlp
-    if not isinstance(act, nn.ReLU):
-        unsupported("att", f"the MLP's activation must be nn.ReLU, got {type(act).__name__}")
-    for j, conv in ((0, first), (2, second)):
-        if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
-            unsupported("att", f"mlp[{j}] must be an ungrouped 1x1 stride-1 nn.Conv2d, got {conv}")
-        if conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1):
-            unsupported("att", f"mlp[{j}] must have no padding, got {conv}")
-        if conv.bias is not None:
-            unsupported("att", f"mlp[{j}] must be bias-free (the kernels implement the paper's bias-free MLP)")
-    return channel_attention(f, first.weight, second.weight)

@@ -7,8 +7,9 @@ Training keeps BatchNorm as a separate torch op after the kernel (batch statisti
 exactly PyTorch's); inference folds it into the epilogue as ``y * scale + shift`` (:func:`fold_bn`).
 
 Contents, in order: the forward kernel, the backward kernel (``dL/dz`` by recomputation plus the ``alpha`` and
-bias partial sums), the launchers, the ``autograd.Function``, the functional API :func:`conv2d_mixpool`,
-:func:`fold_bn` and :func:`stage_forward` (runs a reference ``ConvStage`` on the kernels).
+bias partial sums), the launchers, the ``autograd.Function`` and the functional API :func:`conv2d_mixpool`. The
+kernels take tensors and plain parameters only; running a reference ``ConvStage`` on them is
+:func:`fusionkern.models.fused.stage_forward`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 
 from fusionkern.kernels._common import (
+    CONV_TUNE_KEY,
     ConvGeometry,
     _conv_bwd_epilogue,
     _conv_fwd_epilogue,
@@ -36,7 +37,6 @@ from fusionkern.kernels._common import (
     conv_backward,
     conv_geometry,
     dot_precision,
-    fold_bn,
     prune_block_configs,
     resolve_allow_tf32,
     square_int,
@@ -44,9 +44,8 @@ from fusionkern.kernels._common import (
     tune_configs,
     unsupported,
 )
-from fusionkern.kernels.gabor_conv import gabor_conv2d
 
-_AUTOTUNE_KEY = ["B", "CI", "H", "W", "CO", "K", "POOL"]
+_AUTOTUNE_KEY = [*CONV_TUNE_KEY, "HAS_BIAS"]
 
 
 @triton.jit
@@ -119,7 +118,7 @@ def _conv_windows(
     return acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _conv_mixpool_fwd_kernel(
     x_ptr,  # input, (B, CI, H, W), any strides
     w_ptr,  # weight, (CO, CI, K, K), any strides
@@ -135,6 +134,7 @@ def _conv_mixpool_fwd_kernel(
     CO,  # output channels
     PH,  # output rows: OH // 2 when POOL, else OH
     PW,  # output columns: OW // 2 when POOL, else OW
+    M_BUCKET,  # B * PH * PW rounded up to a power of two: read by the autotune key only
     stride_xb,  # x stride along batch, in elements
     stride_xc,  # x stride along channel, in elements
     stride_xh,  # x stride along row, in elements
@@ -182,7 +182,7 @@ def _conv_mixpool_fwd_kernel(
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _conv_mixpool_bwd_kernel(
     x_ptr,  # input, (B, CI, H, W), any strides
     w_ptr,  # weight, (CO, CI, K, K), any strides
@@ -200,6 +200,7 @@ def _conv_mixpool_bwd_kernel(
     CO,  # output channels
     PH,  # output rows: OH // 2 when POOL, else OH
     PW,  # output columns: OW // 2 when POOL, else OW
+    M_BUCKET,  # B * PH * PW rounded up to a power of two: read by the autotune key only
     stride_xb,  # x stride along batch, in elements
     stride_xc,  # x stride along channel, in elements
     stride_xh,  # x stride along row, in elements
@@ -299,7 +300,7 @@ def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt
     _conv_mixpool_fwd[geo.grid](
         x, weight, dummy if bias is None else bias, alpha, dummy if scale is None else scale,
         dummy if shift is None else shift, out,
-        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket,
         *x.stride(), *weight.stride(), *out.stride(),
         geo.stride, geo.padding, geo.dilation,
         K=geo.K, HAS_BIAS=opt.has_bias, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
@@ -324,7 +325,7 @@ def _launch_backward(x, weight, bias, alpha, scale, grad_out, geo: ConvGeometry,
     _conv_mixpool_bwd[geo.grid](
         x, weight, dummy if bias is None else bias, alpha, dummy if scale is None else scale, grad_out, grad_z,
         alpha_part, bias_part,
-        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket,
         *x.stride(), *weight.stride(), *grad_out.stride(), *grad_z.stride(),
         geo.stride, geo.padding, geo.dilation,
         K=geo.K, HAS_BIAS=opt.has_bias, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
@@ -453,103 +454,3 @@ def conv2d_mixpool(
     if alpha_t is None:
         alpha_t = torch.ones((), device=x.device, dtype=compute_dtype(x.dtype))
     return Conv2dMixPoolFunction.apply(x, weight, bias, alpha_t, scale, shift, geo, opt)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reference stages on the kernels
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _pool_alpha(pool: nn.Module | None) -> torch.Tensor | float | None:
-    """MixPool2d -> its trainable alpha; MaxPool2d(2) -> the constant 1.0; None -> no pooling."""
-    from fusionkern.models.layers import MixPool2d
-
-    if pool is None:
-        return None
-    if isinstance(pool, MixPool2d):
-        if square_int("pool.kernel_size", pool.kernel_size, minimum=1) != 2 or square_int(
-            "pool.stride", pool.stride, minimum=1
-        ) != 2:
-            unsupported("pool", f"only 2 x 2 / stride 2 pooling is supported, got {pool}")
-        return pool.alpha
-    if isinstance(pool, nn.MaxPool2d):
-        stride = pool.stride if pool.stride is not None else pool.kernel_size
-        ok = (
-            square_int("pool.kernel_size", pool.kernel_size, minimum=1) == 2
-            and square_int("pool.stride", stride, minimum=1) == 2
-            and square_int("pool.padding", pool.padding, minimum=0) == 0
-            and square_int("pool.dilation", pool.dilation, minimum=1) == 1
-            and not pool.ceil_mode
-            and not pool.return_indices
-        )
-        if not ok:
-            unsupported("pool", f"only MaxPool2d(2) (2 x 2, stride 2, no padding, floor mode) is supported, got {pool}")
-        return 1.0
-    unsupported("pool", f"expected MixPool2d, MaxPool2d or None, got {type(pool).__name__}")
-
-
-def _conv_call(conv: nn.Module, x: torch.Tensor, alpha, bn, allow_tf32: bool | None) -> torch.Tensor:
-    """conv -> ReLU -> [pool alpha] -> [folded bn] on the kernels, for a GaborConv2d or an nn.Conv2d."""
-    from fusionkern.models.layers import GaborConv2d
-
-    if isinstance(conv, GaborConv2d):
-        return gabor_conv2d(
-            x, conv.freq, conv.theta, conv.sigma, conv.psi, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, relu=True, pool_alpha=alpha, grid=conv.grid, bn=bn, allow_tf32=allow_tf32,
-        )  # fmt: skip
-    if isinstance(conv, nn.Conv2d):
-        if conv.padding_mode != "zeros":
-            unsupported("conv.padding_mode", f"only 'zeros' is supported, got {conv.padding_mode!r}")
-        if isinstance(conv.padding, str):
-            unsupported("conv.padding", f"string padding {conv.padding!r} is not supported; give an int")
-        return conv2d_mixpool(
-            x, conv.weight, conv.bias, alpha, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-            relu=True, bn=bn, groups=conv.groups, allow_tf32=allow_tf32,
-        )  # fmt: skip
-    raise NotImplementedError(
-        f"stage_forward supports GaborConv2d and nn.Conv2d convolutions, got {type(conv).__name__}"
-    )
-
-
-def stage_forward(stage: nn.Module, x: torch.Tensor, *, allow_tf32: bool | None = None) -> torch.Tensor:
-    """Run a reference :class:`fusionkern.models.networks.ConvStage` on the kernels; same result, train and eval.
-
-    What runs where:
-
-    * ``pool_bn`` order (DGCNN) or no BN: conv + ReLU + pool in one kernel; the BN is folded into the kernel's
-      epilogue in eval mode and runs as a separate torch op (batch statistics, running-stat updates) in training.
-      An eval-mode BN whose weight or bias requires a gradient (with grad enabled) also runs as a torch op, so
-      its affine parameters still get gradients; under ``torch.no_grad()`` or with frozen BN it folds.
-    * ``bn_pool`` order (CNN5) with both BN and a pool: BN sits between ReLU and the pool and cannot move past a
-      max: conv + ReLU run in one kernel (with the BN folded into it in eval mode), then torch BN (training only)
-      and the stage's own pool module.
-
-    ``MixPool2d`` pools with its trainable alpha; ``nn.MaxPool2d(2)`` is mixed pooling with alpha fixed at 1 (no
-    alpha gradient). ``allow_tf32`` as in :func:`conv2d_mixpool` (default: follow torch's cuDNN setting). Other
-    pools, grouped or non-square convs raise :class:`UnsupportedOptionError`.
-    """
-    from fusionkern.models.networks import ConvStage
-
-    if not isinstance(stage, ConvStage):
-        raise NotImplementedError(f"stage_forward runs a ConvStage, got {type(stage).__name__}")
-    alpha = _pool_alpha(stage.pool)
-    bn_mod = stage.bn
-    if bn_mod is not None and not isinstance(bn_mod, nn.modules.batchnorm._BatchNorm):
-        unsupported("stage.bn", f"expected a BatchNorm module or None, got {type(bn_mod).__name__}")
-    # Eval-mode BN folds into the epilogue unless its affine parameters need gradients (fine-tuning with frozen
-    # statistics): then it runs as a torch op on the running statistics, which gives the same values.
-    fold = (
-        bn_mod is not None
-        and not bn_mod.training
-        and bn_mod.track_running_stats
-        and not (torch.is_grad_enabled() and any(p.requires_grad for p in bn_mod.parameters()))
-    )
-    folded = fold_bn(bn_mod) if fold else None
-    bn_between = stage.order == "bn_pool" and bn_mod is not None and alpha is not None
-    if not bn_between:
-        y = _conv_call(stage.conv, x, alpha, folded, allow_tf32)
-        return bn_mod(y) if (bn_mod is not None and not fold) else y
-    y = _conv_call(stage.conv, x, None, folded, allow_tf32)
-    if not fold:
-        y = bn_mod(y)
-    return stage.pool(y)

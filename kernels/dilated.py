@@ -32,9 +32,10 @@ Backward (``DilatedAvgBlockFunction``):
 * ``grad_scale = sum_{b,h,w} g_z * H_pre``, ``grad_shift = sum_{b,h,w} g_z`` with ``g_z = g * [y > 0]``, only when
   the affine parameters require a gradient (``H_pre`` is then recomputed by the forward kernel).
 
-Training-mode BatchNorm is not folded: :func:`block_forward` lets the kernel produce ``H`` (pre-BN, bias included),
-runs the block's own ``nn.BatchNorm2d`` as the torch op (so batch statistics and the running-stat updates are
-exactly torch's), then ``F.relu``. In eval mode (running statistics present) BN and ReLU are folded into the
+Training-mode BatchNorm is not folded: :func:`fusionkern.models.fused.block_forward` (a reference
+``DilatedAvgBlock`` on this kernel) lets the kernel produce ``H`` (pre-BN, bias included), runs the block's own
+``nn.BatchNorm2d`` as the torch op (so batch statistics and the running-stat updates are exactly torch's), then
+``F.relu``. In eval mode (running statistics present) BN and ReLU are folded into the
 kernel's epilogue; gradients still reach the BN weight and bias through :func:`fold_bn`'s differentiable ops.
 
 Tile sizes are chosen by a heuristic in :func:`_conv_blocks`; they have not been tuned per GPU.
@@ -47,7 +48,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import nn
@@ -67,7 +67,6 @@ from ._common import (
 __all__ = [
     "DilatedAvgBlockFunction",
     "TapPlan",
-    "block_forward",
     "dilated_avg_block",
     "dilated_conv_forward",
     "dilated_conv_weight_grad",
@@ -591,7 +590,7 @@ def dilated_avg_block(
         bn: None, an eval-mode ``nn.BatchNorm2d`` (folded with :func:`fold_bn`) or an explicit per-channel
             ``(scale, shift)`` pair of (C_out,) tensors, applied as ``H * scale + shift`` in the kernel's epilogue.
             A training-mode BatchNorm is refused: run the block with ``bn=None, relu=False`` and apply the torch
-            BatchNorm and ReLU after it (as :func:`block_forward` does).
+            BatchNorm and ReLU after it (as :func:`fusionkern.models.fused.block_forward` does).
         relu: apply ReLU last.
         allow_tf32: let fp32 products (forward and both gradients) use TF32 tensor cores; ignored for other
             dtypes. ``None`` (default) does what torch's own fp32 ``conv2d`` does (``torch.backends.cudnn.conv
@@ -659,53 +658,3 @@ def dilated_avg_block(
         unsupported("weights", f"an output of shape {out_shape} exceeds the kernels' int32 indexing")
     precision = dot_precision(x.dtype, resolve_allow_tf32(allow_tf32))
     return DilatedAvgBlockFunction.apply(x, scale, shift, dil, relu, precision, has_bias, *weights, *biases)
-
-
-def block_forward(block: nn.Module, x: torch.Tensor, *, allow_tf32: bool | None = None) -> torch.Tensor:
-    """Run a reference :class:`fusionkern.models.layers.DilatedAvgBlock` on the kernel, same result as ``block(x)``.
-
-    Training mode (or a BatchNorm without running statistics): the kernel computes ``H`` (bias included), then the
-    block's own BatchNorm module runs as the torch op (batch statistics, running-stat and ``num_batches_tracked``
-    updates exactly as in ``block(x)``), then ``F.relu``. Eval mode: BN (folded with :func:`fold_bn`) and ReLU run
-    in the kernel's epilogue, one launch for the whole block.
-
-    Raises:
-        UnsupportedOptionError (a ValueError): ``block`` is not shaped like a ``DilatedAvgBlock`` (3 x 3 convs with
-            'same' padding equal to their dilation, stride 1, no groups, a BatchNorm2d), or ``x`` is not supported
-            by the kernel.
-    """
-    convs = getattr(block, "convs", None)
-    bn = getattr(block, "bn", None)
-    dilations = getattr(block, "dilations", None)
-    if convs is None or bn is None or dilations is None:
-        unsupported("block", f"expected a DilatedAvgBlock (convs, bn, dilations), got {type(block).__name__}")
-    if not isinstance(bn, nn.BatchNorm2d):
-        unsupported("block", f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-    if len(convs) != len(dilations):
-        unsupported("block", f"has {len(convs)} convs for {len(dilations)} dilations")
-    for j, (conv, d) in enumerate(zip(convs, dilations)):
-        if not isinstance(conv, nn.Conv2d):
-            unsupported("block", f"convs[{j}] must be an nn.Conv2d, got {type(conv).__name__}")
-        if (
-            conv.kernel_size != (3, 3)
-            or conv.stride != (1, 1)
-            or conv.groups != 1
-            or conv.dilation != (d, d)
-            or conv.padding != (d, d)
-            or conv.padding_mode != "zeros"
-        ):
-            unsupported(
-                "block",
-                f"convs[{j}] must be a 3x3, stride-1, ungrouped conv with zero padding = dilation = {d}, got {conv}",
-            )
-    biases = [conv.bias for conv in convs]
-    if any(b is None for b in biases) and not all(b is None for b in biases):
-        unsupported("block", "either every conv has a bias or none does")
-    weights = [conv.weight for conv in convs]
-    biases = None if biases[0] is None else biases
-    if bn.training or bn.running_mean is None:
-        h = dilated_avg_block(x, weights, biases, dilations, bn=None, relu=False, allow_tf32=allow_tf32)
-        return F.relu(bn(h))
-    return dilated_avg_block(
-        x, weights, biases, dilations, bn=fold_bn(bn, differentiable=True), relu=True, allow_tf32=allow_tf32
-    )

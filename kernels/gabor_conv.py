@@ -3,15 +3,15 @@
 The filter bank is never written to memory in the forward pass: each program generates the (reduction x output
 channel) tile of Gabor weights it needs from the four (out, in) parameter tensors, in registers, and feeds it to
 ``tl.dot``. For output channel ``o``, input channel ``i`` and kernel tap ``(r, c)`` with sampling position
-``(x, y)`` (:func:`fusionkern.models.layers.gabor_grid`)::
+``(x, y)`` (:func:`fusionkern.gabor.gabor_grid`)::
 
     x' = x cos(theta) + y sin(theta)          y' = -x sin(theta) + y cos(theta)
     E  = exp(-(x'^2 + y'^2) / (2 sigma^2))     u  = freq x' + psi
     W[o, i, r, c] = E cos(u)                                      (grid="centered")
     W[o, i, r, c] = exp(-(x'^2 + y'^2) / (2 (sigma + 1e-3)^2)) cos(u) / (2 pi sigma^2)   (grid="legacy")
 
-Both grids of the reference are supported (the tap positions are read from a (2, k*k) buffer built by the
-reference's own ``gabor_grid``, so they are bit-identical).
+Both grids of the reference are supported (the tap positions are read from a (2, k*k) buffer built by
+``gabor_grid``, the function the reference's bank uses too, so they are bit-identical).
 
 Contents, in order: the device helper that builds a weight tile, the forward kernel, the backward kernel
 (``dL/dz`` by recomputation plus the ``alpha`` partial sums), the bank and parameter-gradient kernels, the
@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fusionkern.gabor import GRIDS, LEGACY_SIGMA_EPS, gabor_grid
 from fusionkern.kernels._common import (
+    CONV_TUNE_KEY,
     SUPPORTED_DTYPES,
     ConvGeometry,
     _conv_bwd_epilogue,
@@ -53,12 +55,11 @@ from fusionkern.kernels._common import (
     tune_configs,
     unsupported,
 )
-from fusionkern.models.layers import GRIDS, LEGACY_SIGMA_EPS, gabor_grid
 
 _SIGMA_EPS = tl.constexpr(LEGACY_SIGMA_EPS)
 _TWO_PI = tl.constexpr(2 * math.pi)
 
-_AUTOTUNE_KEY = ["B", "CI", "H", "W", "CO", "K", "POOL"]
+_AUTOTUNE_KEY = [*CONV_TUNE_KEY, "LEGACY"]
 
 
 @triton.jit
@@ -157,7 +158,7 @@ def _gabor_windows(
     return acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _gabor_conv_fwd_kernel(
     x_ptr,  # input, (B, CI, H, W), any strides
     params_ptr,  # Gabor parameters, (4, CO, CI) contiguous, accumulation dtype
@@ -173,6 +174,7 @@ def _gabor_conv_fwd_kernel(
     CO,  # output channels
     PH,  # output rows: OH // 2 when POOL, else OH
     PW,  # output columns: OW // 2 when POOL, else OW
+    M_BUCKET,  # B * PH * PW rounded up to a power of two: read by the autotune key only
     stride_xb,  # x stride along batch, in elements
     stride_xc,  # x stride along channel, in elements
     stride_xh,  # x stride along row, in elements
@@ -217,7 +219,7 @@ def _gabor_conv_fwd_kernel(
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _gabor_conv_bwd_kernel(
     x_ptr,  # input, (B, CI, H, W), any strides
     params_ptr,  # Gabor parameters, (4, CO, CI) contiguous, accumulation dtype
@@ -234,6 +236,7 @@ def _gabor_conv_bwd_kernel(
     CO,  # output channels
     PH,  # output rows: OH // 2 when POOL, else OH
     PW,  # output columns: OW // 2 when POOL, else OW
+    M_BUCKET,  # B * PH * PW rounded up to a power of two: read by the autotune key only
     stride_xb,  # x stride along batch, in elements
     stride_xc,  # x stride along channel, in elements
     stride_xh,  # x stride along row, in elements
@@ -430,7 +433,7 @@ def _launch_forward(
     shift = alpha if shift is None else shift
     _gabor_conv_fwd[geo.grid](
         x, params, taps, alpha, scale, shift, out,
-        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket,
         *x.stride(), *out.stride(),
         geo.stride, geo.padding, geo.dilation,
         K=geo.K, LEGACY=opt.legacy, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
@@ -456,7 +459,7 @@ def _launch_backward(
     scale = alpha if scale is None else scale
     _gabor_conv_bwd[geo.grid](
         x, params, taps, alpha, scale, grad_out, grad_z, alpha_part,
-        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket,
         *x.stride(), *grad_out.stride(), *grad_z.stride(),
         geo.stride, geo.padding, geo.dilation,
         K=geo.K, LEGACY=opt.legacy, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,

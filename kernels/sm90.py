@@ -1,19 +1,22 @@
-"""Static sm_90 (H100/H200) analysis of every Triton launch FusionNet makes, no GPU needed.
+"""Static sm_90 (H100/H200) analysis of recorded Triton launches, no GPU needed.
 
 What a launch will cost on Hopper is mostly decided at compile time: registers per thread (and whether ptxas had
 to spill to local memory), shared memory, the occupancy those allow, and whether the dots became tensor-core
 instructions (``wgmma`` / ``mma`` in the PTX) or plain FMAs. This module measures all of that without a GPU:
 
-1. :func:`record_model_launches` runs a FusionNet on the ``meta`` device (shapes only, no memory, no arithmetic)
-   through the fused kernels, with every kernel object of :mod:`.gabor_conv`, :mod:`.conv_mixpool`, :mod:`.dilated`
-   and :mod:`.attention` replaced by a recorder: the launchers run unchanged, so the recorded arguments, strides,
-   constexprs and grids are exactly those of a real call. Autotuned kernels expand to the configs the launcher's
-   own pruning keeps at that shape.
+1. :func:`recording` replaces every kernel object of :mod:`.gabor_conv`, :mod:`.conv_mixpool`, :mod:`.dilated`
+   and :mod:`.attention` by a recorder while tensors on the ``meta`` device (shapes only, no memory, no arithmetic)
+   go through the launchers: the launchers run unchanged, so the recorded arguments, strides, constexprs and grids
+   are exactly those of a real call. Autotuned kernels expand to the configs the launcher's own pruning keeps at
+   that shape.
 2. :func:`compile_launch` compiles one recorded launch for ``sm_90`` with Triton's own argument specialization
    (divisibility and alignment, as a real launch would get) and reads Triton's own ``ptxas -v`` log.
-3. :func:`analyse` does both in fresh interpreters (``TRITON_INTERPRET`` unset: under the interpreter kernels
-   cannot be lowered) and returns one :class:`LaunchFigures` per unique compiled kernel; :func:`markdown_table`
+3. :func:`compile_launches` does that in fresh interpreters (``TRITON_INTERPRET`` unset: under the interpreter
+   kernels cannot be lowered) and returns one :class:`LaunchFigures` per launch and config; :func:`markdown_table`
    renders them.
+
+What gets recorded is the caller's business: :mod:`fusionkern.models.launches` records every launch a FusionNet
+makes and writes the report (``python -m fusionkern.models.launches --report PATH``).
 
 Occupancy and waves are computed from the H100's limits (:data:`H100`): they are what the hardware would allow, not
 a measurement; timings need a GPU.
@@ -36,12 +39,7 @@ import torch
 
 PRECISIONS = ("tf32", "ieee", "bf16")
 """``tf32``: float32 under torch's defaults (cuDNN conv TF32, so the kernels' default); ``ieee``: float32 with
-torch's convolution precision set to IEEE; ``bf16``: the model in bfloat16."""
-
-MODES = ("eval", "train")
-
-# preset -> the batch its launches are analysed at (the issue's real shapes: paper 64 sites, native 256).
-PRESET_BATCH = {"paper": 64, "native": 256}
+torch's convolution precision set to IEEE (:func:`conv_precision`); ``bf16``: bfloat16 tensors."""
 
 H100 = dict(sms=132, regs_per_sm=65536, max_warps_per_sm=64, max_blocks_per_sm=32, smem_per_sm=233472,
             smem_reserved_per_block=1024, reg_alloc_unit=256)  # fmt: skip
@@ -73,7 +71,7 @@ class Launch:
     configs: list
     programs: list
     layer: str = ""
-    where: list = field(default_factory=list)  # (preset, mode, precision) of every run that made this launch
+    where: list = field(default_factory=list)  # the runs that made this launch (e.g. [preset, mode, precision])
     compile_keys: list = field(default_factory=list)  # per config: what Triton would compile (specialization)
 
     def key(self) -> str:
@@ -159,8 +157,12 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(sink: list[Launch], layer: list[str]) -> Iterator[None]:
-    """Every kernel object of the kernel modules replaced by a :class:`_Recorder`; ``check_device`` accepts meta."""
+def recording(sink: list[Launch], layer: list[str]) -> Iterator[None]:
+    """Every kernel object of the kernel modules replaced by a :class:`_Recorder`; ``check_device`` accepts meta.
+
+    Each launch made inside is appended to ``sink``, labelled with the last entry of ``layer`` (the caller appends
+    the name of the layer it is about to run). Needs kernels that are ``JITFunction``s, i.e. no ``TRITON_INTERPRET``.
+    """
     import importlib
 
     import triton
@@ -187,7 +189,7 @@ def _recording(sink: list[Launch], layer: list[str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _conv_precision(precision: str) -> Iterator[None]:
+def conv_precision(precision: str) -> Iterator[None]:
     """torch's convolution fp32 precision for one recording (the kernels' ``allow_tf32=None`` follows it)."""
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is None or not hasattr(conv, "fp32_precision"):
@@ -204,46 +206,6 @@ def _conv_precision(precision: str) -> Iterator[None]:
         yield
     finally:
         conv.fp32_precision = previous
-
-
-def record_model_launches(preset: str, batch: int, mode: str, precision: str) -> list[Launch]:
-    """Every kernel launch of one FusionNet forward (``eval``) or forward + backward (``train``) at ``batch``.
-
-    The model and its inputs live on the ``meta`` device; only the launchers' bookkeeping runs.
-    """
-    from fusionkern.models import FusionNet
-    from fusionkern.models.layers import ChannelAttention, DilatedAvgBlock
-    from fusionkern.models.networks import ConvStage
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    with torch.device("meta"):
-        model = FusionNet(preset).to(dtype)
-    model.train(mode == "train")
-    layer: list[str] = []
-    names = {id(m): n for n, m in model.named_modules()}
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, (ConvStage, DilatedAvgBlock, ChannelAttention)):
-            m.backend = "triton"  # what model.to_backend("triton") sets, without its CUDA-device check
-            hooks.append(m.register_forward_pre_hook(lambda mod, _args: layer.append(names[id(mod)])))
-    sink: list[Launch] = []
-    side = model.preset.input_size
-    x = torch.empty((batch, len(model.branches), 3, side, side), device="meta", dtype=dtype)
-    try:
-        with _recording(sink, layer), _conv_precision(precision):
-            if mode == "train":
-                out = model(x)
-                layer.append("backward")
-                out.backward(torch.ones_like(out))
-            else:
-                with torch.no_grad():
-                    model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    for launch in sink:
-        launch.where = [[preset, mode, precision]]
-    return sink
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,24 +330,17 @@ def unique_launches(launches: Sequence[Launch]) -> list[Launch]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Fresh interpreters: record and compile without TRITON_INTERPRET
+# Fresh interpreters: compile without TRITON_INTERPRET
 # --------------------------------------------------------------------------------------------------------------
 
 
 def _child(request: dict) -> dict:
-    """Entry of a child process: ``{"record": [[preset, batch, mode, precision], ...]}`` returns the launches;
-    ``{"compile": [[launch, config index], ...]}`` returns their figures."""
+    """Entry of a child process: ``{"compile": [[launch, config index], ...]}`` returns their figures;
+    ``{"version": true}`` the Triton version the child imports."""
     if "version" in request:
         import triton
 
         return {"triton": triton.__version__}
-    if "record" in request:
-        out = []
-        for preset, batch, mode, precision in request["record"]:
-            for launch in record_model_launches(preset, batch, mode, precision):
-                launch.compile_keys = [compile_key(launch, c) for c in launch.configs]
-                out.append(asdict(launch))
-        return {"launches": out}
     results = []
     for launch_dict, index in request["compile"]:
         launch = Launch(**launch_dict)
@@ -405,26 +360,25 @@ def _run_children(requests: list[dict], timeout: float, env_extra: dict | None =
     return run_isolated(["-m", "fusionkern.kernels.sm90"], requests, "SM90", "sm_90 analysis", timeout, env_extra)
 
 
-def analyse(
-    runs: Sequence[tuple[str, str, str]],
-    *,
-    select=None,
-    jobs: int | None = None,
-    timeout: float = 1800.0,
-    env: dict | None = None,
-) -> tuple[list[Launch], list[LaunchFigures | dict]]:
-    """Record the launches of ``runs`` (``(preset, mode, precision)``, batch from :data:`PRESET_BATCH`), keep those
-    ``select(launch)`` accepts, and compile each unique one at each of its configs for sm_90.
+def triton_version(env: dict | None = None) -> str:
+    """The Triton version the compiling processes import (another one when ``env`` sets their ``PYTHONPATH``)."""
+    if not env:
+        import triton
 
-    Returns the unique launches and one :class:`LaunchFigures` per (launch, config), or a dict with ``error`` for
-    one that failed to compile. ``jobs`` processes compile side by side (default: cores, at most 4); ``env`` adds
-    environment variables to them (e.g. a ``PYTHONPATH`` with another triton).
+        return triton.__version__
+    return _run_children([{"version": True}], 120.0, env)[0]["triton"]
+
+
+def compile_launches(
+    launches: Sequence[Launch], *, jobs: int | None = None, timeout: float = 1800.0, env: dict | None = None
+) -> list[LaunchFigures | dict]:
+    """Compile every launch at each of its configs for sm_90, each distinct binary once (by ``compile_keys``, which
+    the recording process fills with :func:`compile_key`).
+
+    Returns one :class:`LaunchFigures` per (launch, config), in order, or a dict with ``error`` for one that failed
+    to compile. ``jobs`` processes compile side by side (default: cores, at most 4); ``env`` adds environment
+    variables to them (e.g. a ``PYTHONPATH`` with another triton).
     """
-    runs = [[p, PRESET_BATCH[p], m, q] for p, m, q in runs]
-    (recorded,) = _run_children([{"record": runs}], timeout, env)
-    launches = unique_launches([Launch(**d) for d in recorded["launches"]])
-    if select is not None:
-        launches = [x for x in launches if select(x)]
     # one compile per distinct binary; its figures serve every (launch, config) that compiles to it
     first: dict[str, tuple[Launch, int]] = {}
     for launch in launches:
@@ -446,7 +400,7 @@ def analyse(
             blocks = round(d["occupancy"] * H100["max_warps_per_sm"] / d["num_warps"])
             waves = launch.programs[i] / (H100["sms"] * max(blocks, 1))
             results.append(LaunchFigures(**{**d, "layer": launch.layer, "where": launch.where, "waves": waves}))
-    return launches, results
+    return results
 
 
 def markdown_table(results: Sequence[LaunchFigures]) -> str:
@@ -468,55 +422,8 @@ def digest(launch: Launch) -> str:
     return hashlib.sha1(launch.key().encode()).hexdigest()[:8]
 
 
-def write_report(path: str, runs: Sequence[tuple[str, str, str]], env: dict | None = None, jobs: int | None = None):
-    """Analyse ``runs`` and write the table (markdown) and every figure (JSON) to ``path``.md / ``path``.json."""
-    import triton
-
-    launches, results = analyse(runs, jobs=jobs, env=env)
-    version = _run_children([{"version": True}], 120.0, env)[0]["triton"] if env else triton.__version__
-    ok = [r for r in results if isinstance(r, LaunchFigures)]
-    failed = [r for r in results if not isinstance(r, LaunchFigures)]
-    lines = [
-        f"Triton {version}, sm_90 (H100 limits for occupancy and waves), runs: "
-        + ", ".join(f"{p} {m} {q} (batch {PRESET_BATCH[p]})" for p, m, q in runs) + ".",
-        f"{len(launches)} unique launches, {len(ok)} compiled configs, {len(failed)} failures; "
-        f"{sum(1 for r in ok if r.spill_stores or r.spill_loads)} configs spill; "
-        f"{sum(1 for r in ok if r.has_dot and not r.tensor_cores)} dot configs without tensor cores.",
-        "",
-        markdown_table(ok),
-        "",
-    ]
-    lines += [f"* compile failure: {f['kernel']} {f['config']}: {f['error']}" for f in failed]
-    with open(path + ".md", "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines))
-    with open(path + ".json", "w", encoding="utf-8") as fh:
-        json.dump({"triton": version, "runs": runs, "figures": [asdict(r) if isinstance(r, LaunchFigures) else r
-                                                                for r in results]}, fh, indent=1)  # fmt: skip
-    return results
-
-
-def _main(argv: Sequence[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m fusionkern.kernels.sm90", description=__doc__.split("\n")[0])
-    parser.add_argument("--report", metavar="PATH", help="write PATH.md and PATH.json for the full sweep")
-    parser.add_argument("--pythonpath", help="prepend to PYTHONPATH of the compiling processes (another triton)")
-    parser.add_argument("--jobs", type=int, default=None)
-    args = parser.parse_args(argv)
-    if not args.report:
-        parser.error("give --report PATH")
-    runs = [(p, m, q) for p in PRESET_BATCH for m in MODES for q in PRECISIONS]
-    env = None
-    if args.pythonpath:
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.pythonpath, os.environ.get("PYTHONPATH")]))}
-    write_report(args.report, runs, env, args.jobs)
-    return 0
-
-
 if __name__ == "__main__":
     import warnings
 
     warnings.filterwarnings("ignore")
-    if sys.argv[1:]:
-        sys.exit(_main(sys.argv[1:]))
     print("SM90" + json.dumps(_child(json.load(sys.stdin))))

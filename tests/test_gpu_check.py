@@ -157,10 +157,10 @@ def test_unit_matches_the_reference_on_the_interpreter(kind):
 
 
 def test_a_wrong_kernel_fails_and_its_config_is_excluded(monkeypatch):
-    import fusionkern.kernels as kernels
+    import fusionkern.models.fused as fused
 
-    real = kernels.stage_forward
-    monkeypatch.setattr(kernels, "stage_forward", lambda stage, x, **kw: real(stage, x, **kw) * 1.2)
+    real = fused.stage_forward
+    monkeypatch.setattr(fused, "stage_forward", lambda stage, x, **kw: real(stage, x, **kw) * 1.2)
     unit = _tiny_unit("conv")
     rows = corr.run_unit(unit, torch.device("cpu"))
     assert all(r["status"] == "fail" and "output" in r["failed"] for r in rows)

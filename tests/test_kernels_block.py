@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from fusionkern.kernels import attention as att_mod
 from fusionkern.kernels import dilated as dil_mod
 from fusionkern.kernels._common import KernelSpec, compile_sm90_isolated, interpreting
-from fusionkern.kernels.attention import attention_forward, channel_attention, channel_pool
-from fusionkern.kernels.dilated import block_forward, dilated_avg_block, fold_bn, tap_plan
+from fusionkern.kernels.attention import channel_attention, channel_pool
+from fusionkern.kernels.dilated import dilated_avg_block, fold_bn, tap_plan
+from fusionkern.models.fused import attention_forward, block_forward
 from fusionkern.models.layers import ChannelAttention, DilatedAvgBlock
 
 # dtype -> (atol, rtol). Low-precision rows compare against a float64 reference run on the same rounded inputs.

@@ -21,16 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionkern.kernels import (
-    UnsupportedOptionError,
-    conv2d_mixpool,
-    fold_bn,
-    gabor_conv2d,
-    gabor_weight,
-    stage_forward,
-)
+from fusionkern.kernels import UnsupportedOptionError, conv2d_mixpool, fold_bn, gabor_conv2d, gabor_weight
 from fusionkern.kernels import _common, conv_mixpool, gabor_conv
 from fusionkern.kernels._common import KernelSpec, compile_sm90_isolated, cudnn_fp32_precision, interpreting
+from fusionkern.models import fused
+from fusionkern.models.fused import stage_forward
 from fusionkern.models.layers import GaborConv2d, MixPool2d, gabor_bank
 from fusionkern.models.networks import ConvStage
 
@@ -642,8 +637,8 @@ def test_stage_forward_eval_folds_bn(kind, monkeypatch):
         stage.bn.running_mean.normal_()
         stage.bn.running_var.uniform_(0.5, 2.0)
     calls = []
-    real = conv_mixpool.fold_bn
-    monkeypatch.setattr(conv_mixpool, "fold_bn", lambda bn: calls.append(bn) or real(bn))
+    real = fused.fold_bn
+    monkeypatch.setattr(fused, "fold_bn", lambda bn: calls.append(bn) or real(bn))
     x = torch.randn(2, 3, 8, 9, device=DEVICE)
     with torch.no_grad(), cudnn_fp32_precision(False):
         ref = stage(x)
@@ -671,6 +666,63 @@ def test_autotune_setup():
     assert kept(False, CI=128, CO=256) == as_sorted(_common.GPU_PLAIN_CONV_CONFIGS)
     assert kept(True, CI=1, CO=1) == [_common.GPU_POOLED_CONV_CONFIGS[-1]]  # never empty: the smallest tile
     assert kept(False, CI=1, CO=1) == [_common.GPU_PLAIN_CONV_CONFIGS[-1]]
+
+
+def test_size_bucket():
+    """The autotune key's batch-dependent extent: the output pixel count rounded up to a power of two."""
+    assert [_common.size_bucket(n) for n in (0, 1, 2, 3, 16, 17, 27, 32, 33, 9 * 1000)] == [
+        1, 1, 2, 4, 16, 32, 32, 32, 64, 16384
+    ]  # fmt: skip
+    geo = _common.ConvGeometry(B=5, CI=3, H=7, W=9, CO=4, K=3, stride=1, padding=1, dilation=1, pool=True)
+    assert geo.n_pixels == 5 * 3 * 4 and geo.m_bucket == 64
+
+
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_autotune_key_buckets_the_batch_and_keeps_the_flags(op, monkeypatch):
+    """Two batch sizes whose output pixel counts share a power-of-two bucket share one tuned config; a new bucket, or
+    any flag that changes the kernel's work (ReLU, folded BN, bias, grid, dot precision, dtype), gets its own key.
+
+    The forward autotuner holds two configs of which pruning keeps one, so Triton computes and caches the key
+    without benchmarking; the key is read back from its cache.
+    """
+    module, fwd, bwd = (gabor_conv, "_gabor_conv_fwd", "_gabor_conv_bwd") if op == "gabor" else (
+        conv_mixpool, "_conv_mixpool_fwd", "_conv_mixpool_bwd")  # fmt: skip
+    tuner = getattr(module, fwd)
+    assert getattr(module, bwd).keys == tuner.keys  # the backward keys on the same arguments
+    too_wide = dict(BLOCK_P=16, BLOCK_CO=1024, BLOCK_R=16, num_warps=1, num_stages=1)  # pruned at 4 channels
+    monkeypatch.setattr(tuner, "configs", _common.make_configs([_common.INTERPRETER_CONV_CONFIG, too_wide]))
+    monkeypatch.setattr(tuner, "cache", {})
+    torch.manual_seed(11)
+
+    def key_of(batch: int = 3, dtype: torch.dtype = torch.float32, **options) -> tuple:
+        options = {"allow_tf32": False, **options}
+        x = torch.randn(batch, 3, 6, 6, device=DEVICE, dtype=dtype)  # pooled output 3 x 3: 9 pixels per site
+        tuner.cache.clear()
+        with torch.no_grad():
+            if op == "gabor":
+                params = [p.to(DEVICE, dtype) for p in gabor_params(4, 3, 3)]
+                gabor_conv2d(x, *params, 3, 1, 1, relu=options.pop("relu", True), pool_alpha=0.5, **options)
+            else:
+                w = torch.randn(4, 3, 3, 3, device=DEVICE, dtype=dtype)
+                bias = torch.randn(4, device=DEVICE, dtype=dtype) if options.pop("bias", False) else None
+                conv2d_mixpool(x, w, bias, 0.5, **options)
+        (key,) = tuner.cache
+        return key
+
+    base = key_of()
+    assert key_of(batch=2) == base  # 18 and 27 output pixels: both in the 32 bucket
+    assert key_of(batch=4) != base  # 36: the 64 bucket
+    scale_shift = (torch.rand(4, device=DEVICE) + 0.5, torch.randn(4, device=DEVICE))
+    variants = {
+        "no relu": dict(relu=False),
+        "folded bn": dict(bn=scale_shift),
+        "tf32": dict(allow_tf32=True),
+        "float64": dict(dtype=torch.float64),
+        **({"legacy grid": dict(grid="legacy")} if op == "gabor" else {"bias": dict(bias=True)}),
+    }
+    keys = {name: key_of(**kw) for name, kw in variants.items()}
+    assert all(k != base for k in keys.values()), [name for name, k in keys.items() if k == base]
+    assert len(set(keys.values())) == len(keys)
 
 
 # --------------------------------------------------------------------------------------------------------------

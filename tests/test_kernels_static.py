@@ -1,6 +1,6 @@
 """Static gates on the compiled sm_90 (H100/H200) form of every Triton launch FusionNet makes; no GPU needed.
 
-:mod:`fusionkern.kernels.sm90` runs FusionNet on the meta device through the kernels' own launchers (so the
+:mod:`fusionkern.models.launches` runs FusionNet on the meta device through the kernels' own launchers (so the
 arguments, strides, constexprs and the autotune configs the launchers keep are those of a real call at the real
 shapes: paper preset at batch 64, native at 256), compiles every launch for sm_90 with Triton's own argument
 specialization and reads Triton's own ``ptxas -v`` log and PTX. Gates:
@@ -14,7 +14,7 @@ specialization and reads Triton's own ``ptxas -v`` log and PTX. Gates:
 By default a representative subset runs (the native preset: a training step in fp32 under torch's defaults and
 inference in bf16; each distinct binary compiled once, about 1.5 minutes on two cores); ``FUSIONKERN_SM90_FULL=1`` sweeps both presets, eval and train, fp32 TF32, fp32 IEEE and
 bf16. The measured table of the full sweep is committed under ``benchmarks/results/<date>-sm90-static/`` (written
-by ``python -m fusionkern.kernels.sm90 --report DIR``).
+by ``python -m fusionkern.models.launches --report DIR``; the compiling is :mod:`fusionkern.kernels.sm90`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import os
 import pytest
 
 from fusionkern.kernels import sm90
+from fusionkern.models import launches as model_launches
 
 FULL = os.environ.get("FUSIONKERN_SM90_FULL") == "1"
 RUNS = (
-    [(p, m, q) for p in sm90.PRESET_BATCH for m in sm90.MODES for q in sm90.PRECISIONS]
+    [(p, m, q) for p in model_launches.PRESET_BATCH for m in model_launches.MODES for q in sm90.PRECISIONS]
     if FULL
     else [("native", "train", "tf32"), ("native", "eval", "bf16")]
 )
@@ -39,7 +40,7 @@ MIN_OCCUPANCY = 0.25
 
 @pytest.fixture(scope="module")
 def analysis():
-    launches, results = sm90.analyse(RUNS)
+    launches, results = model_launches.analyse(RUNS)
     return launches, results
 
 

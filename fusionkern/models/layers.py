@@ -17,35 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GRIDS = ("centered", "legacy")
+from fusionkern.gabor import GRIDS, LEGACY_SIGMA_EPS, gabor_grid
+
 BACKENDS = ("torch", "triton")
 """Where a layer's forward pass runs: the plain-PyTorch reference or the fused Triton kernels (same weights)."""
 
 # The paper's initial bank (eq. 2 and 3): five frequencies and eight orientations.
 GABOR_FREQS = tuple(math.pi / 2 * math.sqrt(2) ** -(n - 1) for n in range(1, 6))
 GABOR_THETAS = tuple(math.pi / 8 * (m - 1) for m in range(1, 9))
-
-# The authors' code adds this to sigma in the exponent of the legacy bank.
-LEGACY_SIGMA_EPS = 1e-3
-
-
-def gabor_grid(
-    kernel_size: int, grid: str = "centered", *, device=None, dtype=torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampling positions ``(x, y)`` of a ``k x k`` kernel, each of shape (k, k), indexed ``[row, col]``.
-
-    ``centered``: ``x = col - (k-1)/2`` (column offset), ``y = row - (k-1)/2`` (row offset).
-    ``legacy``: the authors' grid ``linspace(-ceil(k/2)+1, ceil(k/2), k)`` (``[-1, 0.5, 2]`` for k = 3), laid out
-    as their ``meshgrid(..., indexing="ij")`` does: ``x`` varies along rows and ``y`` along columns.
-    """
-    if grid == "centered":
-        off = torch.arange(kernel_size, device=device, dtype=dtype) - (kernel_size - 1) / 2
-        return off.expand(kernel_size, kernel_size), off[:, None].expand(kernel_size, kernel_size)
-    if grid == "legacy":
-        half = math.ceil(kernel_size / 2)
-        lin = torch.linspace(-half + 1, half, kernel_size, device=device, dtype=dtype)
-        return lin[:, None].expand(kernel_size, kernel_size), lin.expand(kernel_size, kernel_size)
-    raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
 
 
 def gabor_bank(
@@ -186,7 +165,7 @@ class DilatedAvgBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C_out, H, W)
         if self.backend == "triton":
-            from fusionkern.kernels import block_forward
+            from fusionkern.models.fused import block_forward
 
             return block_forward(self, x)
         h = [conv(x) for conv in self.convs]
@@ -218,7 +197,7 @@ class ChannelAttention(nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
         if self.backend == "triton":
-            from fusionkern.kernels import attention_forward
+            from fusionkern.models.fused import attention_forward
 
             return attention_forward(self, f)
         return f + f * self.attention(f)

@@ -42,7 +42,7 @@ class ConvStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":
-            from fusionkern.kernels import stage_forward
+            from fusionkern.models.fused import stage_forward
 
             return stage_forward(self, x)
         x = F.relu(self.conv(x))
