@@ -11,9 +11,9 @@ import pytest
 from fusionkern.bench.cases import (
     MODEL_VARIANTS,
     TRAIN_VARIANTS,
+    flops_fields,
     group_name,
     model_call,
-    model_flops,
     quick_skip,
     record,
     train_call,
@@ -33,7 +33,7 @@ def test_model(benchmark, preset, model_batch, variant, plan, device, timing, ar
     if reason:
         pytest.skip(reason)
     call = model_call(preset, model_batch, variant, plan, device, artefacts)
-    benchmark.extra_info.update(items=call.items, flops_per_item=model_flops(preset, plan.model_width), **call.info)
+    benchmark.extra_info.update(items=call.items, **flops_fields(preset, plan.model_width), **call.info)
     measure(benchmark, call.fn, timing, setup=call.setup, repeatable=call.repeatable)
 
 
@@ -47,6 +47,6 @@ def test_train_step(benchmark, train_preset, variant, plan, device, timing):
         pytest.skip(reason)
     call, step = train_call(preset, variant, plan, device)
     # A training step costs about three forward passes (forward, and a backward twice its size).
-    benchmark.extra_info.update(items=call.items, flops_per_item=3 * model_flops(preset, plan.model_width), **call.info)
+    benchmark.extra_info.update(items=call.items, **flops_fields(preset, plan.model_width, passes=3), **call.info)
     measure(benchmark, call.fn, timing, repeatable=False)
     benchmark.extra_info.update(peak_memory(device, step))

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import fusionkern.cli as cli
 from fusionkern.bench.cases import gabor_bank_loop, layer_shape, make_plan
@@ -20,9 +23,10 @@ from fusionkern.bench.report import (
     rows_from_pytest_benchmark,
     write_report,
 )
-from fusionkern.bench.roofline import ByteCounter
+from fusionkern.bench.roofline import ByteCounter, site_costs
 from fusionkern.bench.runner import find_suite
-from fusionkern.models import gabor_bank
+from fusionkern.models import DilatedAvgBlock, FusionNet, GaborConv2d, gabor_bank
+from fusionkern.models.profile import conv_flops, count_flops, flops_per_site
 
 
 def entry(group, case, variant, baseline, median, *, inner=1, items=1, **info):
@@ -59,18 +63,18 @@ def synthetic(device="cuda"):
             entry("train/paper", "train", "triton", "eager", 0.2, items=64, peak_mem_bytes=8e9, precision="fp32"),
             # model at batch 256: tensorrt 6x eager (met), 1.2x compile-bf16 (not met)
             entry("model/native/b256", "model", "eager-fp32", "eager-fp32", 0.6, items=256, batch=256,
-                  preset="native", precision="fp32", flops_per_item=5.5e8),
+                  preset="native", precision="fp32", flops_per_item=3.4e8, flops_per_item_nominal=5.5e8),
             entry("model/native/b256", "model", "compile-bf16", "eager-fp32", 0.12, items=256, batch=256,
-                  preset="native", precision="bf16", flops_per_item=5.5e8),
+                  preset="native", precision="bf16", flops_per_item=3.4e8),
             entry("model/native/b256", "model", "tensorrt-fp16", "eager-fp32", 0.1, items=256, batch=256,
-                  preset="native", precision="fp16", flops_per_item=5.5e8),
+                  preset="native", precision="fp16", flops_per_item=3.4e8),
             # roofline ceilings and costs
             entry("roofline/matmul", "matmul", "fp32", "fp32", 0.02, items=2 * 8192**3),
             entry("roofline/matmul", "matmul", "bf16", "fp32", 0.002, items=2 * 8192**3),
             entry("roofline/copy", "copy", "copy", "copy", 1e-3, items=2 * 2**30),
             entry("roofline/costs/native", "costs", "costs", "costs", 1.0, timed=False, preset="native",
-                  flops_per_site=5.5e8, bytes_floor_per_site=8e4, bytes_eager_per_site=4e6, intensity_floor=6875.0,
-                  intensity_eager=137.5, cost_batch=256, width=1.0, input_size=35, params=15950001),
+                  flops_per_site_effective=3.4e8, flops_per_site_nominal=5.5e8, bytes_floor_per_site=8e4,
+                  bytes_eager_per_site=4e6, intensity_floor=4250.0, intensity_eager=85.0, cost_batch=256, width=1.0, input_size=35, params=15950001),
         ],
     }  # fmt: skip
 
@@ -160,11 +164,15 @@ def test_report_files_carry_baselines_ratios_and_goals(tmp_path):
     roof = doc["roofline"]
     assert roof["matmul_peak_flops"]["bf16"] == pytest.approx(2 * 8192**3 / 0.002)
     share = next(s for s in roof["shares"] if s["variant"] == "eager-fp32")
-    assert share["share_of_peak"] == pytest.approx((256 / 0.6 * 5.5e8) / (2 * 8192**3 / 0.02))
+    peak = 2 * 8192**3 / 0.02
+    assert share["share_of_peak"] == pytest.approx((256 / 0.6 * 3.4e8) / peak)  # effective FLOPs
+    assert share["share_of_peak_nominal"] == pytest.approx((256 / 0.6 * 5.5e8) / peak)
+    assert roof["costs"]["native"]["flops_per_site_nominal"] == 5.5e8
     md = paths["md"].read_text()
     assert "| issue | goal | group | measured | goal | status |" in md
     assert "| met |" in md and "| not met |" in md and "not measured" in md
     assert "> a note" in md and "no rasterio" in md and "## Roofline" in md
+    assert "| GFLOP/site nominal | GFLOP/site effective |" in md and "| 0.55 | 0.34 |" in md
     assert "layers/conv_stage/bwd/bf16/native" in md  # slower-than-baseline or goal lines name the group
 
 
@@ -180,6 +188,79 @@ def test_byte_counter_counts_reads_and_writes_not_views():
         c = a + b
         c.view(10, 100)
     assert counter.read == 8000 and counter.written == 4000 and counter.ops == 1
+
+
+def brute_force_taps(in_hw, kernel, stride, padding, dilation) -> int:
+    """(output position, tap) pairs whose tap lies inside the input: a convolution of ones with ones, padded."""
+    ones = torch.ones(1, 1, *in_hw, dtype=torch.float64)
+    return int(F.conv2d(ones, torch.ones(1, 1, *kernel, dtype=torch.float64), None, stride, padding, dilation).sum())
+
+
+def random_conv(rng) -> tuple[nn.Conv2d, tuple[int, int]]:
+    """A convolution with random kernel, stride, dilation, padding and groups, and an odd input shape it accepts."""
+    kernel = tuple(int(k) for k in rng.integers(1, 6, 2))
+    dilation = tuple(int(d) for d in rng.integers(1, 5, 2))
+    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+    if rng.random() < 0.2:  # PyTorch's named paddings (stride 1 only); "same" pads the odd pixel after
+        stride, padding = (1, 1), str(rng.choice(["same", "valid"]))
+        smallest = span if padding == "valid" else [1, 1]
+    else:
+        stride = tuple(int(v) for v in rng.integers(1, 4, 2))
+        padding = tuple(int(p) for p in rng.integers(0, 10, 2))
+        smallest = [max(1, s - 2 * p) for s, p in zip(span, padding)]
+    in_hw = tuple(int(rng.integers(lo, lo + 18)) | 1 for lo in smallest)  # odd sides
+    groups = int(rng.choice([1, 3]))
+    return nn.Conv2d(3 * groups, 2 * groups, kernel, stride, padding, dilation, groups=groups), in_hw
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_effective_flops_count_exactly_the_taps_inside_the_input():
+    rng = np.random.default_rng()
+    for _ in range(60):
+        conv, in_hw = random_conv(rng)
+        x = torch.rand(2, conv.in_channels, *in_hw)
+        out = conv(x)
+        taps = brute_force_taps(in_hw, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+        per_tap = 2 * conv.out_channels * conv.in_channels // conv.groups
+        case = f"{conv} on {in_hw}"
+        assert conv_flops(conv, x.shape, out.shape, effective=True) == per_tap * taps, case
+        assert count_flops(conv, x, effective=True) == per_tap * taps, case
+        nominal = conv_flops(conv, x.shape, out.shape)
+        assert nominal == per_tap * out.shape[-2] * out.shape[-1] * conv.kernel_size[0] * conv.kernel_size[1], case
+        assert per_tap * taps <= nominal, case
+
+
+@pytest.mark.parametrize(("kernel", "stride", "dilation", "in_hw"), [
+    (1, 1, 1, (13, 7)),  # 1 x 1: every tap is inside
+    (1, 3, 1, (11, 9)),  # 1 x 1, strided
+    (3, 1, 1, (9, 15)),  # 3 x 3 without padding
+    (3, 2, 3, (17, 13)),  # 3 x 3 without padding, strided and dilated
+])  # fmt: skip
+def test_effective_flops_equal_nominal_without_padding(kernel, stride, dilation, in_hw):
+    conv = nn.Conv2d(5, 7, kernel, stride, 0, dilation)
+    x = torch.rand(1, 5, *in_hw)
+    assert count_flops(conv, x, effective=True) == count_flops(conv, x) > 0
+
+
+def test_effective_flops_of_the_native_dilated_block_and_models():
+    block = DilatedAvgBlock(24, (1, 2, 3))  # the native preset's block, on its 4 x 4 map
+    x = torch.rand(2, 24, 4, 4)
+    # per axis, taps inside of 3 x 4 pairs: 10 (dilation 1), 8 (2), 6 (3)
+    assert count_flops(block, x, effective=True) == 2 * 24 * 24 * (10**2 + 8**2 + 6**2)
+    assert count_flops(block, x) == 2 * 24 * 24 * 9 * 16 * 3
+    gabor = GaborConv2d(3, 4, 3, padding=2, dilation=2)
+    image = torch.rand(1, 3, 5, 7)
+    taps = brute_force_taps((5, 7), (3, 3), 1, 2, 2)
+    assert count_flops(gabor, image, effective=True) == 2 * 3 * 4 * taps < count_flops(gabor, image)
+    for preset in ("native", "paper"):
+        model = FusionNet(preset=preset, width=0.25)
+        assert 0 < flops_per_site(model, effective=True) < flops_per_site(model)
+
+
+def test_site_costs_state_both_counts_and_use_the_effective_one():
+    costs = site_costs("native", make_plan("cpu", quick=True))
+    assert costs["flops_per_site_effective"] < costs["flops_per_site_nominal"]
+    assert costs["intensity_floor"] == pytest.approx(costs["flops_per_site_effective"] / costs["bytes_floor_per_site"])
 
 
 def test_loop_bank_is_the_legacy_bank():

@@ -12,7 +12,9 @@ Four families, each compared inside its pytest-benchmark group against a baselin
   fp32 and bf16. Plus ``gabor_bank``: the vectorised bank against a per-filter double loop (baseline).
 * ``model``: FusionNet sites/s per backend and precision over batch sizes (baseline ``eager-fp32``), and
   ``train``: one training step (forward, weighted cross-entropy, backward, Adam) per backend, with peak memory.
-* ``scan``: end-to-end chips/s on a generated raster against I/O alone and inference alone (baseline).
+* ``scan``: end-to-end chips/s on a generated raster, uncompressed and DEFLATE-compressed, against the scan's input
+  side alone, plain rasterio reads of the same windows (:mod:`fusionkern.bench.rawread`) and inference alone
+  (baseline).
 * ``roofline``: matmul peak and copy bandwidth in the same run, and FLOPs and bytes per site per preset
   (:mod:`fusionkern.bench.roofline`).
 
@@ -59,7 +61,8 @@ MODEL_VARIANTS = (
     "tensorrt-fp16",
 )  # fmt: skip
 TRAIN_VARIANTS = ("eager", "compile", "triton")
-SCAN_VARIANTS = ("inference", "io", "end_to_end")
+SCAN_VARIANTS = ("inference", "io", "raw_read", "end_to_end")
+SCAN_COMPRESSIONS = ("uncompressed", "deflate")
 
 BASELINES = {
     "layers": "eager",
@@ -582,11 +585,20 @@ def build_fusionnet(preset: str, width: float, seed: int = 0) -> FusionNet:
 
 
 @functools.lru_cache(maxsize=None)
-def model_flops(preset: str, width: float) -> float:
-    """FLOPs of one site's forward pass (:func:`fusionkern.models.profile`: convolutions and linear layers)."""
-    from fusionkern.models import profile
+def model_flops(preset: str, width: float, effective: bool = True) -> float:
+    """FLOPs of one site's forward pass (:func:`fusionkern.models.profile.flops_per_site`: convolutions and linear
+    layers): effective (only multiply-adds whose input tap lies inside the input map, what the roofline's share of
+    peak uses) or nominal (zero padding's taps too)."""
+    from fusionkern.models.profile import flops_per_site
 
-    return profile(build_fusionnet(preset, width))["gflops_per_site"] * 1e9
+    return float(flops_per_site(build_fusionnet(preset, width), effective=effective))
+
+
+def flops_fields(preset: str, width: float, passes: int = 1) -> dict[str, float]:
+    """``flops_per_item`` (effective) and ``flops_per_item_nominal`` of a model or training row, for its
+    ``extra_info``; ``passes`` forward passes per site (a training step counts three)."""
+    return {"flops_per_item": passes * model_flops(preset, width),
+            "flops_per_item_nominal": passes * model_flops(preset, width, effective=False)}  # fmt: skip
 
 
 def site_inputs(model: FusionNet, batch: int, seed: int = 0) -> torch.Tensor:
@@ -752,12 +764,25 @@ def _region_chips(manifest: Path, chip_m: float, options: Any, tile_px: int) -> 
     return int(time_io(manifest, chip_m, options, tile_px)["chips"])
 
 
+def scan_region(folder: Path, compression: str, plan: Plan) -> Path:
+    """Writes the plan's generated region into ``folder``, ``uncompressed`` or ``deflate``; returns its manifest."""
+    from fusionkern.scan.engine import make_benchmark_region
+
+    if compression not in SCAN_COMPRESSIONS:
+        raise ValueError(f"unknown scan region compression {compression!r}; choose one of {SCAN_COMPRESSIONS}")
+    return make_benchmark_region(folder, plan.scan_size_px, block_px=min(512, plan.scan_size_px),
+                                 compress=None if compression == "uncompressed" else compression)  # fmt: skip
+
+
 def scan_call(variant: str, manifest: Path, predictor: Any, chip_px: int, plan: Plan) -> TimedCall:
-    """One pass over the generated region: I/O alone (the predictor replaced by zeros), inference alone (the
-    predictor on chips already in memory, one scan batch at a time, as many chips as the region has) or end to
-    end (the local engine with its reader threads and the predictor)."""
+    """One pass over the generated region: the input side alone (``io``: reading, calibration, masks, cutting and
+    scaling, the predictor replaced by zeros), raw reads (``raw_read``: the same tile windows read with plain
+    rasterio, :func:`fusionkern.bench.rawread.time_raw_reads`), inference alone (the predictor on chips already
+    in memory, one scan batch at a time, as many chips as the region has) or end to end (the local engine with its
+    reader threads and the predictor)."""
     import numpy as np
 
+    from fusionkern.bench.rawread import time_raw_reads
     from fusionkern.scan.engine import EngineOptions, time_end_to_end, time_io
 
     options = EngineOptions(batch_size=plan.scan_batch)
@@ -767,6 +792,12 @@ def scan_call(variant: str, manifest: Path, predictor: Any, chip_px: int, plan: 
     info = {"region_px": plan.scan_size_px, "scan_batch": plan.scan_batch, "chips": chips}
     if variant == "io":
         return TimedCall(lambda: time_io(manifest, chip_m, options, tile_px), repeatable=False, items=chips, info=info)
+    if variant == "raw_read":
+        raw_chips = int(time_raw_reads(manifest, chip_m, tile_px, workers=options.workers)["chips"])
+        if raw_chips != chips:
+            raise AssertionError(f"raw reads count {raw_chips} chips where the scan scores {chips}; refusing to time")
+        return TimedCall(lambda: time_raw_reads(manifest, chip_m, tile_px, workers=options.workers),
+                         repeatable=False, items=chips, info={**info, "workers": options.workers})  # fmt: skip
     if variant == "end_to_end":
         return TimedCall(lambda: time_end_to_end(manifest, predictor, chip_m, options, tile_px), repeatable=False,
                          items=chips, info=info)  # fmt: skip
@@ -799,8 +830,9 @@ def record(benchmark: Any, family: str, group: str, variant: str, call: TimedCal
 
 __all__: Sequence[str] = (
     "Artefacts", "BASELINES", "LAYERS", "LAYER_DTYPES", "LAYER_VARIANTS", "MODEL_VARIANTS", "PASSES", "PRESETS",
-    "Plan", "SCAN_VARIANTS", "TRAIN_VARIANTS", "TimedCall", "build_fusionnet", "build_layer", "check_tolerance",
-    "fp32_settings", "gabor_bank_call", "gabor_bank_loop", "group_name", "layer_call", "layer_shape", "make_plan",
-    "model_call", "model_flops", "quick_skip", "record", "scan_call", "scan_predictor", "scan_unavailable",
-    "set_backend", "set_tf32", "train_call", "use_torch_fp32_defaults", "variant_unavailable",
+    "Plan", "SCAN_COMPRESSIONS", "SCAN_VARIANTS", "TRAIN_VARIANTS", "TimedCall", "build_fusionnet", "build_layer",
+    "check_tolerance", "flops_fields", "fp32_settings", "gabor_bank_call", "gabor_bank_loop", "group_name",
+    "layer_call", "layer_shape", "make_plan", "model_call", "model_flops", "quick_skip", "record", "scan_call",
+    "scan_predictor", "scan_region", "scan_unavailable", "set_backend", "set_tf32", "train_call",
+    "use_torch_fp32_defaults", "variant_unavailable",
 )  # fmt: skip

@@ -282,12 +282,13 @@ def roofline_summary(rows: Sequence[Row]) -> dict[str, Any]:
     for r in rows:
         if r.case not in ("model", "train") or not r.throughput:
             continue
-        flops_site = r.get("flops_per_item")
+        flops_site = r.get("flops_per_item")  # effective FLOPs (nominal ones as flops_per_item_nominal)
         if not flops_site:
             continue
         precision = r.get("precision", "fp32")
         peak = peaks.get("fp32" if precision == "fp32" else "bf16")
         achieved = r.throughput * flops_site
+        nominal = r.throughput * r.get("flops_per_item_nominal") if r.get("flops_per_item_nominal") else None
         cost = costs.get(r.get("preset")) or {}
         bytes_site = cost.get("bytes_floor_per_site")
         if bytes_site and precision != "fp32":
@@ -296,15 +297,57 @@ def roofline_summary(rows: Sequence[Row]) -> dict[str, Any]:
         shares.append({
             "group": r.group, "variant": r.variant, "case": r.case, "achieved_flops": achieved,
             "peak_flops": peak, "share_of_peak": achieved / peak if peak else None,
+            "share_of_peak_nominal": nominal / peak if (peak and nominal) else None,
             "floor_s_per_site": floor, "time_over_floor": (1 / r.throughput) / floor if floor else None,
         })  # fmt: skip
     return {"matmul_peak_flops": peaks, "copy_bandwidth": bandwidth, "costs": costs, "shares": shares}
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Scan: where its limit is
+# --------------------------------------------------------------------------------------------------------------
+
+
+SCAN_LIMITS = {"inference": "inference", "raw_read": "raw reads"}
+"""The two limits of a scan: the model on chips in memory, and the rasters' windows read as stored."""
+
+
+def _over(rate: Mapping[str, float], top: str, bottom: str | None) -> float | None:
+    return rate[top] / rate[bottom] if (bottom and top in rate and bottom in rate) else None
+
+
+def scan_summary(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Per scan group (preset, backend, compression), where the scan's limit is.
+
+    Returns:
+        One dict per group: ``chips_per_s`` per variant; ``io_over_raw_read`` (the scan's input side over plain
+        reads of the same windows: below 1 by what conversion, calibration, masks, cutting and scaling cost);
+        ``end_to_end_over_inference``; ``limit`` (``inference`` or ``raw reads``, the slower of the two) and
+        ``end_to_end_over_limit`` (end to end over the limit's chips/s: 1 is a scan as fast as its limit allows).
+    """
+    by_group: dict[str, dict[str, Row]] = defaultdict(dict)
+    for row in rows:
+        if row.case == "scan" and row.timed and row.throughput:
+            by_group[row.group][row.variant] = row
+    out = []
+    for group, variants in by_group.items():
+        rate = {variant: row.throughput for variant, row in variants.items()}
+        first = next(iter(variants.values()))
+        limit = min(SCAN_LIMITS, key=rate.__getitem__) if all(k in rate for k in SCAN_LIMITS) else None
+        out.append({
+            "group": group, "preset": first.get("preset"), "backend": first.get("backend"),
+            "compression": first.get("compression"), "chips_per_s": rate,
+            "io_over_raw_read": _over(rate, "io", "raw_read"),
+            "end_to_end_over_inference": _over(rate, "end_to_end", "inference"),
+            "limit": SCAN_LIMITS.get(limit or ""), "end_to_end_over_limit": _over(rate, "end_to_end", limit),
+        })  # fmt: skip
+    return out
+
+
 COST_KEYS = (
-    "preset", "width", "input_size", "params", "cost_batch", "flops_per_site", "bytes_floor_per_site",
-    "bytes_eager_per_site", "eager_bytes_per_site_activations", "eager_bytes_per_batch_weights", "intensity_floor",
-    "intensity_eager",
+    "preset", "width", "input_size", "params", "cost_batch", "flops_per_site_effective", "flops_per_site_nominal",
+    "bytes_floor_per_site", "bytes_eager_per_site", "eager_bytes_per_site_activations",
+    "eager_bytes_per_batch_weights", "intensity_floor", "intensity_eager",
 )  # fmt: skip
 
 
@@ -337,6 +380,7 @@ def build_report(
         "results": [r.to_dict() for r in rows],
         "goals": [asdict(g) for g in goals],
         "roofline": roofline_summary(rows),
+        "scan": scan_summary(rows),
         "outcomes": {
             "passed": outcomes.get("passed", len(rows)),
             "failed": list(outcomes.get("failed", [])),
@@ -390,6 +434,14 @@ def fmt_bytes(v: float | None) -> str:
 
 def fmt_ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
+
+
+def _percent(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
+def _gflop(v: float | None) -> str:
+    return "-" if v is None else f"{v / 1e9:.4g}"
 
 
 def _rate(row: Row) -> str:
@@ -529,11 +581,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                     "and Adam state included); not measured on the CPU.", ""]  # fmt: skip
             out += _generic_table(section, (("peak memory", "peak_mem_bytes"), ("memory ratio", "mem_ratio")))
         elif case == "scan":
-            out += ["Chips/s on a generated region; baseline inference alone (chips in memory). io: reading, masking "
-                    "and cutting with the model replaced by zeros (a ratio above 1: reading outpaces the model); "
-                    "end_to_end: the local engine, reader threads overlapping inference (how close the scan comes to "
-                    "the model's own speed).", ""]  # fmt: skip
-            out += _generic_table(section)
+            out += ["Chips/s on a generated region, as generated and DEFLATE-compressed; baseline inference alone "
+                    "(chips in memory). io: the scan's input side (reading, calibration, masks, cutting and scaling) "
+                    "with the model replaced by zeros (a ratio above 1: reading outpaces the model); raw_read: the "
+                    "same tile windows of the 12 rasters read with plain rasterio in their stored dtype, nothing "
+                    "else, by as many threads (chips/s equivalent: the chips of those windows over the time); "
+                    "end_to_end: the local engine, reader threads overlapping inference.", ""]  # fmt: skip
+            out += _generic_table(section) + [""]
+            out += _scan_limits_markdown(report.get("scan") or scan_summary(rows))
         out += [""]
 
     out += _roofline_markdown(report.get("roofline", {}), rows)
@@ -551,6 +606,22 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _scan_limits_markdown(summary: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not summary:
+        return []
+    out = ["Where the scan's limit is: io / raw reads (what the input side costs beyond decoding), end to end / "
+           "inference alone, end to end / min(inference alone, raw reads) (1: the scan runs as fast as its slower "
+           "limit allows).", ""]  # fmt: skip
+    lines = []
+    for s in summary:
+        rate = s["chips_per_s"]
+        lines.append((s["group"], *(fmt_si(rate.get(k), "chips/s") for k in ("inference", "raw_read", "io",
+                      "end_to_end")), fmt_ratio(s["io_over_raw_read"]), fmt_ratio(s["end_to_end_over_inference"]),
+                      fmt_ratio(s["end_to_end_over_limit"]), s["limit"] or "-"))  # fmt: skip
+    return out + _table(("group", "inference", "raw reads", "io", "end to end", "io / raw", "e2e / inference",
+                         "e2e / min(inference, raw)", "limit"), lines)  # fmt: skip
+
+
 def _roofline_markdown(roof: Mapping[str, Any], rows: Sequence[Row]) -> list[str]:
     if not roof or not (roof.get("costs") or roof.get("matmul_peak_flops") or roof.get("copy_bandwidth")):
         return []
@@ -562,25 +633,29 @@ def _roofline_markdown(roof: Mapping[str, Any], rows: Sequence[Row]) -> list[str
     costs = roof.get("costs") or {}
     if costs:
         out += ["Costs per site of FusionNet (forward). FLOPs: `fusionkern.models.profile` (convolutions and linear "
-                "layers). Bytes in fp32 at the stated batch: floor = input read once + logits written once + "
-                "weights once per batch; eager = every ATen operator of the eager forward reads its inputs and "
+                "layers); nominal: every output position times every kernel tap; effective: only the multiply-adds "
+                "whose input tap lies inside the unpadded input map (taps on zero padding do no work), used for the "
+                "intensities and the shares of the peak. Bytes in fp32 at the stated batch: floor = input read once "
+                "+ logits written once + weights once per batch; eager = every ATen operator of the eager forward reads its inputs and "
                 "writes its outputs once (views free).", ""]  # fmt: skip
         lines = []
         for preset, c in costs.items():
             lines.append((preset, c.get("width"), c.get("input_size"), fmt_si(c.get("params")),
-                          fmt_si(c.get("flops_per_site"), "FLOP"), c.get("cost_batch"),
+                          _gflop(c.get("flops_per_site_nominal")), _gflop(c.get("flops_per_site_effective")),
+                          c.get("cost_batch"),
                           fmt_bytes(c.get("bytes_floor_per_site")), fmt_bytes(c.get("bytes_eager_per_site")),
                           f"{c.get('intensity_floor', 0):.3g}", f"{c.get('intensity_eager', 0):.3g}"))  # fmt: skip
-        out += _table(("preset", "width", "input px", "params", "FLOPs/site", "batch", "bytes floor", "bytes eager",
-                       "FLOP/B floor", "FLOP/B eager"), lines) + [""]  # fmt: skip
+        out += _table(("preset", "width", "input px", "params", "GFLOP/site nominal", "GFLOP/site effective", "batch",
+                       "bytes floor", "bytes eager", "FLOP/B floor", "FLOP/B eager"), lines) + [""]  # fmt: skip
     shares = roof.get("shares") or []
     if shares:
         out += ["Share of the matmul peak (fp32 rows against the fp32 peak, 16-bit rows against the bf16 peak); "
-                "training rows count 3x the forward FLOPs. Over floor: measured time per site / max(FLOPs / peak, "
+                "training rows count 3x the forward FLOPs. Achieved and share count effective FLOPs; the nominal "
+                "share counts the padding's taps too. Over floor: measured time per site / max(FLOPs / peak, "
                 "floor bytes / bandwidth).", ""]  # fmt: skip
-        out += _table(("group", "variant", "achieved", "share of peak", "time over floor"),
-                      [(s["group"], s["variant"], fmt_si(s["achieved_flops"], "FLOP/s"),
-                        "-" if s["share_of_peak"] is None else f"{100 * s['share_of_peak']:.1f} %",
+        out += _table(("group", "variant", "achieved", "share of peak", "share, nominal FLOPs", "time over floor"),
+                      [(s["group"], s["variant"], fmt_si(s["achieved_flops"], "FLOP/s"), _percent(s["share_of_peak"]),
+                        _percent(s.get("share_of_peak_nominal")),
                         "-" if s["time_over_floor"] is None else f"{s['time_over_floor']:.3g}x") for s in shares])
         out += [""]  # fmt: skip
     return out
