@@ -418,6 +418,8 @@ def band_ratio(b7: np.ndarray, b6: np.ndarray, nodata: float = np.nan) -> np.nda
     Raises:
         ValueError: The two arrays differ in shape.
     """
+    if getattr(b7, "dtype", None) == np.float32 and getattr(b6, "dtype", None) == np.float32:
+        return _band_ratio_float32(b7, b6, nodata)
     b7 = np.asarray(b7, dtype=np.float64)
     b6 = np.asarray(b6, dtype=np.float64)
     if b7.shape != b6.shape:
@@ -430,6 +432,23 @@ def band_ratio(b7: np.ndarray, b6: np.ndarray, nodata: float = np.nan) -> np.nda
     ratio[invalid] = 0.0
     out = ratio.astype(np.float32)
     out[invalid] = nodata
+    return out
+
+
+def _band_ratio_float32(b7: np.ndarray, b6: np.ndarray, nodata: float) -> np.ndarray:
+    """:func:`band_ratio` of float32 bands, divided in float32: the same values as dividing in float64 and
+    rounding (double rounding is innocuous for division from binary64 to binary32), without the float64 copies.
+    Quotients that round to infinity are invalid, as quotients beyond the float32 range are there."""
+    if b7.shape != b6.shape:
+        raise ValueError(f"band_ratio needs arrays of one shape, got b7 {b7.shape} and b6 {b6.shape}")
+    valid = np.isfinite(b7) & (b6 > 0) & (b6 < np.inf)
+    if not np.isnan(nodata):
+        valid &= (b7 != nodata) & (b6 != nodata)
+    out = np.zeros(b7.shape, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        np.divide(b7, b6, out=out, where=valid)
+    valid &= np.abs(out) < np.inf
+    out[~valid] = nodata
     return out
 
 

@@ -784,14 +784,17 @@ def scan_call(variant: str, manifest: Path, predictor: Any, chip_px: int, plan: 
 
     from fusionkern.bench.rawread import time_raw_reads
     from fusionkern.scan.engine import EngineOptions, time_end_to_end, time_io
+    from fusionkern.scan.feed import uses_feed
 
     options = EngineOptions(batch_size=plan.scan_batch)
     chip_m = chip_px * 30.0
     tile_px = min(1024, plan.scan_size_px)
     chips = _region_chips(manifest, chip_m, options, tile_px)
     info = {"region_px": plan.scan_size_px, "scan_batch": plan.scan_batch, "chips": chips}
-    if variant == "io":
-        return TimedCall(lambda: time_io(manifest, chip_m, options, tile_px), repeatable=False, items=chips, info=info)
+    if variant == "io":  # chips cut and scaled where this predictor has them cut: its device, or the host
+        feed = str(predictor.feed_device) if uses_feed(predictor) else None
+        return TimedCall(lambda: time_io(manifest, chip_m, options, tile_px, feed_device=feed), repeatable=False,
+                         items=chips, info={**info, "cut_and_scaled_on": feed or "host"})  # fmt: skip
     if variant == "raw_read":
         raw_chips = int(time_raw_reads(manifest, chip_m, tile_px, workers=options.workers)["chips"])
         if raw_chips != chips:

@@ -219,21 +219,52 @@ def _softmax_cement(logits: np.ndarray) -> np.ndarray:
 class TorchPredictor:
     """The reference model (or its Triton form) on a torch device.
 
+    Chips reach it one of two ways: as numpy batches (``__call__``, scaled on the host, or raw when
+    ``expects_raw``), or, in a scan, cut and scaled on its own device from whole tile windows by the engine's
+    :class:`~fusionkern.scan.feed.ChipFeed` (``score_tensor``; ``feed_device`` says where).
+
+    On CUDA every batch runs at one fixed shape (``batch_size``; a last partial batch is padded, its padding
+    dropped), replayed from a CUDA graph captured on first use, so that launch overhead does not bound a small
+    model; ``precision="bf16"`` runs the model under ``torch.autocast`` in bfloat16. On a CPU batches run as they
+    come, in float32.
+
     Args:
         model: A FusionNet in eval mode.
         device: Where it runs.
-        scale_on_device: Take raw chips (NaN at invalid pixels) and scale them on the device with
+        scale_on_device: Take raw chips (NaN at invalid pixels) in ``__call__`` and scale them on the device with
             :func:`minmax_scale_torch` (``expects_raw``); default: on CUDA devices, where CPU-side scaling would
             hold a fast model back.
+        batch_size: The fixed batch shape on CUDA (the scan's ``--batch-size``).
+        precision: ``fp32`` (torch's own settings decide TF32) or ``bf16`` (autocast; CUDA only).
+        graphs: Capture CUDA graphs (default: on CUDA devices).
+
+    Raises:
+        ConfigError: An unknown precision, or bf16 off CUDA.
     """
 
     name = "torch"
 
-    def __init__(self, model: FusionNet, device: torch.device | str = "cpu", scale_on_device: bool | None = None):
+    def __init__(
+        self,
+        model: FusionNet,
+        device: torch.device | str = "cpu",
+        scale_on_device: bool | None = None,
+        batch_size: int = 256,
+        precision: str = "fp32",
+        graphs: bool | None = None,
+    ):
         self.device = torch.device(device)
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16 for the {self.name} backend, got {precision!r}")
+        if precision == "bf16" and self.device.type != "cuda":
+            raise ConfigError(f"precision bf16 needs a CUDA device for the {self.name} backend (this one: {self.device})")
         self.model = model.to(self.device).eval()
         self.input_size = model.input_size
         self.expects_raw = self.device.type == "cuda" if scale_on_device is None else bool(scale_on_device)
+        self.feed_device = self.device
+        self.batch_size, self.precision = int(batch_size), precision
+        self.graphs = self.device.type == "cuda" if graphs is None else bool(graphs) and self.device.type == "cuda"
+        self._graph: tuple[Any, torch.Tensor, torch.Tensor] | None = None
 
     @torch.inference_mode()
     def __call__(self, chips: np.ndarray) -> np.ndarray:
@@ -241,12 +272,49 @@ class TorchPredictor:
         x = torch.from_numpy(np.ascontiguousarray(chips, dtype=np.float32)).to(self.device, non_blocking=True)
         if self.expects_raw:
             x = minmax_scale_torch(x)
-        logits = self.model(self.model.prepare(x))
-        return torch.softmax(logits.float(), dim=1)[:, CEMENT].cpu().numpy()
+        return self.score_tensor(x)
+
+    @torch.inference_mode()
+    def score_tensor(self, x: torch.Tensor) -> np.ndarray:
+        """(B, 5, 3, S, S) float32 chips in [0, 1] on the device -> cement probability (B,) as numpy."""
+        if self.graphs and 0 < len(x) <= self.batch_size:
+            return self._replay(x)
+        return self._probabilities(x).cpu().numpy()
+
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = self.model(self.model.prepare(x))
+        return torch.softmax(logits.float(), dim=1)[:, CEMENT]
+
+    def _replay(self, x: torch.Tensor) -> np.ndarray:
+        if self._graph is None or self._graph[1].shape[1:] != x.shape[1:]:
+            self._graph = self._capture(x.shape[1:])
+        graph, static_in, static_out = self._graph
+        n = len(x)
+        static_in[:n].copy_(x)
+        if n < len(static_in):
+            static_in[n:].fill_(0.5)  # padding: any finite chip; its scores are dropped
+        graph.replay()
+        return static_out[:n].cpu().numpy()
+
+    def _capture(self, chip_shape: torch.Size) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Warms up (Triton autotuning included) on a side stream, then captures one fixed-shape forward."""
+        static_in = torch.full((self.batch_size, *chip_shape), 0.5, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._probabilities(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._probabilities(static_in)
+        return graph, static_in, static_out
 
     def describe(self) -> dict[str, Any]:
-        """Backend name and device, for ``scan.json``."""
-        return {"name": self.name, "device": str(self.device)}
+        """Backend name, device, precision and batch shape, for ``scan.json``."""
+        return {"name": self.name, "device": str(self.device), "precision": self.precision,
+                "cuda_graphs": self.graphs, "fixed_batch": self.batch_size if self.graphs else None}  # fmt: skip
 
 
 class TritonPredictor(TorchPredictor):
@@ -259,7 +327,15 @@ class TritonPredictor(TorchPredictor):
 
     name = "triton"
 
-    def __init__(self, model: FusionNet, device: torch.device | str = "cuda", scale_on_device: bool | None = None):
+    def __init__(
+        self,
+        model: FusionNet,
+        device: torch.device | str = "cuda",
+        scale_on_device: bool | None = None,
+        batch_size: int = 256,
+        precision: str = "fp32",
+        graphs: bool | None = None,
+    ):
         device = torch.device(device)
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         if device.type != "cuda" and not interpreted:
@@ -267,7 +343,7 @@ class TritonPredictor(TorchPredictor):
                 "--backend triton needs a CUDA GPU (this run has none, or --device is not cuda); "
                 "use --backend torch or onnxruntime on a CPU"
             )
-        super().__init__(model, device, scale_on_device)
+        super().__init__(model, device, scale_on_device, batch_size, precision, graphs)
         self.model.to_backend("triton")
 
 
@@ -289,12 +365,17 @@ class OnnxPredictor:
         self.input_name = self.session.get_inputs()[0].name
         self.input_size = model.input_size
         self.expects_raw = False
+        self.feed_device = torch.device("cpu")
 
     def __call__(self, chips: np.ndarray) -> np.ndarray:
         """float32 (B, 5, 3, S, S) in [0, 1] -> cement probability (B,)."""
         x = _resized(chips, self.input_size)
         (logits,) = self.session.run(None, {self.input_name: x})
         return _softmax_cement(np.asarray(logits))
+
+    def score_tensor(self, x: torch.Tensor) -> np.ndarray:
+        """(B, 5, 3, S, S) float32 CPU tensor in [0, 1], as the scan's chip feed makes them -> probability (B,)."""
+        return self(x.numpy())
 
     def describe(self) -> dict[str, Any]:
         """Backend name, device and artefact, for ``scan.json``."""
@@ -450,6 +531,7 @@ def make_predictor(
     device: torch.device | str = "cpu",
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 256,
+    precision: str | None = None,
 ) -> Any:
     """The predictor of a backend.
 
@@ -458,7 +540,9 @@ def make_predictor(
         model: The loaded FusionNet.
         device: Torch device for ``torch`` and ``triton``.
         cache_dir: Folder for exported artefacts (``onnxruntime``, ``tensorrt``).
-        batch_size: Largest batch (the TensorRT profile).
+        batch_size: Largest batch (the TensorRT profile; the fixed CUDA batch of ``torch`` and ``triton``).
+        precision: ``fp32`` or ``bf16`` for ``torch`` and ``triton`` (default fp32), ``fp16`` or ``fp32`` for
+            ``tensorrt`` (default fp16), ``fp32`` for ``onnxruntime``; None: the backend's default.
 
     Raises:
         ConfigError: Unknown backend, or one this machine cannot run (no CUDA for triton / tensorrt).
@@ -470,13 +554,17 @@ def make_predictor(
         if backend == "tensorrt":
             return ExportedEnginePredictor(model)
     if backend == "torch":
-        return TorchPredictor(model, device)
+        return TorchPredictor(model, device, batch_size=batch_size, precision=precision or "fp32")
     if backend == "triton":
-        return TritonPredictor(model, device)
+        return TritonPredictor(model, device, batch_size=batch_size, precision=precision or "fp32")
     if backend in ("onnxruntime", "tensorrt"):
         if cache_dir is None:
             raise ConfigError(f"the {backend} backend needs a folder for the exported model")
         if backend == "onnxruntime":
+            if precision not in (None, "fp32"):
+                raise ConfigError(f"the onnxruntime backend runs fp32 only, not {precision}")
             return OnnxPredictor(model, cache_dir)
-        return TensorRTPredictor(model, cache_dir, batch_size)
+        if precision not in (None, "fp16", "fp32"):
+            raise ConfigError(f"precision must be fp16 or fp32 for the tensorrt backend, got {precision!r}")
+        return TensorRTPredictor(model, cache_dir, batch_size, precision=precision or "fp16")
     raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

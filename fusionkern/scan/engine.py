@@ -2,10 +2,13 @@
 that measure I/O alone, inference alone and the whole scan on a generated raster.
 
 Reader threads each hold their own open rasters (:class:`~fusionkern.scan.tiles.StackReader`; GDAL handles are
-not shared between threads). They put scaled chip batches on a bounded queue, so that at most ``queue_batches``
-batches and one tile window per thread are in memory whatever the size of the region. The calling thread takes
-batches off the queue, scores them and hands each finished tile to a callback. GDAL reads and numpy release the
-GIL, so reading overlaps with inference.
+not shared between threads). For a predictor that takes chips on its device (``score_tensor``: the torch, triton
+and onnxruntime backends) they hand over whole tile windows: the calling thread puts each window on the model's
+device once and cuts and scales its chips there (:mod:`fusionkern.scan.feed`), so no chip is ever copied on the
+host; at most two windows per thread wait in the queue. For other predictors they put scaled (or, for
+``expects_raw``, raw) chip batches on the queue, at most ``queue_batches`` of them, and one tile window per thread.
+Either way memory stays bounded whatever the size of the region. The calling thread scores and hands each finished
+tile to a callback. GDAL reads and numpy release the GIL, so reading overlaps with inference.
 """
 
 from __future__ import annotations
@@ -21,15 +24,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from fusionkern.scan.feed import ChipFeed, score_tile, uses_feed
 from fusionkern.scan.grid import ChipLayout, ScanGrid
 from fusionkern.scan.inputs import ScanInputs
 from fusionkern.scan.tiles import (
-    Predictor,
     StackReader,
     Tile,
     TileResult,
+    Predictor,
     chip_batches,
     chip_reasons,
+    cloud_as_nan,
+    window_batches,
 )
 
 _POLL_S = 0.1
@@ -70,14 +76,17 @@ class EngineOptions:
     Attributes:
         batch_size: Chips per predictor call.
         max_invalid: Largest invalid fraction of a chip that is still scored.
-        workers: Reader threads (local) or actors (Ray).
-        queue_batches: Batches waiting between readers and the model, at most.
+        workers: Readers (local: threads or processes) or actors (Ray).
+        queue_batches: Batches waiting between readers and the model, at most (thread readers feeding a
+            predictor that takes host chips).
+        readers: ``threads`` (in this process) or ``processes`` (:mod:`fusionkern.scan.procs`; the local engine).
     """
 
     batch_size: int = 256
     max_invalid: float = 0.0
     workers: int = 2
     queue_batches: int = 8
+    readers: str = "threads"
 
 
 class _Stop(Exception):
@@ -95,14 +104,18 @@ class _Pipeline:
         tiles: Sequence[Tile],
         options: EngineOptions,
         scale: bool,
+        whole_tiles: bool = False,
     ):
         self.inputs, self.grid, self.layout, self.options, self.scale = inputs, grid, layout, options, scale
+        self.whole_tiles = whole_tiles
         self.todo: queue.SimpleQueue[Tile] = queue.SimpleQueue()
         for tile in tiles:
             self.todo.put(tile)
-        self.out: queue.Queue[tuple[str, Any, Any]] = queue.Queue(maxsize=max(1, options.queue_batches))
-        self.stop = threading.Event()
         n_threads = max(1, min(options.workers, len(tiles)))
+        # whole tile windows: each thread at most one waiting (two items: the window, then its end)
+        size = 2 * n_threads if whole_tiles else max(1, options.queue_batches)
+        self.out: queue.Queue[tuple[str, Any, Any]] = queue.Queue(maxsize=size)
+        self.stop = threading.Event()
         self.threads = [
             threading.Thread(target=self._work, name=f"scan-reader-{i}", daemon=True) for i in range(n_threads)
         ]
@@ -152,7 +165,11 @@ class _Pipeline:
         data = reader.read(*tile.window(self.layout))
         reasons = chip_reasons(data, tile, self.layout, self.options.max_invalid)
         t1 = time.perf_counter()
-        self._put(("tile", tile, (reasons, t1 - t0)))
+        if self.whole_tiles:
+            self._put(("tile", tile, (reasons, t1 - t0, cloud_as_nan(data))))
+            self._put(("end", tile, 0.0))
+            return
+        self._put(("tile", tile, (reasons, t1 - t0, None)))
         batches = chip_batches(data, reasons, self.layout, self.options.batch_size, self.scale)
         while True:
             t2 = time.perf_counter()
@@ -194,8 +211,9 @@ def run_local(
         grid: The scan grid.
         layout: The chips.
         tiles: The tiles to do.
-        predictor: Chips -> cement probability; called from this thread only. Readers scale the chips unless
-            the predictor ``expects_raw``.
+        predictor: Chips -> cement probability; called from this thread only. A predictor with ``score_tensor``
+            and ``feed_device`` gets its chips cut and scaled on that device from whole tile windows; else
+            readers cut the chips and scale them unless the predictor ``expects_raw``.
         options: Batch size, threshold, threads, queue size.
         on_tile: Called (in this thread) with every finished tile, in completion order.
 
@@ -212,13 +230,35 @@ def run_local(
         return stats
     open_tiles: dict[str, TileResult] = {}
     scale = not getattr(predictor, "expects_raw", False)
-    with _Pipeline(inputs, grid, layout, tiles, options, scale) as pipeline:
+    feed = ChipFeed(layout, predictor.feed_device) if uses_feed(predictor) else None
+    if options.readers == "processes":
+        from fusionkern.scan.procs import ReaderPool
+
+        with ReaderPool(inputs, grid, layout, tiles, options.workers, options.max_invalid) as pool:
+            t0 = time.perf_counter()
+            for window in pool.windows():
+                stats.stage_s["wait"] += time.perf_counter() - t0
+                result = _score_window(window.tile, window.stack, window.reasons, predictor, feed, layout, options,
+                                       scale)  # fmt: skip
+                result.timings["read"] = window.read_s
+                stats.add(result)
+                on_tile(result)
+                t0 = time.perf_counter()
+        stats.wall_s = time.perf_counter() - start
+        return stats
+    with _Pipeline(inputs, grid, layout, tiles, options, scale, whole_tiles=feed is not None) as pipeline:
         for kind, tile, payload, waited in pipeline.items():
             stats.stage_s["wait"] += waited
             if kind == "tile":
-                reasons, read_s = payload
-                scores = np.full(reasons.shape, np.nan, dtype=np.float32)
-                open_tiles[tile.key] = TileResult(tile, scores, reasons, {"read": read_s, "cut": 0.0, "inference": 0.0})
+                reasons, read_s, stack = payload
+                timings = {"read": read_s, "cut": 0.0, "inference": 0.0}
+                if stack is None:
+                    scores = np.full(reasons.shape, np.nan, dtype=np.float32)
+                else:
+                    scores, timings["cut"], timings["inference"] = score_tile(
+                        feed, predictor, stack, reasons, options.batch_size
+                    )
+                open_tiles[tile.key] = TileResult(tile, scores, reasons, timings)
             elif kind == "batch":
                 (index, chips), cut_s = payload
                 result = open_tiles[tile.key]
@@ -233,6 +273,35 @@ def run_local(
                 on_tile(result)
     stats.wall_s = time.perf_counter() - start
     return stats
+
+
+def _score_window(
+    tile: Tile,
+    stack: np.ndarray,
+    reasons: np.ndarray,
+    predictor: Predictor,
+    feed: ChipFeed | None,
+    layout: ChipLayout,
+    options: EngineOptions,
+    scale: bool,
+) -> TileResult:
+    """Scores a whole tile window in this thread: on the predictor's device, or as host chip batches."""
+    timings = {"read": 0.0, "cut": 0.0, "inference": 0.0}
+    if feed is not None:
+        scores, timings["cut"], timings["inference"] = score_tile(feed, predictor, stack, reasons, options.batch_size)
+        return TileResult(tile, scores, reasons, timings)
+    scores = np.full(reasons.shape, np.nan, dtype=np.float32)
+    batches = window_batches(stack, reasons, layout, options.batch_size, scale)
+    while True:
+        t0 = time.perf_counter()
+        item = next(batches, None)
+        t1 = time.perf_counter()
+        timings["cut"] += t1 - t0
+        if item is None:
+            return TileResult(tile, scores, reasons, timings)
+        index, chips = item
+        scores.flat[index] = predictor(chips)
+        timings["inference"] += time.perf_counter() - t1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -315,14 +384,37 @@ def _setup(manifest: str | Path, chip_m: float, tile_px: int, stride_m: float | 
     return _Setup(inputs, grid, layout, plan_tiles(layout, tile_chips_for(layout, tile_px)))
 
 
+class _NoModel:
+    """A predictor that scores every chip 0: the input side alone. With ``feed_device`` set, chips are cut and
+    scaled on that device, as the torch, triton and onnxruntime backends have them; else on the host."""
+
+    expects_raw = False
+
+    def __init__(self, feed_device: str | None):
+        import torch
+
+        self.feed_device = torch.device(feed_device) if feed_device else None
+
+    def __call__(self, chips: np.ndarray) -> np.ndarray:
+        return np.zeros(len(chips), np.float32)
+
+    def score_tensor(self, chips: Any) -> np.ndarray:
+        if chips.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(chips.device)  # the cut and scale have run
+        return np.zeros(len(chips), np.float32)
+
+
 def time_io(
     manifest: str | Path,
     chip_m: float = 1050.0,
     options: EngineOptions = EngineOptions(),
     tile_px: int = 1024,
     stride_m: float | None = None,
+    feed_device: str | None = "cpu",
 ) -> dict[str, float]:
-    """Reading, masking, cutting and scaling alone (the predictor returns zeros): chips/s of the input side.
+    """Reading, masking, cutting and scaling alone (the model replaced by zeros): chips/s of the input side.
 
     Args:
         manifest: A manifest (e.g. from :func:`make_benchmark_region`).
@@ -330,16 +422,16 @@ def time_io(
         options: Engine options (threads, batch size).
         tile_px: Tile window side in pixels.
         stride_m: Stride in metres (None: half a chip).
+        feed_device: Where chips are cut and scaled (``cpu``, ``cuda``; the model's device in a scan), or None
+            for the host path (numpy, the path of predictors without ``score_tensor``).
 
     Returns:
-        ``{"chips", "seconds", "chips_per_s"}``.
+        ``{"chips", "seconds", "chips_per_s", "stage_s"}``.
     """
     setup = _setup(manifest, chip_m, tile_px, stride_m)
-    def nothing(chips: np.ndarray) -> np.ndarray:
-        return np.zeros(len(chips), np.float32)
-
-    stats = run_local(setup.inputs, setup.grid, setup.layout, setup.tiles, nothing, options)
-    return {"chips": stats.scored, "seconds": stats.wall_s, "chips_per_s": stats.scored / max(stats.wall_s, 1e-9)}
+    stats = run_local(setup.inputs, setup.grid, setup.layout, setup.tiles, _NoModel(feed_device), options)
+    return {"chips": stats.scored, "seconds": stats.wall_s, "chips_per_s": stats.scored / max(stats.wall_s, 1e-9),
+            "stage_s": dict(stats.stage_s)}  # fmt: skip
 
 
 def time_inference(

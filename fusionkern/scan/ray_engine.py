@@ -520,6 +520,7 @@ class TileScorer:
         import torch
 
         from fusionkern.scan.backends import OnnxPredictor, load_scan_model, make_predictor
+        from fusionkern.scan.feed import ChipFeed, uses_feed
 
         torch.set_num_threads(threads)
         device = _actor_device(spec["device"], spec["backend"], gpu)
@@ -539,6 +540,7 @@ class TileScorer:
                     self.predictor = make_predictor(spec["backend"], model, device, cache, spec["batch_size"])
         self.reader = StackReader(ScanInputs.from_dict(spec["inputs"]), spec["grid"], spec["layout"])
         self.layout, self.batch_size, self.max_invalid = spec["layout"], spec["batch_size"], spec["max_invalid"]
+        self.feed = ChipFeed(self.layout, self.predictor.feed_device) if uses_feed(self.predictor) else None
         described = self.predictor.describe()
         self.info = {"device": str(described.get("device", device)), "threads": threads, "gpu": gpu,
                      "cache": str(cache) if cache else None}  # fmt: skip
@@ -551,7 +553,8 @@ class TileScorer:
         """One tile's scores, reasons and stage seconds, or ``{"error": ...}``."""
         tile = Tile(*fields)
         try:
-            result = process_tile(self.reader, self.predictor, tile, self.layout, self.batch_size, self.max_invalid)
+            result = process_tile(self.reader, self.predictor, tile, self.layout, self.batch_size, self.max_invalid,
+                                  self.feed)  # fmt: skip
         except Exception as exc:  # reported by the driver, with the tile and the node
             return {"error": _reason(exc)}
         return {"scores": result.scores, "reasons": result.reasons, "timings": result.timings}

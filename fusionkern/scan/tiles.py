@@ -177,13 +177,23 @@ class StackReader:
             q.path for q in self.qa if q is not None and q.warped
         ]
 
-    def read(self, top: int, left: int, height: int, width: int) -> TileData:
+    def read(self, top: int, left: int, height: int, width: int, out: np.ndarray | None = None) -> TileData:
         """Reads and calibrates one grid window of every input; derives b76 = b7 / b6.
+
+        Args:
+            top: First grid row.
+            left: First grid column.
+            height: Rows.
+            width: Columns.
+            out: Where to put the stack, (5, 3, height, width) float32 (e.g. shared memory); None: a new array.
 
         Raises:
             InputError: A raster cannot be decoded (the message names it).
         """
-        stack = np.empty((len(BRANCHES), N_DATES, height, width), dtype=np.float32)
+        shape = (len(BRANCHES), N_DATES, height, width)
+        stack = np.empty(shape, dtype=np.float32) if out is None else out
+        if stack.shape != shape or stack.dtype != np.float32:
+            raise ValueError(f"out must be float32 {shape}, got {stack.dtype} {stack.shape}")
         for index, branch in enumerate(INPUT_BANDS):
             for date, (source, raster) in enumerate(zip(self.sources[branch], self.inputs.bands[branch])):
                 values = source.read(top, left, height, width)
@@ -192,7 +202,9 @@ class StackReader:
                 stack[index, date] = values
         b7, b6 = (stack[BRANCHES.index(b)] for b in ("b7", "b6"))
         stack[BRANCHES.index("b76")] = landsat.band_ratio(b7, b6)
-        nodata = np.isnan(stack).any(axis=(0, 1))
+        nodata = np.zeros((height, width), dtype=bool)
+        for branch in ("b10", "b11", "b76"):  # b76 is NaN wherever b7 or b6 is (band_ratio), so they need no look
+            nodata |= np.isnan(stack[BRANCHES.index(branch)]).any(axis=0)
         cloud = np.zeros((height, width), dtype=bool)
         for source in self.qa:
             if source is not None:
@@ -222,6 +234,8 @@ def chip_fractions(mask: np.ndarray, layout: ChipLayout, rows: int, cols: int) -
     Returns:
         (rows, cols) float64 fractions.
     """
+    if not mask.any():  # the usual case: nothing flagged
+        return np.zeros((rows, cols), dtype=np.float64)
     c, s = layout.chip_px, layout.stride_px
     table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
     np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1, out=table[1:, 1:])
@@ -280,13 +294,20 @@ def scale_chips(chips: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def cloud_as_nan(data: TileData) -> np.ndarray:
+    """Sets the stack to NaN at cloudy pixels (scaling then leaves them out, as it does nodata); returns it."""
+    if data.cloud.any():
+        data.stack[:, :, data.cloud] = np.nan
+    return data.stack
+
+
 def chip_batches(
     data: TileData, reasons: np.ndarray, layout: ChipLayout, batch_size: int, scale: bool = True
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The tile's scorable chips, ``batch_size`` at a time, in row-major order.
 
     Args:
-        data: The tile's inputs.
+        data: The tile's inputs (cloudy pixels are set to NaN in its stack).
         reasons: Per chip SCORED / NODATA / CLOUD / OUTSIDE.
         layout: Chip size and stride.
         batch_size: Chips per batch.
@@ -297,9 +318,14 @@ def chip_batches(
         ``(flat_indices, chips)``: indices into the tile's (rows, cols) chips and float32 (B, 5, 3, S, S) chips,
         scaled (invalid pixels, allowed by ``max_invalid``, become 0) or raw.
     """
-    if data.cloud.any():
-        data.stack[:, :, data.cloud] = np.nan
-    views = np.moveaxis(chip_views(data.stack, layout), (2, 3), (0, 1))  # (rows, cols, 5, 3, S, S)
+    return window_batches(cloud_as_nan(data), reasons, layout, batch_size, scale)
+
+
+def window_batches(
+    stack: np.ndarray, reasons: np.ndarray, layout: ChipLayout, batch_size: int, scale: bool = True
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`chip_batches` of a window stack whose invalid and cloudy pixels are NaN already."""
+    views = np.moveaxis(chip_views(stack, layout), (2, 3), (0, 1))  # (rows, cols, 5, 3, S, S)
     flat = np.flatnonzero(reasons.ravel() == SCORED)
     cols = reasons.shape[1]
     for start in range(0, len(flat), batch_size):
@@ -332,6 +358,7 @@ def process_tile(
     layout: ChipLayout,
     batch_size: int,
     max_invalid: float,
+    feed: Any = None,
 ) -> TileResult:
     """Reads, cuts and scores one tile, one stage after the other (the Ray workers' unit of work).
 
@@ -342,11 +369,18 @@ def process_tile(
         layout: Chip size and stride.
         batch_size: Chips per predictor call.
         max_invalid: Largest invalid fraction of a chip that is still scored.
+        feed: A :class:`~fusionkern.scan.feed.ChipFeed` on the predictor's device: chips are cut and scaled
+            there (the predictor's ``score_tensor``) instead of on the host.
     """
     t0 = time.perf_counter()
     data = reader.read(*tile.window(layout))
     reasons = chip_reasons(data, tile, layout, max_invalid)
     t1 = time.perf_counter()
+    if feed is not None:
+        from fusionkern.scan.feed import score_tile
+
+        scores, cut_s, infer_s = score_tile(feed, predictor, cloud_as_nan(data), reasons, batch_size)
+        return TileResult(tile, scores, reasons, {"read": t1 - t0, "cut": cut_s, "inference": infer_s})
     scores = np.full(reasons.shape, np.nan, dtype=np.float32)
     cut_s = infer_s = 0.0
     batches = chip_batches(data, reasons, layout, batch_size, scale=not getattr(predictor, "expects_raw", False))
