@@ -354,9 +354,9 @@ def test_scan_failing_at_its_first_tile_leaves_nothing_and_reruns(tmp_path, brok
             raise InputError(f"cannot read raster {self.path}: TIFFReadEncodedTile() failed")
         return read(self, *args, **kwargs)
 
-    monkeypatch.setattr(scan_grid.GridSource, "read", failing_read)
+    monkeypatch.setattr(scan_grid.GridSource, "read", failing_read)  # seen by reader threads, not processes
     out = tmp_path / "scan"
-    code, _, err = cli(scan_argv(checkpoint, folders, out), capsys)
+    code, _, err = cli(scan_argv(checkpoint, folders, out, "--readers", "threads"), capsys)
     one_line_error(code, err, str(band_file(0, 10)))
     assert not out.exists()
     monkeypatch.setattr(scan_grid.GridSource, "read", read)

@@ -86,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("execution")
     run.add_argument("--backend", default="torch", metavar="{torch,triton,onnxruntime,tensorrt}",
                      help="inference backend (default torch)")  # fmt: skip
+    run.add_argument("--precision", metavar="{fp32,bf16,fp16}",
+                     help="the model's arithmetic: fp32 (default) or bf16 (CUDA) for torch and triton; fp16 "
+                     "(default) or fp32 for tensorrt")  # fmt: skip
     run.add_argument("--device", default="auto",
                      help="torch device: auto, cpu, cuda, cuda:N (default auto); with --engine ray, auto, cpu or "
                      "cuda, decided by each actor on its node")  # fmt: skip
@@ -96,8 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int, default=256, help="chips per model call (default 256)")
     run.add_argument("--tile-px", type=int, default=1024, help="side of the windows read at once, px (default 1024)")
     run.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
-                     help="reader threads (default 2), or Ray actors in all (default auto: one per GPU, else one per "
-                     "4 CPUs, on each node)")  # fmt: skip
+                     help="readers (default auto: one process per available core, or 2 threads), or Ray actors in "
+                     "all (default auto: one per GPU, else one per 4 CPUs, on each node)")  # fmt: skip
+    run.add_argument("--readers", default="processes", metavar="{processes,threads}",
+                     help="local engine: read, decompress and calibrate tiles in worker processes (default), or in "
+                     "threads of the scanning process")  # fmt: skip
     run.add_argument("--queue", dest="queue_batches", type=int, default=8,
                      help="batches in flight between readers and the model (default 8)")  # fmt: skip
     run.add_argument("--resume", action="store_true", help="continue a killed scan in --out")

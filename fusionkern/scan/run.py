@@ -31,15 +31,18 @@ from fusionkern.scan.decide import (
 )
 from fusionkern.scan.backends import BACKENDS, chip_metres, load_scan_model, make_predictor
 from fusionkern.scan.engine import EngineOptions, EngineStats, run_local
+from fusionkern.scan.feed import uses_feed
 from fusionkern.scan.grid import ChipLayout, ScanGrid, on_grid, stride_note
 from fusionkern.files import check_writable, sha256_file
 from fusionkern.progress import progress
 from fusionkern.scan.inputs import ScanInputs, describe_inputs, file_identity
 from fusionkern.scan.plan import place_region
+from fusionkern.scan.procs import available_cores
 from fusionkern.scan.resume import TILES_DIR, TileStore
 from fusionkern.scan.tiles import NODATA, REASONS, SCORED, Tile, TileResult
 
 ENGINES = ("local", "ray")
+READERS = ("threads", "processes")
 CACHE_DIR = ".cache"
 
 
@@ -65,10 +68,15 @@ class ScanOptions:
         max_invalid: Largest fraction of a chip's pixels that may be nodata or cloudy for it to be scored.
         batch_size: Chips per model call.
         tile_px: Side of the tile windows read at once, in pixels.
-        workers: Reader threads (local engine) or actors (Ray engine); None: 2 threads, or actors sized from the
-            cluster's CPUs and GPUs.
-        queue_batches: Batches in flight between readers and the model (local engine).
+        workers: Readers (local engine) or actors (Ray engine); None: one reader process per available core,
+            2 reader threads, or actors sized from the cluster's CPUs and GPUs.
+        queue_batches: Batches in flight between reader threads and a model that takes host chips (local engine).
+        readers: ``threads`` or ``processes`` (local engine; :mod:`fusionkern.scan.procs`). ``fusionkern scan``
+            reads in processes by default; a Python script that asks for processes needs the
+            ``if __name__ == "__main__":`` guard that Python's ``multiprocessing`` asks of it.
         backend: ``torch``, ``triton``, ``onnxruntime`` or ``tensorrt``.
+        precision: The model's arithmetic: ``fp32`` or ``bf16`` (torch, triton on CUDA), ``fp16`` or ``fp32``
+            (tensorrt); None: the backend's default (fp32; fp16 for tensorrt). Local engine.
         device: Torch device (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
         engine: ``local`` or ``ray``.
         address: Ray cluster address (``--engine ray``).
@@ -99,7 +107,9 @@ class ScanOptions:
     tile_px: int = 1024
     workers: int | None = None
     queue_batches: int = 8
+    readers: str = "threads"
     backend: str = "torch"
+    precision: str | None = None
     device: str = "auto"
     engine: str = "local"
     address: str | None = None
@@ -117,6 +127,8 @@ class ScanOptions:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.readers not in READERS:
+            raise ConfigError(f"--readers must be one of {', '.join(READERS)}, got {self.readers!r}")
         if not 0.0 <= self.max_invalid < 1.0:
             raise ConfigError(f"--max-invalid must be a fraction in [0, 1), got {self.max_invalid}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -126,6 +138,8 @@ class ScanOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
+        if self.precision is not None and self.engine == "ray":
+            raise ConfigError("--precision is for the local engine; Ray actors run each backend's default")
         if self.address and self.engine != "ray":
             raise ConfigError("--address is for --engine ray")
         if self.bounds is not None and len(self.bounds) != 4:
@@ -344,8 +358,8 @@ def _run_engine(
 ) -> tuple[EngineStats, dict[str, Any]]:
     """Scores the tiles still to do with the chosen engine; returns its stats and the backend's description (with
     the Ray engine, the cluster's under ``cluster``)."""
-    workers = EngineOptions.workers if options.workers is None else options.workers
-    engine_options = EngineOptions(options.batch_size, options.max_invalid, workers, options.queue_batches)
+    engine_options = EngineOptions(options.batch_size, options.max_invalid, _local_workers(options),
+                                   options.queue_batches, options.readers)  # fmt: skip
     if options.engine == "ray":
         from fusionkern.scan.ray_engine import RayJob, run_ray
 
@@ -356,9 +370,19 @@ def _run_engine(
         return run.stats, {**run.backend, "cluster": run.cluster}
     cache = str(out / CACHE_DIR / plan.checkpoint_sha256[:16])
     device = _resolve_device(options.device, options.backend)
-    predictor = make_predictor(options.backend, plan.model, device, cache, options.batch_size)
+    predictor = make_predictor(options.backend, plan.model, device, cache, options.batch_size, options.precision)
     stats = run_local(plan.inputs, plan.grid, plan.layout, todo, predictor, engine_options, collect)
-    return stats, predictor.describe()
+    described = predictor.describe()
+    if uses_feed(predictor):
+        described["chips_cut_and_scaled_on"] = str(predictor.feed_device)
+    return stats, described
+
+
+def _local_workers(options: ScanOptions) -> int:
+    """Readers of the local engine: as asked, else one process per available core, or the default threads."""
+    if options.workers is not None:
+        return int(options.workers)
+    return available_cores() if options.readers == "processes" else EngineOptions.workers
 
 
 def _timings(stats: EngineStats, setup_s: float, outputs_s: float, wall_s: float) -> dict[str, Any]:
@@ -607,9 +631,10 @@ def _describe_engine(options: ScanOptions, plan: _Plan, backend: dict[str, Any],
     """The engine part of ``scan.json``; with Ray, the cluster (moved out of the backend's description): its nodes,
     actors per node, their devices, tiles per node, retries and lost actors."""
     cluster = backend.pop("cluster", None)
-    workers = cluster["actors"] if cluster else options.workers or EngineOptions.workers
+    workers = cluster["actors"] if cluster else _local_workers(options)
     return {
         "name": options.engine, "address": options.address, "workers": workers, "batch_size": options.batch_size,
+        **({"readers": options.readers} if options.engine == "local" else {}),
         "tile_px": options.tile_px, "tile_chips": plan.tile_chips, "tiles": len(plan.tiles), "tiles_resumed": resumed,
         **({"cluster": cluster} if options.engine == "ray" else {}),
     }  # fmt: skip
