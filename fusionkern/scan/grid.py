@@ -415,13 +415,16 @@ class GridSource:
             return self._read_warped(top, left, height, width)
         fill = 0 if self.qa else np.nan
         dtype = self._source.dtype if self.qa else np.float32
-        out = np.full((height, width), fill, dtype=dtype)
         d_row, d_col = self.offset  # type: ignore[misc]
         r0, c0 = max(top + d_row, 0), max(left + d_col, 0)
         r1 = min(top + d_row + height, self._source.height)
         c1 = min(left + d_col + width, self._source.width)
+        out_dtype = None if self.qa else np.float32
+        if (r1 - r0, c1 - c0) == (height, width):  # inside the raster: nothing to pad
+            return self._source.read(((r0, r1), (c0, c1)), out_dtype=out_dtype)
+        out = np.full((height, width), fill, dtype=dtype)
         if r1 > r0 and c1 > c0:
-            values = self._source.read(((r0, r1), (c0, c1)), out_dtype=None if self.qa else np.float32)
+            values = self._source.read(((r0, r1), (c0, c1)), out_dtype=out_dtype)
             out[r0 - top - d_row : r1 - top - d_row, c0 - left - d_col : c1 - left - d_col] = values
         return out
 
