@@ -245,7 +245,7 @@ def test_a_reader_process_that_dies_is_reported(tmp_path):
                 pass
 
 
-def test_an_unreadable_raster_in_a_reader_process_is_an_error_naming_it(checkpoint, tmp_path, monkeypatch):  # noqa: F811
+def test_an_unreadable_raster_in_a_reader_process_is_an_error(checkpoint, tmp_path, monkeypatch):  # noqa: F811
     manifest = write_region(tmp_path / "region", height=200, width=200)
     bad = tmp_path / "region" / "b10_2.tif"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
@@ -253,3 +253,13 @@ def test_an_unreadable_raster_in_a_reader_process_is_an_error_naming_it(checkpoi
     with pytest.raises(InputError, match=str(bad)):
         scan(tmp_path, checkpoint, manifest=str(manifest), tile_px=64, quicklook=False, readers="processes", workers=2)
     assert not (tmp_path / "out" / "scores.tif").exists()
+
+
+def test_the_gpu_check_parity_of_the_scan_feed_runs_on_the_cpu_too():
+    from fusionkern.bench.cases import build_fusionnet, scan_feed_parity
+
+    model = build_fusionnet("native", 0.25)
+    seed = int(np.random.default_rng().integers(99))
+    parity = scan_feed_parity(TorchPredictor(model, "cpu"), 35, batch_size=10, seed=seed)
+    assert parity["feed_parity_chips"] == 63 and parity["feed_parity_max_abs"] <= SCORE_ATOL
+    assert scan_feed_parity(_FeedMean(), 35, batch_size=10)["feed_parity"].startswith("n/a")

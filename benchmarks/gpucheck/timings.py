@@ -250,8 +250,9 @@ class Runner:
         elif case.family == "scan":
             C.record(rec, "scan", C.group_name("scan", a["preset"], a["backend"]), a["variant"], preset=a["preset"],
                      backend=a["backend"], device=plan.device, width=plan.model_width)  # fmt: skip
-            call = C.scan_call(a["variant"], self.region(), self.predictor(a["preset"], a["backend"]),
-                               C.get_preset(a["preset"]).chip_px, plan)  # fmt: skip
+            predictor = self.predictor(a["preset"], a["backend"])
+            call = C.scan_call(a["variant"], self.region(), predictor, C.get_preset(a["preset"]).chip_px, plan)
+            extra.update(self.parity(a["preset"], a["backend"], predictor))
             host = True
         else:
             raise ValueError(f"unknown case family {case.family!r}")
@@ -273,6 +274,18 @@ class Runner:
             size = self.plan.scan_size_px
             self._region = make_benchmark_region(self.work / "scan-region", size, block_px=min(512, size))
         return self._region
+
+    def parity(self, preset: str, backend: str, predictor) -> dict[str, Any]:
+        """The scan's scores on this device against the CPU reference, once per predictor (recorded, not gated)."""
+        from fusionkern.bench.cases import get_preset, scan_feed_parity
+
+        key = ("parity", preset, backend)
+        if key not in self._predictors:
+            try:
+                self._predictors[key] = scan_feed_parity(predictor, get_preset(preset).chip_px, self.plan.scan_batch)
+            except Exception as exc:  # recorded beside the timing; the timing itself still runs
+                self._predictors[key] = {"feed_parity": f"failed: {type(exc).__name__}: {exc}"[:300]}
+        return self._predictors[key]
 
     def predictor(self, preset: str, backend: str):
         from fusionkern.bench.cases import scan_predictor

@@ -756,6 +756,39 @@ def scan_predictor(backend: str, preset: str, plan: Plan, device: torch.device, 
     return make_predictor(backend, model, dev, cache_dir=cache, batch_size=plan.scan_batch)
 
 
+def scan_feed_parity(predictor: Any, chip_px: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
+    """Scores of one random tile window as the scan computes them with ``predictor`` (chips cut and scaled on its
+    device, fixed-shape batches, CUDA graphs where it uses them) against the reference: the same weights on the
+    CPU in float32, fed chips cut and scaled on the host by the training code's float64 scaling.
+
+    Returns:
+        ``{"feed_parity_chips", "feed_parity_max_abs"}`` (the largest difference of cement probability), or
+        ``{"feed_parity": "n/a (...)"}`` for a predictor without a torch model or device feed.
+    """
+    import numpy as np
+
+    from fusionkern.scan.backends import TorchPredictor
+    from fusionkern.scan.feed import ChipFeed, score_tile, uses_feed
+    from fusionkern.scan.grid import ChipLayout
+    from fusionkern.scan.tiles import SCORED, window_batches
+
+    if not (uses_feed(predictor) and isinstance(predictor, TorchPredictor)):
+        return {"feed_parity": "n/a (no torch model fed on its device)"}
+    stride = chip_px // 2
+    rows, cols = 7, 9  # a last partial batch whenever batch_size does not divide 63
+    rng = np.random.default_rng(seed)
+    stack = np.empty((5, 3, (rows - 1) * stride + chip_px, (cols - 1) * stride + chip_px), np.float32)
+    for branch, (base, spread) in enumerate(((290, 6), (288, 6), (0.2, 0.08), (0.25, 0.08), (1.0, 0.3))):
+        stack[branch] = base + spread * rng.standard_normal(stack.shape[1:])
+    layout = ChipLayout(chip_px, stride, rows, cols)
+    reasons = np.full((rows, cols), SCORED, np.uint8)
+    got, _, _ = score_tile(ChipFeed(layout, predictor.feed_device), predictor, stack, reasons, batch_size)
+    reference = TorchPredictor(copy.deepcopy(predictor.model).float(), "cpu", scale_on_device=False)
+    want = np.concatenate([reference(chips) for _, chips in window_batches(stack, reasons, layout, batch_size)])
+    return {"feed_parity_chips": int(want.size),
+            "feed_parity_max_abs": float(np.abs(got.ravel() - want).max())}  # fmt: skip
+
+
 @functools.lru_cache(maxsize=None)
 def _region_chips(manifest: Path, chip_m: float, options: Any, tile_px: int) -> int:
     """Chips scored in one pass over the region (one I/O pass, which also warms the page cache and GDAL)."""

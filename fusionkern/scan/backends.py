@@ -257,7 +257,9 @@ class TorchPredictor:
         if precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16 for the {self.name} backend, got {precision!r}")
         if precision == "bf16" and self.device.type != "cuda":
-            raise ConfigError(f"precision bf16 needs a CUDA device for the {self.name} backend (this one: {self.device})")
+            raise ConfigError(
+                f"precision bf16 needs a CUDA device for the {self.name} backend (this one: {self.device})"
+            )
         self.model = model.to(self.device).eval()
         self.input_size = model.input_size
         self.expects_raw = self.device.type == "cuda" if scale_on_device is None else bool(scale_on_device)
@@ -265,6 +267,7 @@ class TorchPredictor:
         self.batch_size, self.precision = int(batch_size), precision
         self.graphs = self.device.type == "cuda" if graphs is None else bool(graphs) and self.device.type == "cuda"
         self._graph: tuple[Any, torch.Tensor, torch.Tensor] | None = None
+        self.graph_error: str | None = None
 
     @torch.inference_mode()
     def __call__(self, chips: np.ndarray) -> np.ndarray:
@@ -288,7 +291,11 @@ class TorchPredictor:
 
     def _replay(self, x: torch.Tensor) -> np.ndarray:
         if self._graph is None or self._graph[1].shape[1:] != x.shape[1:]:
-            self._graph = self._capture(x.shape[1:])
+            try:
+                self._graph = self._capture(x.shape[1:])
+            except RuntimeError as exc:  # an op that cannot be captured: run eagerly, and say so in scan.json
+                self.graphs, self.graph_error = False, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                return self._probabilities(x).cpu().numpy()
         graph, static_in, static_out = self._graph
         n = len(x)
         static_in[:n].copy_(x)
@@ -313,8 +320,11 @@ class TorchPredictor:
 
     def describe(self) -> dict[str, Any]:
         """Backend name, device, precision and batch shape, for ``scan.json``."""
-        return {"name": self.name, "device": str(self.device), "precision": self.precision,
-                "cuda_graphs": self.graphs, "fixed_batch": self.batch_size if self.graphs else None}  # fmt: skip
+        described = {"name": self.name, "device": str(self.device), "precision": self.precision,
+                     "cuda_graphs": self.graphs, "fixed_batch": self.batch_size if self.graphs else None}  # fmt: skip
+        if self.graph_error:
+            described["cuda_graphs_failed"] = self.graph_error
+        return described
 
 
 class TritonPredictor(TorchPredictor):
