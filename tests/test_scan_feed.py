@@ -263,3 +263,15 @@ def test_the_gpu_check_parity_of_the_scan_feed_runs_on_the_cpu_too():
     parity = scan_feed_parity(TorchPredictor(model, "cpu"), 35, batch_size=10, seed=seed)
     assert parity["feed_parity_chips"] == 63 and parity["feed_parity_max_abs"] <= SCORE_ATOL
     assert scan_feed_parity(_FeedMean(), 35, batch_size=10)["feed_parity"].startswith("n/a")
+
+
+def test_reader_processes_refuse_a_shared_memory_too_small_for_their_windows(tmp_path, monkeypatch):
+    setup = _pool_setup(tmp_path)
+    real = os.statvfs
+
+    class Tiny:  # a /dev/shm with 64 KiB free, smaller than four of these (small) windows
+        f_bavail, f_frsize = 16, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Tiny() if str(path) == "/dev/shm" else real(path))
+    with pytest.raises(ConfigError, match=r"--readers threads.*--shm-size"):
+        ReaderPool(setup.inputs, setup.grid, setup.layout, setup.tiles, workers=2, max_invalid=0.0)

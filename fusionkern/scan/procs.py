@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from fusionkern import BRANCHES
-from fusionkern.errors import FusionkernError
+from fusionkern.errors import ConfigError, FusionkernError
 from fusionkern.readers import N_DATES
 from fusionkern.scan.grid import ChipLayout, ScanGrid
 from fusionkern.scan.inputs import ScanInputs
@@ -98,6 +98,7 @@ class ReaderPool:
         self.n_workers = max(1, min(int(workers), len(tiles)))
         heights, widths = zip(*(tile.window(layout)[2:] for tile in tiles)) if tiles else ((1,), (1,))
         self.slot_bytes = len(BRANCHES) * N_DATES * max(heights) * max(widths) * 4
+        _check_shared_memory(2 * self.n_workers * self.slot_bytes, self.n_workers)
         context = _context()
         self.tasks, self.results = context.Queue(), context.Queue()
         self.slots: list[shared_memory.SharedMemory] = []
@@ -200,6 +201,26 @@ class ReaderPool:
             except FileNotFoundError:
                 pass
         self.slots, self.processes = [], []
+
+
+def _check_shared_memory(needed: int, workers: int, folder: str = "/dev/shm") -> None:
+    """Refuses to start where the shared-memory filesystem cannot hold the slots (a container's default 64 MB):
+    a worker writing past it would die of SIGBUS halfway through the scan.
+
+    Raises:
+        ConfigError: Not enough free space, with what to change.
+    """
+    try:
+        stats = os.statvfs(folder)
+    except (OSError, AttributeError):  # no such filesystem here: nothing to check
+        return
+    free = stats.f_bavail * stats.f_frsize
+    if needed > free:
+        raise ConfigError(
+            f"reader processes need {needed / 2**20:.0f} MiB of shared memory ({workers} worker(s) x 2 tile "
+            f"windows) but {folder} has {free / 2**20:.0f} MiB free: use --readers threads, fewer --workers or a "
+            "smaller --tile-px, or give the machine more shared memory (docker run --shm-size)"
+        )
 
 
 def _view(slot: shared_memory.SharedMemory, height: int, width: int) -> np.ndarray:
