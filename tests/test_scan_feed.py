@@ -22,6 +22,7 @@ from fusionkern.models import FusionNet
 from fusionkern.scan.backends import TorchPredictor, load_scan_model, make_predictor
 from fusionkern.scan.feed import ChipFeed, score_tile, uses_feed
 from fusionkern.scan.grid import ChipLayout
+from fusionkern.scan.engine import EngineOptions, run_local
 from fusionkern.scan.procs import ReaderPool
 from fusionkern.scan.tiles import NODATA, SCORED, chip_views
 from test_scan import checkpoint, read_scores, scan, use_predictor, write_region  # noqa: F401 - module fixture
@@ -265,7 +266,7 @@ def test_the_gpu_check_parity_of_the_scan_feed_runs_on_the_cpu_too():
     assert scan_feed_parity(_FeedMean(), 35, batch_size=10)["feed_parity"].startswith("n/a")
 
 
-def test_reader_processes_refuse_a_shared_memory_too_small_for_their_windows(tmp_path, monkeypatch):
+def test_a_shared_memory_too_small_for_reader_processes_falls_back_to_threads(tmp_path, monkeypatch):
     setup = _pool_setup(tmp_path)
     real = os.statvfs
 
@@ -275,3 +276,7 @@ def test_reader_processes_refuse_a_shared_memory_too_small_for_their_windows(tmp
     monkeypatch.setattr(os, "statvfs", lambda path: Tiny() if str(path) == "/dev/shm" else real(path))
     with pytest.raises(ConfigError, match=r"--readers threads.*--shm-size"):
         ReaderPool(setup.inputs, setup.grid, setup.layout, setup.tiles, workers=2, max_invalid=0.0)
+    with pytest.warns(RuntimeWarning, match="reading with threads instead"):
+        stats = run_local(setup.inputs, setup.grid, setup.layout, setup.tiles, _FeedMean(),
+                          EngineOptions(batch_size=16, workers=2, readers="processes"))  # fmt: skip
+    assert stats.readers == "threads" and stats.tiles == len(setup.tiles) and stats.scored > 0

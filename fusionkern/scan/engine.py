@@ -18,6 +18,7 @@ import queue
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -52,11 +53,14 @@ class EngineStats:
         stage_s: Seconds per stage, summed over threads or workers: ``read`` (read + calibrate + mask),
             ``cut`` (chips copied and scaled), ``inference``, ``wait`` (the model waiting for chips).
         wall_s: Wall-clock seconds of the run.
+        readers: ``threads`` where reader processes were asked for but could not start (their shared memory
+            would not fit), else None.
     """
 
     tiles: int = 0
     chips: int = 0
     scored: int = 0
+    readers: str | None = None
     stage_s: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "cut": 0.0, "inference": 0.0, "wait": 0.0})
     wall_s: float = 0.0
 
@@ -231,10 +235,17 @@ def run_local(
     open_tiles: dict[str, TileResult] = {}
     scale = not getattr(predictor, "expects_raw", False)
     feed = ChipFeed(layout, predictor.feed_device) if uses_feed(predictor) else None
+    pool = None
     if options.readers == "processes":
-        from fusionkern.scan.procs import ReaderPool
+        from fusionkern.scan.procs import ReaderPool, SharedMemoryTooSmall
 
-        with ReaderPool(inputs, grid, layout, tiles, options.workers, options.max_invalid) as pool:
+        try:
+            pool = ReaderPool(inputs, grid, layout, tiles, options.workers, options.max_invalid)
+        except SharedMemoryTooSmall as exc:  # e.g. a container's 64 MB /dev/shm: threads need none
+            warnings.warn(f"{exc}; reading with threads instead", RuntimeWarning, stacklevel=2)
+            stats.readers = "threads"
+    if pool is not None:
+        with pool:
             t0 = time.perf_counter()
             for window in pool.windows():
                 stats.stage_s["wait"] += time.perf_counter() - t0

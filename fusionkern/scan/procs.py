@@ -203,12 +203,16 @@ class ReaderPool:
         self.slots, self.processes = [], []
 
 
+class SharedMemoryTooSmall(ConfigError):
+    """The shared-memory filesystem cannot hold the reader processes' windows."""
+
+
 def _check_shared_memory(needed: int, workers: int, folder: str = "/dev/shm") -> None:
     """Refuses to start where the shared-memory filesystem cannot hold the slots (a container's default 64 MB):
     a worker writing past it would die of SIGBUS halfway through the scan.
 
     Raises:
-        ConfigError: Not enough free space, with what to change.
+        SharedMemoryTooSmall: Not enough free space, with what to change.
     """
     try:
         stats = os.statvfs(folder)
@@ -216,7 +220,7 @@ def _check_shared_memory(needed: int, workers: int, folder: str = "/dev/shm") ->
         return
     free = stats.f_bavail * stats.f_frsize
     if needed > free:
-        raise ConfigError(
+        raise SharedMemoryTooSmall(
             f"reader processes need {needed / 2**20:.0f} MiB of shared memory ({workers} worker(s) x 2 tile "
             f"windows) but {folder} has {free / 2**20:.0f} MiB free: use --readers threads, fewer --workers or a "
             "smaller --tile-px, or give the machine more shared memory (docker run --shm-size)"

@@ -373,6 +373,8 @@ def _run_engine(
     predictor = make_predictor(options.backend, plan.model, device, cache, options.batch_size, options.precision)
     stats = run_local(plan.inputs, plan.grid, plan.layout, todo, predictor, engine_options, collect)
     described = predictor.describe()
+    if stats.readers:
+        described["readers_note"] = "reader processes could not start (shared memory too small); read with threads"
     if uses_feed(predictor):
         described["chips_cut_and_scaled_on"] = str(predictor.feed_device)
     return stats, described
