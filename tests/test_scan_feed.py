@@ -280,3 +280,40 @@ def test_a_shared_memory_too_small_for_reader_processes_falls_back_to_threads(tm
         stats = run_local(setup.inputs, setup.grid, setup.layout, setup.tiles, _FeedMean(),
                           EngineOptions(batch_size=16, workers=2, readers="processes"))  # fmt: skip
     assert stats.readers == "threads" and stats.tiles == len(setup.tiles) and stats.scored > 0
+
+
+def test_reader_processes_stop_when_their_scanning_process_dies(tmp_path):
+    manifest = write_region(tmp_path / "region", height=300, width=300)
+    script = tmp_path / "scan_and_die.py"
+    script.write_text(
+        "import os, sys\n"
+        "from fusionkern.scan.engine import _setup\n"
+        "from fusionkern.scan.procs import ReaderPool\n"
+        "if __name__ == '__main__':\n"
+        f"    setup = _setup({str(manifest)!r}, 1050.0, 64, None)\n"
+        "    pool = ReaderPool(setup.inputs, setup.grid, setup.layout, setup.tiles, 2, 0.0).__enter__()\n"
+        "    print(' '.join(str(p.pid) for p in pool.processes), flush=True)\n"
+        "    os._exit(0)  # no clean-up: as if killed\n"
+    )
+    import subprocess
+    import sys
+    import time as _time
+
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    pids = [int(p) for p in run.stdout.split()]
+    assert len(pids) == 2
+    deadline = _time.monotonic() + 30
+    while _time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        _time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids), "reader processes outlived their scanning process"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead, waiting for its parent to reap it
+        return stat.read().split(")")[-1].split()[0] != "Z"

@@ -12,7 +12,8 @@ one.
 Workers start from a fork server (a clean interpreter that imports this module once, then forks; ``spawn`` where
 there is none), never by forking the scanning process, whose torch threads and open GDAL handles a fork would copy
 half-way. A worker that fails reports the error (an unreadable raster names its file) and the scan raises it; a
-worker that dies outright (killed, out of memory) is noticed within half a second.
+worker that dies outright (killed, out of memory) is noticed within half a second, and workers whose scanning
+process died stop by themselves.
 """
 
 from __future__ import annotations
@@ -117,8 +118,12 @@ class ReaderPool:
             raise
 
     def __enter__(self) -> ReaderPool:
-        for process in self.processes:
-            process.start()
+        try:
+            for process in self.processes:
+                process.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -253,9 +258,15 @@ def _work(
     """A worker: reads the windows it is asked for into the slots it is told, until it gets None."""
     slots = [_attach(name) for name in names]
     try:
+        scanning = mp.parent_process()  # the scanning process (the fork server is only this one's OS parent)
         with StackReader(ScanInputs.from_dict(inputs), grid, layout) as reader:
             while True:
-                task = tasks.get()
+                try:
+                    task = tasks.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if scanning is not None and not scanning.is_alive():
+                        break  # it died without a word: nobody will ask for more
+                    continue
                 if task is None:
                     break
                 fields, slot = task
