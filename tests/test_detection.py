@@ -366,6 +366,49 @@ def test_calibration_refusals(tmp_path, region, monkeypatch, capsys):
     assert not (tmp_path / "cal" / "calibration.json").exists()
 
 
+def test_calibration_pools_several_regions(tmp_path, region, monkeypatch, capsys):
+    _use(monkeypatch, HotMean())
+    other = make_demo_region(tmp_path / "other", REGION_PX, n_plants=2, n_confusers=6, seed=11)
+    rows = [f"{p.lon},{p.lat}" for p in read_plants(region.manifest.parent / "truth.geojson")]
+    rows += _moved_east(other, 300_000.0)  # generated regions all lie in one place; real ones do not overlap
+    plants = tmp_path / "plants.csv"  # the plants of both regions in one file
+    plants.write_text("lon,lat\n" + "\n".join(rows) + "\n")
+    records = []
+    for name, manifests in (("one", [region.manifest]), ("two", [other.manifest]),
+                            ("both", [region.manifest, other.manifest])):  # fmt: skip
+        (tmp_path / name).mkdir()
+        checkpoint, out = _checkpoint(tmp_path / name), tmp_path / f"cal-{name}"
+        code, printed, err = _cli(capsys, "calibrate", str(checkpoint), "--manifest", *map(str, manifests),
+                                  "--plants", str(plants), "--fp-per-1000km2", "25", "--out", str(out),
+                                  "--verify", "none", "--no-progress")  # fmt: skip
+        assert code == 0, err
+        records.append(json.loads((out / "calibration.json").read_text()))
+    one, two, both = (r["region"] for r in records)
+    assert both["regions"] == 2 and "of 2 regions" in printed
+    assert both["plants"] == one["plants"] + two["plants"] == len(rows) >= 2
+    assert both["area_km2"] == pytest.approx(one["area_km2"] + two["area_km2"], abs=2e-3)  # each rounded to 1 m²
+    assert both["sites"] == one["sites"] + two["sites"]
+    assert both["false_allowed"] == int(25 * both["area_km2"] / 1000)
+    assert records[2]["plain"]["false"] <= both["false_allowed"]  # the budget holds over the pooled regions
+    assert (tmp_path / "cal-both" / "scan-1" / "scan.json").is_file()
+    assert (tmp_path / "cal-both" / "scan-2" / "scan.json").is_file()
+
+
+def _moved_east(generated, metres: float) -> list[str]:
+    """Moves a generated region's rasters ``metres`` east (in place); returns its plants' new ``lon,lat``."""
+    from rasterio.warp import transform as reproject_points
+
+    for path in sorted(generated.manifest.parent.glob("*.tif")):
+        with rasterio.open(path, "r+") as ds:
+            ds.transform = ds.transform * ds.transform.__class__.translation(metres / ds.transform.a, 0)
+            moved, crs = ds.transform, ds.crs
+    features = json.loads((generated.manifest.parent / "truth.geojson").read_text())["features"]
+    cement = [f["properties"] for f in features if f["properties"]["kind"] == "cement"]
+    xs, ys = zip(*(moved * (p["col"], p["row"]) for p in cement))
+    lons, lats = reproject_points(crs, "EPSG:4326", list(xs), list(ys))
+    return [f"{lon},{lat}" for lon, lat in zip(lons, lats)]
+
+
 class _Inverse(HotMean):
     """High away from kilns, low on them: no budget can be met with a plant found."""
 

@@ -8,8 +8,8 @@ from fusionkern.commands.mine import add_scan_arguments, scan_extras
 
 NAME = "calibrate"
 HELP = (
-    "Scan a region with known plants and store in the checkpoint the threshold that meets a budget of false "
-    "detections per 1000 km² (plain and verified), with the deployment prior."
+    "Scan a region (or several, calibrated together) with known plants and store in the checkpoint the threshold "
+    "that meets a budget of false detections per 1000 km² (plain and verified), with the deployment prior."
 )
 
 
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser: The subcommand's parser.
     """
     parser.add_argument("checkpoint", help="FusionNet checkpoint to calibrate (its metadata is updated)")
-    add_scan_arguments(parser)
+    add_scan_arguments(parser, several=True)
     parser.add_argument("--fp-per-1000km2", dest="budget", type=float, required=True,
                         help="false detections allowed per 1000 km² of background")  # fmt: skip
     parser.add_argument("--out", required=True, help="folder for the calibration scan and calibration.json")
@@ -52,12 +52,14 @@ def run(args: argparse.Namespace) -> int:
 
     options = CalibrateOptions(
         checkpoint=args.checkpoint, out=args.out, plants=read_plants(args.plants), budget=args.budget,
-        scenes=args.scenes, manifest=args.manifest, prior=args.prior, verify=args.verify, match_m=args.match_m,
+        scenes=args.scenes, manifest=_one_or_several(args.manifest), prior=args.prior, verify=args.verify, match_m=args.match_m,
         scan=scan_extras(args), write=args.write, overwrite=args.overwrite, progress=args.progress,
     )  # fmt: skip
     record = calibrate(options, log=print)
+    regions = record["region"].get("regions", 1)
     print(f"prior {record['prior']:.3g} ({record['prior_source']}); budget {record['fp_per_1000km2']:g} false "
-          f"detection(s) per 1000 km² over {record['region']['area_km2']:.0f} km²")  # fmt: skip
+          f"detection(s) per 1000 km² over {record['region']['area_km2']:.0f} km²"
+          + (f" of {regions} regions" if regions > 1 else ""))  # fmt: skip
     for mode in ("plain", "verified"):
         part = record.get(mode)
         if part:
@@ -66,3 +68,7 @@ def run(args: argparse.Namespace) -> int:
                   "plants found")  # fmt: skip
     print(f"stored in {args.checkpoint}" if args.write else f"written to {args.out}/calibration.json only")
     return 0
+
+
+def _one_or_several(manifests: list[str] | None) -> str | list[str] | None:
+    return manifests[0] if manifests and len(manifests) == 1 else manifests

@@ -11,16 +11,22 @@ HELP = (
 )
 
 
-def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
+def add_scan_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
     """The options every command that scans a region shares (mine, calibrate): inputs and execution.
 
     Args:
         parser: The subcommand's parser.
+        several: ``--manifest`` takes one or more regions.
     """
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--scenes", nargs=3, metavar=("D1", "D2", "D3"),
                         help="three Landsat-8 scene folders, one per date, in the model's date order")  # fmt: skip
-    source.add_argument("--manifest", metavar="YAML", help="YAML mapping b10, b11, b7, b6 to three rasters each")
+    if several:
+        source.add_argument("--manifest", metavar="YAML", nargs="+",
+                            help="YAML mapping b10, b11, b7, b6 to three rasters each; several: one region each, "
+                            "calibrated together")  # fmt: skip
+    else:
+        source.add_argument("--manifest", metavar="YAML", help="YAML mapping b10, b11, b7, b6 to three rasters each")
     parser.add_argument("--plants", required=True,
                         help="known plants of the region: CSV with lon,lat[,name] or GeoJSON points")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=256, help="chips per model call (default: %(default)s)")

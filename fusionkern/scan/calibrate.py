@@ -51,7 +51,9 @@ class CalibrateOptions:
         plants: The known plants of the region.
         budget: False detections allowed per 1000 km².
         scenes: Three scene folders (or ``manifest``).
-        manifest: A manifest (or ``scenes``).
+        manifest: A manifest (or ``scenes``), or several: one region each, calibrated together (their sites,
+            plants and areas pooled, one threshold for all), which steadies a threshold that one region's few
+            false sites would set alone. Regions without a known plant count as background.
         prior: Deployment prior (None: estimated from the plants).
         verify: Verifier spec (``auto``, a path) or None for the plain mode only.
         match_m: A site is right when one of its chips comes within this many metres of a known plant.
@@ -66,7 +68,7 @@ class CalibrateOptions:
     plants: Sequence[Any]
     budget: float
     scenes: Sequence[str] | None = None
-    manifest: str | None = None
+    manifest: str | Sequence[str] | None = None
     prior: float | None = None
     verify: str | None = "auto"
     match_m: float = 600.0
@@ -189,51 +191,68 @@ def calibrate(options: CalibrateOptions, log: Callable[[str], None] = lambda lin
     if options.prior is not None:
         check_prior(options.prior)
     out = Path(options.out)
-    scan_options = ScanOptions(
-        checkpoint=options.checkpoint, out=str(out / "scan"), scenes=options.scenes, manifest=options.manifest,
-        quicklook=False, checksums=False, progress=options.progress, overwrite=options.overwrite,
-        threshold=1.0, **options.scan,
-    )  # fmt: skip
-    result = run_scan(scan_options, log=log)
-    grid, layout, raw = result.grid, result.layout, result.raw_scores
-    pixels = plant_pixels(options.plants, grid)
-    inside = (pixels[:, 0] >= 0) & (pixels[:, 0] < grid.height) & (pixels[:, 1] >= 0) & (pixels[:, 1] < grid.width)
-    if not inside.any():
-        raise InputError(f"none of the {len(pixels)} known plant(s) lies in the calibration region: check --plants")
-    pixels = pixels[inside]
-    scored = np.isfinite(raw)
-    area_km2 = float(scored.sum()) * (layout.stride_px * grid.res * grid.metres_per_unit) ** 2 / 1e6
+    regions = _regions(options)
+    scans = []
+    for k, (scenes, manifest) in enumerate(regions):
+        folder = out / ("scan" if len(regions) == 1 else f"scan-{k + 1}")
+        scan_options = ScanOptions(
+            checkpoint=options.checkpoint, out=str(folder), scenes=scenes, manifest=manifest, quicklook=False,
+            checksums=False, progress=options.progress, overwrite=options.overwrite, threshold=1.0, **options.scan,
+        )  # fmt: skip
+        result = run_scan(scan_options, log=log)
+        grid, layout, raw = result.grid, result.layout, result.raw_scores
+        pixels = plant_pixels(options.plants, grid)
+        inside = (pixels[:, 0] >= 0) & (pixels[:, 0] < grid.height) & (pixels[:, 1] >= 0) & (pixels[:, 1] < grid.width)
+        pixels = pixels[inside]
+        scored = np.isfinite(raw)
+        area = float(scored.sum()) * (layout.stride_px * grid.res * grid.metres_per_unit) ** 2 / 1e6
+        holding = int((near_plants(pixels, layout, grid, 0.0) & scored).sum()) if len(pixels) else 0
+        scans.append({"result": result, "pixels": pixels, "scored": int(scored.sum()), "area": area,
+                      "holding": holding, "inputs": manifest or list(scenes or [])})  # fmt: skip
+    n_plants = sum(len(r["pixels"]) for r in scans)
+    if not n_plants:
+        where = "region" if len(scans) == 1 else f"{len(scans)} regions"
+        raise InputError(f"none of the {len(options.plants)} known plant(s) lies in the calibration {where}: "
+                         "check --plants")  # fmt: skip
+    area_km2, n_scored = sum(r["area"] for r in scans), sum(r["scored"] for r in scans)
     if options.prior is not None:
         prior, prior_source = float(options.prior), "option"
     else:
-        holding = near_plants(pixels, layout, grid, 0.0) & scored
-        prior, prior_source = float(holding.sum() / scored.sum()), "share of scored chips holding a known plant"
+        prior, prior_source = sum(r["holding"] for r in scans) / n_scored, "share of scored chips holding a known plant"
         if not prior > 0:
             raise InputError("no scored chip holds a known plant, so the deployment prior cannot be estimated; "
                              "give --prior")  # fmt: skip
     shift = float(logit(prior) - logit(train_prior))
-    scores = shift_scores(raw, shift)
     allowed = int(math.floor(options.budget * area_km2 / 1000.0 + 1e-9))
-    sites = group_sites(scores, _FLOOR, site_radius(layout, MAX_SITE_M, grid))
-    site_scores = np.asarray([scores[c[0, 0], c[0, 1]] for c in sites], dtype=np.float64)
-    # a site is judged by its peak chip: the scan's footprint at any threshold holds it (and perhaps more chips),
-    # so a site false here may be right in the evaluation, never the other way round
-    near = site_plants([c[:1] for c in sites], pixels, layout, grid, options.match_m)
-    plain = pick_threshold(site_scores, near, allowed, len(pixels))
+    offset = 0
+    for r in scans:  # sites of every region in one list; plant indices made unique across regions
+        result = r["result"]
+        r["scores"] = scores = shift_scores(result.raw_scores, shift)
+        r["sites"] = group_sites(scores, _FLOOR, site_radius(result.layout, MAX_SITE_M, result.grid))
+        r["site_scores"] = np.asarray([scores[c[0, 0], c[0, 1]] for c in r["sites"]], dtype=np.float64)
+        # a site is judged by its peak chip: the scan's footprint at any threshold holds it (and perhaps more
+        # chips), so a site false here may be right in the evaluation, never the other way round
+        near = site_plants([c[:1] for c in r["sites"]], r["pixels"], result.layout, result.grid, options.match_m)
+        r["near"] = [{offset + p for p in hits} for hits in near]
+        offset += len(r["pixels"])
+    site_scores = np.concatenate([r["site_scores"] for r in scans])
+    near = [hits for r in scans for hits in r["near"]]
+    plain = pick_threshold(site_scores, near, allowed, n_plants)
     log(f"plain: threshold {plain['threshold']:.4g}, {plain['false']} false site(s) over {area_km2:.0f} km², "
-        f"{plain['found']}/{len(pixels)} plants")  # fmt: skip
+        f"{plain['found']}/{n_plants} plants")  # fmt: skip
+    inputs = [r["inputs"] for r in scans]
     record: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fp_per_1000km2": options.budget, "match_m": options.match_m, "prior": prior, "prior_source": prior_source,
         "train_prior": train_prior,
-        "region": {"area_km2": round(area_km2, 3), "plants": int(len(pixels)), "scored_chips": int(scored.sum()),
-                   "sites": len(sites), "false_allowed": allowed,
-                   "inputs": options.manifest or list(options.scenes or [])},
+        "region": {"area_km2": round(area_km2, 3), "plants": int(n_plants), "scored_chips": int(n_scored),
+                   "sites": len(near), "false_allowed": allowed, "inputs": inputs[0] if len(inputs) == 1 else inputs,
+                   "regions": len(scans)},
         "plain": {**plain, "false_per_1000km2": round(1000.0 * plain["false"] / area_km2, 4)},
     }  # fmt: skip
     if options.verify not in (None, "none"):
-        record["verified"] = _calibrate_verified(options, model, result, scores, near, sites, site_scores, allowed,
-                                                 len(pixels), area_km2, shift, log)  # fmt: skip
+        record["verified"] = _calibrate_verified(options, model, scans, near, site_scores, allowed, n_plants,
+                                                 area_km2, shift, log)  # fmt: skip
     from fusionkern.scan.outputs import write_json
 
     write_json(out / "calibration.json", record)
@@ -242,21 +261,25 @@ def calibrate(options: CalibrateOptions, log: Callable[[str], None] = lambda lin
     return record
 
 
-def _calibrate_verified(
-    options, model, result, scores, near, sites, site_scores, allowed, n_plants, area_km2, shift, log
-):
+def _calibrate_verified(options, model, scans, near, site_scores, allowed, n_plants, area_km2, shift, log):
     """Candidates chosen for recall, re-scored by the verifier as the scan does, then the threshold on its score."""
     from fusionkern.devices import resolve_device
     from fusionkern.scan.decide import Verifier, resolve_verifier
     from fusionkern.scan.outputs import peak_point
 
-    grid, layout = result.grid, result.layout
     candidate_threshold = pick_candidates(site_scores, near, options.budget, area_km2, n_plants)
-    chosen = [k for k in range(len(sites)) if site_scores[k] >= candidate_threshold]
+    chosen = [k for k in range(len(site_scores)) if site_scores[k] >= candidate_threshold]
     paths = resolve_verifier(options.verify, options.checkpoint)
     verifier = Verifier(paths, model, resolve_device(str(options.scan.get("device", "auto"))))
-    points = [peak_point(scores, sites[k][0], layout, grid) for k in chosen]
-    verified, _ = verifier.score(result.inputs, grid, layout, points, shift)
+    parts, first = [], 0
+    for r in scans:  # each region's candidates, read from its own rasters
+        result, sites = r["result"], r["sites"]
+        mine = [k - first for k in chosen if first <= k < first + len(sites)]
+        if mine:
+            points = [peak_point(r["scores"], sites[k][0], result.layout, result.grid) for k in mine]
+            parts.append(verifier.score(result.inputs, result.grid, result.layout, points, shift)[0])
+        first += len(sites)
+    verified = np.concatenate(parts) if parts else np.empty(0)
     verified = np.where(np.isfinite(verified), verified, site_scores[chosen])
     try:
         pick = pick_threshold(verified, [near[k] for k in chosen], allowed, n_plants)
@@ -270,6 +293,13 @@ def _calibrate_verified(
             "candidate_recall": len(candidate_found) / n_plants if n_plants else None,
             "false_per_1000km2": round(1000.0 * pick["false"] / area_km2, 4),
             "checkpoints": [str(p) for p in paths]}  # fmt: skip
+
+
+def _regions(options: CalibrateOptions) -> list[tuple[Sequence[str] | None, str | None]]:
+    """``(scenes, manifest)`` of each calibration region."""
+    if options.manifest is None or isinstance(options.manifest, (str, Path)):
+        return [(options.scenes, None if options.manifest is None else str(options.manifest))]
+    return [(None, str(m)) for m in options.manifest]
 
 
 def pick_candidates(scores: np.ndarray, plants: Sequence[set], budget: float, area_km2: float, n_plants: int) -> float:
