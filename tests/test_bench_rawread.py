@@ -54,7 +54,7 @@ def test_raw_reads_cover_the_scan_tiles_and_count_its_chips(tmp_path, compress, 
     clipped = [min(h, size_px - top) * min(w, size_px - left) for top, left, h, w in
                (t.window(setup.layout) for t in setup.tiles)]  # fmt: skip
     assert raw["bytes"] == 12 * 2 * sum(clipped)
-    assert math.isfinite(raw["chips_per_s"]) and raw["chips_per_s"] > 0 and raw["seconds"] > 0
+    assert math.isfinite(raw["chips_per_s"]) and raw["chips_per_s"] > 0
 
 
 def test_raw_read_chips_follow_a_raster_that_covers_less_of_the_grid(tmp_path):
