@@ -77,6 +77,7 @@ def make_demo_region(
     seed: int = 0,
     chip_px: int = 35,
     dates: Sequence[str] = ("2018-01", "2017-01", "2017-04"),
+    east_km: float = 0.0,
 ) -> DemoRegion:
     """Draws and writes a synthetic region with plants at known places.
 
@@ -88,6 +89,8 @@ def make_demo_region(
         seed: Seed of everything.
         chip_px: The model's chip side; works and look-alikes are drawn on windows of twice that.
         dates: Three dates ``YYYY-MM``, in channel order (their months set the seasons).
+        east_km: Places the region this far east of the default place (georeferencing only: what is drawn does
+            not change), so that regions used together (e.g. calibrated together) do not overlap.
 
     Returns:
         The region.
@@ -125,16 +128,17 @@ def make_demo_region(
     b10, b11 = synthetic._brightness_temperature(rng, surface, months, lat)
     rasters["b10"], rasters["b11"] = b10.astype(np.float32), b11.astype(np.float32)
     del b10, b11, surface, veg, moist
-    manifest = _write_region(folder, rasters, dates)
-    _write_truth(folder / "truth.geojson", plants, confusers, plant_works, industry_works)
+    placed = _region_transform(1000.0 * east_km)
+    manifest = _write_region(folder, rasters, dates, placed)
+    _write_truth(folder / "truth.geojson", plants, confusers, plant_works, industry_works, placed)
     return DemoRegion(manifest, plants, confusers, size_px, plant_works, industry_works)
 
 
-def _region_transform() -> Any:
-    """Pixel -> UTM transform of the region (its north-west corner is fixed)."""
+def _region_transform(east_m: float = 0.0) -> Any:
+    """Pixel -> UTM transform of the region (its north-west corner is fixed, ``east_m`` east of the default)."""
     from rasterio.transform import from_origin
 
-    return from_origin(*DEMO_ORIGIN, synthetic.PIXEL_M, synthetic.PIXEL_M)
+    return from_origin(DEMO_ORIGIN[0] + east_m, DEMO_ORIGIN[1], synthetic.PIXEL_M, synthetic.PIXEL_M)
 
 
 def _region_latitude(size_px: int) -> float:
@@ -147,7 +151,7 @@ def _region_latitude(size_px: int) -> float:
     return float(lat)
 
 
-def _write_region(folder: Path, rasters: dict[str, np.ndarray], dates: Sequence[str]) -> Path:
+def _write_region(folder: Path, rasters: dict[str, np.ndarray], dates: Sequence[str], placed: Any) -> Path:
     """One tiled, compressed float32 GeoTIFF per band and date, and the manifest listing them."""
     import rasterio
     import yaml
@@ -155,7 +159,7 @@ def _write_region(folder: Path, rasters: dict[str, np.ndarray], dates: Sequence[
     size = next(iter(rasters.values())).shape[-1]
     profile = {
         "driver": "GTiff", "dtype": "float32", "count": 1, "width": size, "height": size, "crs": DEMO_CRS,
-        "transform": _region_transform(), "nodata": float("nan"), "tiled": True, "blockxsize": 512,
+        "transform": placed, "nodata": float("nan"), "tiled": True, "blockxsize": 512,
         "blockysize": 512, "compress": "deflate", "predictor": 3,
     }  # fmt: skip
     manifest: dict[str, Any] = {"dates": list(dates)}
@@ -172,16 +176,16 @@ def _write_region(folder: Path, rasters: dict[str, np.ndarray], dates: Sequence[
     return path
 
 
-def _lonlat(points: np.ndarray) -> tuple[list[float], list[float]]:
-    """WGS 84 lon, lat of (row, col) pixel positions of the region."""
+def _lonlat(points: np.ndarray, placed: Any) -> tuple[list[float], list[float]]:
+    """WGS 84 lon, lat of (row, col) pixel positions of the region placed by the transform ``placed``."""
     from rasterio.warp import transform
 
-    xs, ys = _region_transform() * (points[:, 1], points[:, 0])
+    xs, ys = placed * (points[:, 1], points[:, 0])
     return transform(DEMO_CRS, "EPSG:4326", list(xs), list(ys))
 
 
 def _write_truth(
-    path: Path, plants: np.ndarray, confusers: np.ndarray, plant_works: list, industry_works: list
+    path: Path, plants: np.ndarray, confusers: np.ndarray, plant_works: list, industry_works: list, placed: Any
 ) -> None:
     """The planted works and look-alike windows as GeoJSON points (with their pixel positions and, for hot works,
     the kiln heat and dust drawn)."""
@@ -189,7 +193,7 @@ def _write_truth(
     for kind, points, works in (("cement", plants, plant_works), ("confuser", confusers, industry_works)):
         if not len(points):
             continue
-        lons, lats = _lonlat(points)
+        lons, lats = _lonlat(points, placed)
         for k, (lon, lat, (row, col), drawn) in enumerate(zip(lons, lats, points, works), start=1):
             properties = {"kind": kind, "id": k, "row": round(float(row), 2), "col": round(float(col), 2)}
             if drawn is not None:
