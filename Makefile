@@ -40,13 +40,14 @@ demo: $(STAMP)
 # The tests, then the benchmark suite in its quick mode: every case runs once on tiny shapes (no timing is checked),
 # the GPU check's dry run (setup, imports, phase plan, budget) and the sm_90 compile with triton 3.6.
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -q tests
+	FUSIONKERN_TRITON36= $(TEST_ENV) $(PY) -m pytest -q tests
 	$(TEST_ENV) $(PY) -m pytest -q benchmarks --benchmark-disable
 	PYTHON=$(PY) benchmarks/gpu_check.sh --dry-run
 	@$(MAKE) --no-print-directory test-triton36
 
-# sm_90 compilation of every kernel with triton 3.6 (torch and numpy from the venv, triton from $(TRITON36)/);
-# skipped with one line where the wheel cannot be had.
+# sm_90 compilation of every kernel with triton 3.6 (torch and numpy from the venv, triton from $(TRITON36)/), then
+# the static gate (spills, occupancy, tensor cores) with it; skipped with one line where the wheel cannot be had.
+# (`make test` turns the gate's triton 3.6 runs off above, since they run here.)
 test-triton36: $(STAMP)
 	@if [ ! -f $(TRITON36)/.installed ]; then \
 	    rm -rf $(TRITON36); \
@@ -59,7 +60,9 @@ test-triton36: $(STAMP)
 	    PYTHONPATH=$(TRITON36) $(PY) -c 'import triton, sys; sys.exit(triton.__version__ != "3.6.0")' || \
 	        { echo "test-triton36: $(TRITON36)/ does not hold triton 3.6.0"; exit 1; }; \
 	    PYTHONPATH=$(TRITON36) $(TEST_ENV) $(PY) -m pytest -q -p no:cacheprovider \
-	        tests/test_kernels_conv.py tests/test_kernels_block.py -k "sm90 or compile_spec"; \
+	        tests/test_kernels_conv.py tests/test_kernels_block.py -k "sm90 or compile_spec" && \
+	    FUSIONKERN_TRITON36=$(abspath $(TRITON36)) $(TEST_ENV) $(PY) -m pytest -q -p no:cacheprovider \
+	        tests/test_kernels_static.py -k triton36; \
 	fi
 
 # Wheels for benchmarks/gpu_check.sh on the GPU machine (manylinux x86-64, CPython $(GPU_PYVER)), under 60 MiB.

@@ -7,9 +7,11 @@ Host side:
 * :func:`check_tensor`, :func:`square_int`, :func:`check_alpha`, :func:`check_bn`, :func:`check_int32_indexable`,
   :func:`conv_geometry`: argument validation.
 * :func:`interpreting`, :func:`pow2_block`, :func:`tune_configs`, :func:`make_configs`,
-  :func:`prune_block_configs`: one small deterministic config on the Triton CPU interpreter, a short autotune list
-  (pruned to the problem size) on a GPU; :data:`CONV_TUNE_KEY` and :func:`size_bucket`: what the autotuners key on
-  (the output pixel count bucketed to a power of two, so a new batch size in the same bucket does not re-tune).
+  :func:`prune_block_configs`, :func:`conv_autotune`: one small deterministic config on the Triton CPU interpreter,
+  a short autotune list (pruned to the problem size) on a GPU; :data:`CONV_TUNE_KEY` and :func:`size_bucket`: what
+  the autotuners key on (the output pixel count bucketed to a power of two, so a new batch size in the same bucket
+  does not re-tune). :data:`TRITON_CONFIG_EXCEPTIONS`, :func:`apply_config_exceptions`, :func:`release_configs`: the
+  configs a kernel replaces or drops under one Triton release, each with the compiled figures that made the choice.
 * :func:`torch_conv_allows_tf32`, :func:`resolve_allow_tf32`, :func:`dot_precision`: the fp32 precision of one
   call, following PyTorch's own convolution settings unless the caller says otherwise.
 * :func:`conv_backward`: ``dL/dx`` and ``dL/dw`` of a convolution at the precision the call resolved, without
@@ -34,6 +36,7 @@ Device side (``@triton.jit`` helpers used by :mod:`.gabor_conv` and :mod:`.conv_
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -331,6 +334,95 @@ INTERPRETER_CONV_CONFIG = dict(BLOCK_P=16, BLOCK_CO=16, BLOCK_R=16, num_warps=1,
 assert min(c["BLOCK_P"] for c in (*GPU_CONV_CONFIGS, INTERPRETER_CONV_CONFIG)) >= MIN_BLOCK_P
 
 
+TRITON_RELEASE = ".".join(triton.__version__.split(".")[:2])
+"""The running Triton's ``major.minor`` (what :data:`TRITON_CONFIG_EXCEPTIONS` match on)."""
+
+
+@dataclass(frozen=True)
+class TritonConfigException:
+    """A config one kernel does not run under one Triton release, and what runs in its place.
+
+    The lists above were chosen from Triton's own sm_90 compile; another release's register allocation can differ
+    enough to spill or to halve the occupancy of the same tile. ``tests/test_kernels_static.py`` gates the compile
+    of every release CI installs (the venv's, and triton 3.6 from ``.triton36/``: what the GPU machine runs).
+    """
+
+    kernel: str  # the @triton.jit function's name
+    release: str  # the Triton release it applies to, "major.minor"
+    config: dict  # the config it replaces (meta-parameters plus num_warps and num_stages)
+    use: dict | None  # what runs instead under that release; None drops the config
+    dtypes: tuple[torch.dtype, ...]  # the data dtypes it applies to
+    precisions: tuple[str, ...]  # the dot precisions it applies to ("ieee" for 16-bit inputs)
+    why: str  # the compiled figures before and after, from the release's own ptxas
+
+
+_FP32 = (torch.float32,)
+_HALF = (torch.bfloat16, torch.float16)
+_POOLED_SMALL = GPU_POOLED_CONV_CONFIGS[-1]  # 16 px x 32 ch x 16, 4 warps, 3 stages
+_WGRAD_64 = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=3)  # see dilated._wgrad_blocks
+
+# Figures: triton 3.6.0's ptxas for sm_90, FusionNet launches at both presets (paper batch 64, native 256), occupancy
+# from the H100's limits (fusionkern.models.launches). Under 3.9 the replaced configs pass the gate as they are.
+TRITON_CONFIG_EXCEPTIONS: tuple[TritonConfigException, ...] = (
+    TritonConfigException(
+        "_gabor_conv_fwd_kernel", "3.6", _POOLED_SMALL,
+        dict(BLOCK_P=16, BLOCK_CO=32, BLOCK_R=32, num_warps=8, num_stages=3), _HALF, ("ieee",),
+        "bf16 at 4 warps and 3 stages: 80 registers with 8 B (native eval) and 28 B (native train) of spill stores; "
+        "with 2 stages native train still spills 16 B, with 8 warps and 2 stages paper eval spills 8 B. A 32-wide "
+        "reduction chunk at 8 warps: 116-128 registers, no spills, 25 % occupancy in all four (fp16: the same).",
+    ),
+    TritonConfigException(
+        "_gabor_conv_fwd_kernel", "3.6", _POOLED_SMALL,
+        dict(BLOCK_P=16, BLOCK_CO=32, BLOCK_R=16, num_warps=8, num_stages=2), _FP32, ("tf32", "ieee"),
+        "fp32 at 4 warps and 3 stages: paper train TF32 spills 8 B at 96 registers, IEEE spills 4-12 B (native) or "
+        "takes 160 registers (paper, 18.8 % occupancy). 8 warps and 2 stages: 64-106 registers, no spills, 25-50 %.",
+    ),
+    TritonConfigException(
+        "_gabor_conv_bwd_kernel", "3.6", _POOLED_SMALL,
+        dict(BLOCK_P=16, BLOCK_CO=32, BLOCK_R=16, num_warps=8, num_stages=2), (*_FP32, *_HALF), ("tf32", "ieee"),
+        "at 4 warps and 3 stages: paper bf16 spills 4 B, native IEEE spills 12 B at 128 registers, paper IEEE takes "
+        "162 registers (18.8 %). 8 warps and 2 stages: 78-111 registers, no spills, 25-37.5 %.",
+    ),
+    TritonConfigException(
+        "_conv_mixpool_bwd_kernel", "3.6", GPU_POOLED_CONV_CONFIGS[1], None, _FP32, ("tf32",),
+        "16 px x 128 ch at 8 warps, TF32: 157 registers at native layer 3 (64 -> 128 channels; 104 under 3.9), one "
+        "block per SM, 12.5 % occupancy; 2 or 4 stages change nothing (156). Dropped: the 16 x 64 and 16 x 32 tiles "
+        "stay (117 and 64 registers, 25 % and 50 %).",
+    ),
+    TritonConfigException(
+        "_dilated_conv_wgrad_kernel", "3.6", _WGRAD_64, {**_WGRAD_64, "BLOCK_M": 32}, _FP32, ("tf32",),
+        "TF32 at 64 pixels per step: 231 registers at native (12.5 %). 32 pixels: 124 registers (25 %), paper 80.",
+    ),
+    TritonConfigException(
+        "_dilated_conv_wgrad_kernel", "3.6", _WGRAD_64, {**_WGRAD_64, "BLOCK_M": 32}, _HALF, ("ieee",),
+        "bf16 at 64 pixels per step: 224 registers at native (12.5 %). 32 pixels: 104 registers (25 %), paper 64 "
+        "(fp16: the same).",
+    ),
+    TritonConfigException(
+        "_dilated_conv_wgrad_kernel", "3.6", _WGRAD_64, {**_WGRAD_64, "BLOCK_M": 16}, _FP32, ("ieee",),
+        "IEEE fp32 (FMAs, no tensor cores): 240 registers at 64 pixels per step and 157 at 32 (native, 12.5 %); 16 "
+        "pixels: 80 registers (37.5 %), paper 128 (25 %).",
+    ),
+)  # fmt: skip
+
+
+def apply_config_exceptions(
+    kernel: str, configs: Sequence[dict], dtype: torch.dtype, precision: str, release: str | None = None
+) -> list[dict]:
+    """``configs`` with the :data:`TRITON_CONFIG_EXCEPTIONS` of ``kernel`` at this dtype and dot precision under
+    ``release`` (default: the running Triton) applied: each replaced in place or dropped, order kept."""
+    release = TRITON_RELEASE if release is None else release
+    out: list[dict] = []
+    for c in configs:
+        hits = [e for e in TRITON_CONFIG_EXCEPTIONS if e.kernel == kernel and e.release == release and e.config == c
+                and dtype in e.dtypes and precision in e.precisions]  # fmt: skip
+        assert len(hits) <= 1, f"{kernel}: {len(hits)} exceptions for {c} ({dtype}, {precision}) under {release}"
+        c = hits[0].use if hits else c
+        if c is not None and c not in out:
+            out.append(c)
+    return out
+
+
 CONV_TUNE_KEY = ("M_BUCKET", "CI", "CO", "K", "conv_stride", "dilation", "RELU", "POOL", "BN", "DOT_PRECISION")
 """The autotune key of both fused convolutions, which add their own flag (``HAS_BIAS``, ``LEGACY``): the GEMM's
 batch-dependent extent as a bucket (``M_BUCKET``, :func:`size_bucket`), its fixed extents and every argument that
@@ -349,10 +441,34 @@ def size_bucket(n: int) -> int:
 
 
 def tune_configs(
-    gpu: Sequence[dict] = GPU_CONV_CONFIGS, interpreter: dict = INTERPRETER_CONV_CONFIG
+    gpu: Sequence[dict] = GPU_CONV_CONFIGS, interpreter: dict = INTERPRETER_CONV_CONFIG, kernel: str | None = None
 ) -> list[triton.Config]:
-    """Autotune configs: the GPU list, or the single interpreter config under ``TRITON_INTERPRET=1``."""
-    return make_configs([interpreter] if interpreting() else gpu)
+    """Autotune configs: the GPU list (plus the replacements the running Triton's
+    :data:`TRITON_CONFIG_EXCEPTIONS` name for ``kernel``), or the single interpreter config under
+    ``TRITON_INTERPRET=1``."""
+    return make_configs([interpreter] if interpreting() else release_configs(kernel, gpu))
+
+
+def release_configs(
+    kernel: str | None, gpu: Sequence[dict] = GPU_CONV_CONFIGS, release: str | None = None
+) -> list[dict]:
+    """``gpu`` plus the configs :data:`TRITON_CONFIG_EXCEPTIONS` put in place of some of them for ``kernel`` under
+    ``release`` (default: the running Triton): what that kernel's autotuner holds on a GPU."""
+    release = TRITON_RELEASE if release is None else release
+    out = list(gpu)
+    for e in TRITON_CONFIG_EXCEPTIONS:
+        if e.kernel == kernel and e.release == release and e.use is not None and e.use not in out:
+            out.append(e.use)
+    return out
+
+
+def conv_autotune(kernel, key: Sequence[str], **kwargs) -> triton.runtime.Autotuner:
+    """``triton.autotune`` of one fused convolution kernel over :func:`tune_configs`, pruned by
+    :func:`prune_block_configs` with the kernel's own :data:`TRITON_CONFIG_EXCEPTIONS`."""
+    name = kernel.__name__
+    prune = functools.partial(prune_block_configs, kernel=name)
+    return triton.autotune(configs=tune_configs(kernel=name), key=list(key),
+                           prune_configs_by={"early_config_prune": prune}, **kwargs)(kernel)  # fmt: skip
 
 
 def make_configs(configs: Sequence[dict]) -> list[triton.Config]:
@@ -368,12 +484,18 @@ def _config_dict(c: triton.Config) -> dict:
     return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
-def prune_block_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+def prune_block_configs(
+    configs: list[triton.Config], named_args: dict, kernel: str | None = None, **kwargs
+) -> list[triton.Config]:
     """Keep the configs of the layer's kind (:data:`GPU_POOLED_CONV_CONFIGS` when ``POOL``, else
-    :data:`GPU_PLAIN_CONV_CONFIGS`), then drop those whose channel or reduction tile exceeds the problem padded to
-    a power of two (min 16); never empty (the kind's smallest tile stays)."""
+    :data:`GPU_PLAIN_CONV_CONFIGS`), with the running Triton's :data:`TRITON_CONFIG_EXCEPTIONS` for ``kernel`` at the
+    call's dtype (``x_ptr``) and ``DOT_PRECISION`` applied, then drop those whose channel or reduction tile exceeds
+    the problem padded to a power of two (min 16); never empty (the kind's smallest tile stays)."""
     args = {**named_args, **kwargs}
     family = GPU_POOLED_CONV_CONFIGS if args.get("POOL", True) else GPU_PLAIN_CONV_CONFIGS
+    x = args.get("x_ptr")
+    if kernel is not None and isinstance(x, torch.Tensor):
+        family = apply_config_exceptions(kernel, family, x.dtype, args.get("DOT_PRECISION", "ieee"))
     mine = [c for c in configs if _config_dict(c) in family] or list(configs)
     co = pow2_block(args["CO"], hi=1 << 30)
     r = pow2_block(args["CI"] * args["K"] ** 2, hi=1 << 30)

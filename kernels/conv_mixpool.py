@@ -34,14 +34,13 @@ from fusionkern.kernels._common import (
     check_int32_indexable,
     check_tensor,
     compute_dtype,
+    conv_autotune,
     conv_backward,
     conv_geometry,
     dot_precision,
-    prune_block_configs,
     resolve_allow_tf32,
     square_int,
     tl_acc_dtype,
-    tune_configs,
     unsupported,
 )
 
@@ -264,15 +263,10 @@ def _conv_mixpool_bwd_kernel(
         tl.store(bias_part_ptr + pid_p * CO + offs_co, d_sum, mask=co_mask)
 
 
-_conv_mixpool_fwd = triton.autotune(
-    configs=tune_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_block_configs}
-)(_conv_mixpool_fwd_kernel)
-_conv_mixpool_bwd = triton.autotune(
-    configs=tune_configs(),
-    key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": prune_block_configs},
-    reset_to_zero=["alpha_part_ptr", "bias_part_ptr"],
-)(_conv_mixpool_bwd_kernel)
+_conv_mixpool_fwd = conv_autotune(_conv_mixpool_fwd_kernel, _AUTOTUNE_KEY)
+_conv_mixpool_bwd = conv_autotune(
+    _conv_mixpool_bwd_kernel, _AUTOTUNE_KEY, reset_to_zero=["alpha_part_ptr", "bias_part_ptr"]
+)
 
 
 # --------------------------------------------------------------------------------------------------------------

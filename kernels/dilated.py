@@ -55,6 +55,7 @@ from torch.autograd.function import once_differentiable
 
 from ._common import (
     SUPPORTED_DTYPES,
+    apply_config_exceptions,
     check_device,
     check_int32_indexable,
     compute_dtype,
@@ -373,14 +374,20 @@ def _conv_blocks(m: int, c_in: int, c_out: int, dtype: torch.dtype, device: torc
     return block_m, block_n, block_k, num_warps, 3
 
 
-def _wgrad_blocks(m: int, c_in: int, c_out: int, device: torch.device) -> tuple[int, ...]:
-    """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages) for the weight-gradient kernel."""
+def _wgrad_blocks(
+    m: int, c_in: int, c_out: int, device: torch.device, dtype: torch.dtype = torch.float32, precision: str = "tf32"
+) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages) for the weight-gradient kernel (``dtype`` and the dot
+    ``precision`` select the running Triton's :data:`~._common.TRITON_CONFIG_EXCEPTIONS`)."""
     if device.type == "cpu":  # see _conv_blocks
         block_k = min(64, max(16, _next_pow2(c_in)))
         return min(256, max(16, _next_pow2(m))), block_k, min(64, max(16, _next_pow2(c_out))), 1, 1
     block_k = min(64, max(16, _next_pow2(c_in)))
     block_n = min(64, max(16, _next_pow2(c_out)))
-    return 64, block_k, block_n, 8 if block_k * block_n >= 64 * 64 else 4, 3  # 8 warps: see _conv_blocks
+    config = dict(BLOCK_M=64, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=8 if block_k * block_n >= 64 * 64 else 4,
+                  num_stages=3)  # 8 warps: see _conv_blocks  # fmt: skip
+    (config,) = apply_config_exceptions("_dilated_conv_wgrad_kernel", [config], dtype, precision)
+    return config["BLOCK_M"], config["BLOCK_K"], config["BLOCK_N"], config["num_warps"], config["num_stages"]
 
 
 def dilated_conv_forward(
@@ -442,7 +449,8 @@ def dilated_conv_weight_grad(
     m = bsz * h * w
     if m == 0 or c_in == 0 or c_out == 0:
         return gw, gb
-    block_m, block_k, block_n, num_warps, num_stages = _wgrad_blocks(m, c_in, c_out, x.device)
+    block_m, block_k, block_n, num_warps, num_stages = _wgrad_blocks(m, c_in, c_out, x.device, x.dtype,
+                                                                     input_precision)  # fmt: skip
     grid = (t, triton.cdiv(c_in, block_k), triton.cdiv(c_out, block_n))
     _dilated_conv_wgrad_kernel[grid](
         x, g, offsets, gw, gb if gb is not None else gw,

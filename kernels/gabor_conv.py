@@ -44,15 +44,14 @@ from fusionkern.kernels._common import (
     check_int32_indexable,
     check_tensor,
     compute_dtype,
+    conv_autotune,
     conv_backward,
     conv_geometry,
     dot_precision,
     pow2_block,
-    prune_block_configs,
     resolve_allow_tf32,
     square_int,
     tl_acc_dtype,
-    tune_configs,
     unsupported,
 )
 
@@ -374,15 +373,8 @@ def _gabor_param_grad_kernel(
     tl.store(grad_params_ptr + 3 * N + offs_n, grad_p.to(ty), mask=n_mask)
 
 
-_gabor_conv_fwd = triton.autotune(
-    configs=tune_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_block_configs}
-)(_gabor_conv_fwd_kernel)
-_gabor_conv_bwd = triton.autotune(
-    configs=tune_configs(),
-    key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": prune_block_configs},
-    reset_to_zero=["alpha_part_ptr"],
-)(_gabor_conv_bwd_kernel)
+_gabor_conv_fwd = conv_autotune(_gabor_conv_fwd_kernel, _AUTOTUNE_KEY)
+_gabor_conv_bwd = conv_autotune(_gabor_conv_bwd_kernel, _AUTOTUNE_KEY, reset_to_zero=["alpha_part_ptr"])
 
 
 # --------------------------------------------------------------------------------------------------------------

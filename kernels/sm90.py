@@ -304,7 +304,11 @@ def figures(launch: Launch, index: int, compiled, log: str) -> LaunchFigures:
     ttgir = compiled.asm.get("ttgir", "")
     data = [a["tensor"] for a in launch.args if isinstance(a, dict) and "tensor" in a]
     precision = launch.constexprs.get("DOT_PRECISION", launch.constexprs.get("INPUT_PRECISION", "-"))
-    meta = ",".join(f"{k}={v}" for k, v in config.items() if k not in ("num_warps", "num_stages"))
+    # the autotuned meta-parameters, or the tile constexprs of a plain launch (its launcher picked them)
+    tiles = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")} or {
+        k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK_")
+    }
+    meta = ",".join(f"{k}={v}" for k, v in tiles.items())
     return LaunchFigures(
         kernel=launch.kernel, layer=launch.layer, precision=str(precision), dtype=data[0] if data else "-",
         config=f"{meta} w{config['num_warps']} s{config['num_stages']}".strip(), num_warps=config["num_warps"],

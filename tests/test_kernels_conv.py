@@ -668,6 +668,55 @@ def test_autotune_setup():
     assert kept(False, CI=1, CO=1) == [_common.GPU_PLAIN_CONV_CONFIGS[-1]]
 
 
+def test_triton_config_exceptions(monkeypatch):
+    """Each exception names a config its kernel holds and applies to its release, dtypes and precisions only: under
+    triton 3.6 the Gabor layer's small tile is replaced (per dtype), the conv backward's 16 x 128 tile is dropped
+    for TF32 and the dilated weight gradient reduces over 32 pixels per step (16 in IEEE fp32); under another
+    release every launcher keeps the default lists."""
+    from fusionkern.kernels import dilated
+
+    wgrad_default = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=3)
+    for e in _common.TRITON_CONFIG_EXCEPTIONS:
+        assert e.release.count(".") == 1 and all(p.isdigit() for p in e.release.split(".")), e
+        assert e.why and e.use != e.config and e.dtypes and set(e.precisions) <= {"ieee", "tf32"}, e
+        assert e.config == wgrad_default if "wgrad" in e.kernel else e.config in _common.GPU_CONV_CONFIGS, e
+        for dtype in e.dtypes:  # at most one exception per config, dtype and precision (else the order would decide)
+            for precision in e.precisions:
+                _common.apply_config_exceptions(e.kernel, [e.config], dtype, precision, e.release)
+
+    def kept(kernel: str, dtype: torch.dtype, precision: str, ci: int, co: int) -> list[dict]:
+        x = torch.empty(0, dtype=dtype)
+        uses = [e.use for e in _common.TRITON_CONFIG_EXCEPTIONS if e.use and "wgrad" not in e.kernel]
+        configs = _common.make_configs(list(_common.GPU_CONV_CONFIGS) + [c for i, c in enumerate(uses)
+                                                                         if c not in uses[:i]])  # fmt: skip
+        pruned = _common.prune_block_configs(configs, {"x_ptr": x, "CI": ci, "CO": co}, kernel=kernel, K=3,
+                                             POOL=True, DOT_PRECISION=precision)  # fmt: skip
+        return [_common._config_dict(c) for c in pruned]
+
+    def wgrad(dtype: torch.dtype, precision: str) -> int:
+        return dilated._wgrad_blocks(4096, 64, 64, torch.device("cuda"), dtype, precision)[0]
+
+    small, wide = _common.GPU_POOLED_CONV_CONFIGS[-1], _common.GPU_POOLED_CONV_CONFIGS[1]
+    monkeypatch.setattr(_common, "TRITON_RELEASE", "3.9")
+    for dtype, precision in ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16, "ieee")):
+        assert kept("_gabor_conv_fwd_kernel", dtype, precision, 3, 32) == [small]
+        assert wide in kept("_conv_mixpool_bwd_kernel", dtype, precision, 64, 128)
+        assert wgrad(dtype, precision) == 64
+    monkeypatch.setattr(_common, "TRITON_RELEASE", "3.6")
+    assert kept("_gabor_conv_fwd_kernel", torch.bfloat16, "ieee", 3, 32) == [{**small, "BLOCK_R": 32, "num_warps": 8}]
+    assert kept("_gabor_conv_fwd_kernel", torch.float16, "ieee", 3, 32) == [{**small, "BLOCK_R": 32, "num_warps": 8}]
+    assert kept("_gabor_conv_fwd_kernel", torch.float32, "tf32", 3, 32) == [{**small, "num_warps": 8, "num_stages": 2}]
+    assert kept("_gabor_conv_bwd_kernel", torch.bfloat16, "ieee", 3, 32) == [{**small, "num_warps": 8, "num_stages": 2}]
+    assert kept("_conv_mixpool_fwd_kernel", torch.float32, "tf32", 3, 32) == [small]  # other kernels: unchanged
+    assert wide not in kept("_conv_mixpool_bwd_kernel", torch.float32, "tf32", 64, 128)
+    assert small in kept("_conv_mixpool_bwd_kernel", torch.float32, "tf32", 64, 128)
+    assert wide in kept("_conv_mixpool_bwd_kernel", torch.float32, "ieee", 64, 128)
+    assert wide in kept("_conv_mixpool_bwd_kernel", torch.bfloat16, "ieee", 64, 128)
+    assert [wgrad(torch.float32, "tf32"), wgrad(torch.bfloat16, "ieee"), wgrad(torch.float32, "ieee")] == [32, 32, 16]
+    assert dilated._wgrad_blocks(4096, 32, 64, torch.device("cuda"), torch.float32, "tf32")[0] == 64  # other tiles
+    assert dilated._wgrad_blocks(4096, 64, 64, torch.device("cpu"), torch.float32, "tf32")[0] != 32  # interpreter
+
+
 def test_size_bucket():
     """The autotune key's batch-dependent extent: the output pixel count rounded up to a power of two."""
     assert [_common.size_bucket(n) for n in (0, 1, 2, 3, 16, 17, 27, 32, 33, 9 * 1000)] == [

@@ -11,6 +11,11 @@ specialization and reads Triton's own ``ptxas -v`` log and PTX. Gates:
   defaults (TF32) and in bf16;
 * occupancy of at least 25 % on an H100 SM for the convolution configs.
 
+Each gate runs under the Triton the tests import and, where ``make test-triton36`` installed it (``.triton36/``, or
+the folder ``FUSIONKERN_TRITON36`` names; empty turns it off), under triton 3.6, what the GPU machine runs: the
+configs one release compiles badly are replaced for that release only (``TRITON_CONFIG_EXCEPTIONS`` in
+:mod:`fusionkern.kernels._common`), so both must pass.
+
 By default a representative subset runs (the native preset: a training step in fp32 under torch's defaults and
 inference in bf16; each distinct binary compiled once, about 1.5 minutes on two cores); ``FUSIONKERN_SM90_FULL=1`` sweeps both presets, eval and train, fp32 TF32, fp32 IEEE and
 bf16. The measured table of the full sweep is committed under ``benchmarks/results/<date>-sm90-static/`` (written
@@ -20,8 +25,10 @@ by ``python -m fusionkern.models.launches --report DIR``; the compiling is :mod:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+import triton
 
 from fusionkern.kernels import sm90
 from fusionkern.models import launches as model_launches
@@ -38,9 +45,28 @@ CONV_KERNELS = {"_gabor_conv_fwd_kernel", "_gabor_conv_bwd_kernel", "_conv_mixpo
 MIN_OCCUPANCY = 0.25
 
 
-@pytest.fixture(scope="module")
-def analysis():
-    launches, results = model_launches.analyse(RUNS)
+# The second Triton release the gate compiles with: the folder `make test-triton36` installs it into.
+TRITON36 = os.environ.get("FUSIONKERN_TRITON36", str(Path(__file__).resolve().parents[1] / ".triton36"))
+
+
+def _triton36_env() -> dict:
+    """The compiling processes' environment for triton 3.6, or a skip saying why it cannot run here."""
+    if triton.__version__.startswith("3.6."):
+        pytest.skip(f"the imported triton is {triton.__version__} already: the 'imported' runs are the 3.6 gate")
+    if not TRITON36:
+        pytest.skip("FUSIONKERN_TRITON36 is empty: the triton 3.6 gate is off (make test-triton36 runs it)")
+    if not (Path(TRITON36) / ".installed").is_file():
+        pytest.skip(f"triton 3.6 is not installed in {TRITON36}/ (make test-triton36 installs it)")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [TRITON36, os.environ.get("PYTHONPATH")]))}
+    version = sm90.triton_version(env)
+    assert version == "3.6.0", f"{TRITON36}/ holds triton {version}, not 3.6.0"
+    return env
+
+
+@pytest.fixture(scope="module", params=["imported", "triton36"])
+def analysis(request):
+    env = _triton36_env() if request.param == "triton36" else None
+    launches, results = model_launches.analyse(RUNS, env=env)
     return launches, results
 
 

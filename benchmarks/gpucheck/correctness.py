@@ -189,20 +189,39 @@ def config_label(config) -> str:
     return f"P{kw['BLOCK_P']}-CO{kw['BLOCK_CO']}-R{kw['BLOCK_R']}-w{config.num_warps}-s{config.num_stages}"
 
 
-def gpu_conv_configs() -> list:
-    """The GPU autotune list of the conv kernels (what the autotuners hold on a GPU, whatever this process runs)."""
-    from fusionkern.kernels._common import GPU_CONV_CONFIGS, make_configs
+def _kernel_names(kind: str) -> tuple[str, str]:
+    """The forward and backward ``@triton.jit`` kernels' names of an autotuned op."""
+    return AUTOTUNERS[kind][1] + "_kernel", AUTOTUNERS[kind][2] + "_kernel"
 
-    return make_configs(GPU_CONV_CONFIGS)
+
+def gpu_conv_configs() -> list:
+    """The GPU autotune lists of the conv kernels, with the running Triton's replacements (what the autotuners hold
+    on a GPU with this Triton, whatever this process runs)."""
+    from fusionkern.kernels._common import make_configs, release_configs
+
+    configs: list[dict] = []
+    for kind in AUTOTUNERS:
+        for kernel in _kernel_names(kind):
+            configs += [c for c in release_configs(kernel) if c not in configs]
+    return make_configs(configs)
 
 
 def pickable_configs(case: ModuleCase) -> list[str]:
-    """Labels of the autotune configs the launcher's pruning keeps for the case's channels and kernel size."""
-    from fusionkern.kernels._common import prune_block_configs
+    """Labels of the autotune configs the launchers' pruning keeps for the case's channels and kernel size, forward
+    or backward, in fp32 (TF32 or IEEE) or bf16 (the running Triton's exceptions differ by kernel and dtype)."""
+    import torch
 
-    kept = prune_block_configs(gpu_conv_configs(), {"CI": case.in_shape[0], "CO": case.out_shape[0],
-                                                    "K": case.kernel_size})  # fmt: skip
-    return [config_label(c) for c in kept]
+    from fusionkern.kernels._common import make_configs, prune_block_configs, release_configs
+
+    labels: list[str] = []
+    for kernel in _kernel_names(case.kind):
+        for dtype, precision in ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16, "ieee")):
+            args = {"x_ptr": torch.empty(0, dtype=dtype), "CI": case.in_shape[0], "CO": case.out_shape[0],
+                    "K": case.kernel_size}  # fmt: skip
+            kept = prune_block_configs(make_configs(release_configs(kernel)), args, kernel=kernel,
+                                       DOT_PRECISION=precision)  # fmt: skip
+            labels += [label for label in map(config_label, kept) if label not in labels]
+    return labels
 
 
 def dilated_pick(case: ModuleCase, batch: int) -> str:
@@ -216,7 +235,8 @@ def dilated_pick(case: ModuleCase, batch: int) -> str:
     gpu = torch.device("cuda")  # only its type is read: nothing touches a GPU here
     parts = [f"{name}:{'x'.join(map(str, dilated._conv_blocks(m, c, case.out_shape[0], dtype, gpu)[:3]))}"
              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))]  # fmt: skip
-    parts.append("wgrad:" + "x".join(map(str, dilated._wgrad_blocks(m, c, case.out_shape[0], gpu)[:3])))
+    parts += [f"wgrad-{name}:{'x'.join(map(str, dilated._wgrad_blocks(m, c, case.out_shape[0], gpu, dtype, q)[:3]))}"
+              for name, dtype, q in (("fp32", torch.float32, "tf32"), ("bf16", torch.bfloat16, "ieee"))]  # fmt: skip
     return " ".join(parts)
 
 

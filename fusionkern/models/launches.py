@@ -136,13 +136,23 @@ def _main(argv: Sequence[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m fusionkern.models.launches", description=__doc__.split("\n")[0])
-    parser.add_argument("--report", metavar="PATH", help="write PATH.md and PATH.json for the full sweep")
+    parser.add_argument("--report", metavar="PATH", help="write PATH.md and PATH.json (default: the full sweep)")
     parser.add_argument("--pythonpath", help="prepend to PYTHONPATH of the compiling processes (another triton)")
     parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--runs", nargs="+", metavar="PRESET:MODE:PRECISION",
+                        help="only these runs, e.g. native:train:tf32 native:eval:bf16 (the static gate's subset)")
     args = parser.parse_args(argv)
     if not args.report:
         parser.error("give --report PATH")
     runs = [(p, m, q) for p in PRESET_BATCH for m in MODES for q in PRECISIONS]
+    if args.runs:
+        runs = [tuple(r.split(":")) for r in args.runs]
+        bad = [":".join(r) for r in runs if len(r) != 3 or r[0] not in PRESET_BATCH or r[1] not in MODES
+               or r[2] not in PRECISIONS]  # fmt: skip
+        if bad:
+            parser.error(f"--runs: {', '.join(bad)} is not PRESET:MODE:PRECISION with preset one of "
+                         f"{', '.join(PRESET_BATCH)}, mode one of {', '.join(MODES)}, precision one of "
+                         f"{', '.join(PRECISIONS)}")  # fmt: skip
     env = None
     if args.pythonpath:
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.pythonpath, os.environ.get("PYTHONPATH")]))}
