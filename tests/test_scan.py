@@ -268,14 +268,17 @@ def test_a_killed_scan_resumes_to_the_outputs_of_an_uninterrupted_one(checkpoint
     common = dict(manifest=str(manifest), tile_px=64, batch_size=4, threshold=0.4, quicklook=False, checksums=False)
     model = TorchPredictor(load_checkpoint(checkpoint))
 
-    class Killed:
-        expects_raw, calls = False, 0
+    class Killed:  # the model, fed as the scan feeds it (chips cut and scaled on its device), until it dies
+        expects_raw, calls, feed_device = False, 0, model.feed_device
 
         def __call__(self, chips):
+            return self.score_tensor(torch.from_numpy(chips))
+
+        def score_tensor(self, chips):
             Killed.calls += 1
             if Killed.calls > 6:
                 raise RuntimeError("killed")
-            return model(chips)
+            return model.score_tensor(chips)
 
         def describe(self):
             return model.describe()
