@@ -448,6 +448,26 @@ def test_verifier_scores_recentred_chips_under_rotations(trained, region):
     assert odds[0] == pytest.approx(total / 2, rel=1e-5)
 
 
+def test_recentred_chips_come_back_in_the_order_asked_whatever_the_threads(region):
+    from fusionkern.scan.grid import make_grid
+    from fusionkern.scan.inputs import load_inputs
+    from fusionkern.scan.tiles import StackReader
+
+    inputs = load_inputs(manifest=str(region.manifest), calibrate=False)
+    grid = make_grid(inputs.reference)
+    layout = ChipLayout(CHIP, 17, 18, 18)
+    rng = np.random.default_rng()
+    cells = rng.uniform(CHIP, min(grid.width, grid.height) - CHIP, (9, 2))
+    points = [grid.affine * (c, r) for r, c in cells] + [grid.affine * (2, 2)]  # the last leaves the region
+    with StackReader(inputs, grid, layout) as reader:
+        want, want_valid = decide.recentred_chips(reader, grid, CHIP, points)
+    for threads in (1, 2, 3):
+        chips, valid = decide.read_recentred(inputs, grid, layout, points, threads=threads)
+        np.testing.assert_array_equal(valid, want_valid)
+        np.testing.assert_array_equal(chips, want)
+    assert want_valid[:-1].all() and not want_valid[-1]
+
+
 def test_verifier_removes_candidates_it_rejects(tmp_path, region, trained, monkeypatch):
     """A scan with a verifier keeps only the candidates the ensemble scores above the threshold: with an ensemble
     that accepts only chips near the planted plants, the false sites of the first pass go."""

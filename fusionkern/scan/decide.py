@@ -403,7 +403,8 @@ def recentred_chips(
 def read_recentred(
     inputs: Any, grid: Any, layout: Any, points: Sequence[tuple[float, float]], threads: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`recentred_chips` read by a few threads, each with its own rasters (GDAL releases the GIL)."""
+    """:func:`recentred_chips` read by a few threads, each with its own rasters (GDAL releases the GIL), each
+    thread one band of the region; chips come back in the order of ``points``."""
     from concurrent.futures import ThreadPoolExecutor
 
     from fusionkern.scan.tiles import StackReader
@@ -413,11 +414,16 @@ def read_recentred(
             return recentred_chips(reader, grid, layout.chip_px, part)
 
     points = list(points)
-    parts = [points[k::threads] for k in range(threads)] if len(points) > 1 else [points]
-    with ThreadPoolExecutor(len(parts)) as pool:
-        results = list(pool.map(read, parts))
-    chips = np.zeros((len(points), *results[0][0].shape[1:]), dtype=np.float32)
+    # Each thread takes one band of the region, north to south, so that a compressed block the rasters hold is
+    # decoded by one thread's rasters only (GDAL caches blocks per open dataset), not by every thread's.
+    order = sorted(range(len(points)), key=lambda k: (-points[k][1], points[k][0]))
+    n_parts = max(1, min(threads, len(points)))
+    bounds = np.linspace(0, len(points), n_parts + 1).round().astype(int)
+    parts = [order[bounds[k] : bounds[k + 1]] for k in range(n_parts)]
+    with ThreadPoolExecutor(n_parts) as pool:
+        results = list(pool.map(read, [[points[i] for i in part] for part in parts]))
+    chips = np.zeros((len(points), 5, 3, layout.chip_px, layout.chip_px), dtype=np.float32)
     valid = np.zeros(len(points), dtype=bool)
-    for k, (part_chips, part_valid) in enumerate(results):
-        chips[k::len(parts)], valid[k::len(parts)] = part_chips, part_valid
+    for part, (part_chips, part_valid) in zip(parts, results):
+        chips[part], valid[part] = part_chips, part_valid
     return chips, valid
