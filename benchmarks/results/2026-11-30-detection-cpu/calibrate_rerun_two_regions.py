@@ -1,3 +1,8 @@
+"""The re-calibration recorded in README.md ("Calibrating on two regions together"), as it ran: the second demo
+run's training folder copied to /tmp/d11/train, two calibration regions (seed 202 in place, seed 203 moved 300 km
+east by rewriting its rasters' transform; `make_demo_region(east_km=...)` does the same since), one plants file
+for both, and `fusionkern.scan.calibrate.calibrate` over the two manifests. Paths are those of that run."""
+
 import json, sys
 import rasterio
 from rasterio.warp import transform as reproject_points
