@@ -31,6 +31,10 @@ def pytest_addoption(parser):
                     help="seconds spent timing each case after warm-up (default 1)")
     group.addoption("--bench-threads", type=int, default=None,
                     help="CPU threads of torch and onnxruntime during the run (default: theirs)")  # fmt: skip
+    group.addoption("--bench-width", type=float, default=None,
+                    help="FusionNet width of the model, train and scan cases (default: the plan's, 1.0)")
+    group.addoption("--bench-scan-px", type=int, default=None,
+                    help="side of the scan cases' generated region (default: the plan's)")
 
 
 def _device_name(config) -> str:
@@ -43,7 +47,8 @@ def _quick(config) -> bool:
 
 def _plan(config):
     return make_plan(_device_name(config), _quick(config), config.getoption("bench_time"),
-                     config.getoption("bench_threads"))  # fmt: skip
+                     config.getoption("bench_threads"), width=config.getoption("bench_width"),
+                     scan_px=config.getoption("bench_scan_px"))  # fmt: skip
 
 
 _SAVED_THREADS: list[int] = []

@@ -14,6 +14,7 @@ from torch import nn
 
 import fusionkern.cli as cli
 from fusionkern.bench.cases import gabor_bank_loop, layer_shape, make_plan
+from fusionkern.errors import ConfigError
 from fusionkern.bench.report import (
     GOALS,
     Goal,
@@ -280,6 +281,16 @@ def test_layer_shapes_follow_the_presets():
     assert layer_shape("dilated_block", "native", plan).describe() == "256x256x4x4->256 d=1,2,3"
     quick = make_plan("cpu", quick=True)
     assert layer_shape("attention", "native", quick).describe() == "2x160x4x4->160"
+
+
+def test_the_plan_takes_another_width_and_scan_region():
+    plan = make_plan("cpu", width=0.25, scan_px=2048)
+    assert plan.model_width == 0.25 and plan.scan_size_px == 2048
+    assert make_plan("cpu").model_width == 1.0 and make_plan("cpu").scan_size_px == 256
+    with pytest.raises(ConfigError, match="width must be positive"):
+        make_plan("cpu", width=0.0)
+    with pytest.raises(ConfigError, match="at least 64 px"):
+        make_plan("cpu", scan_px=32)
 
 
 @pytest.fixture

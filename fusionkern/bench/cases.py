@@ -48,6 +48,7 @@ from fusionkern.models import (
     MixPool2d,
     get_preset,
 )
+from fusionkern.errors import ConfigError
 from fusionkern.models.layers import LEGACY_SIGMA_EPS
 
 PRESETS = ("paper", "native")
@@ -132,8 +133,17 @@ class Plan:
     threads: int | None = None
 
 
-def make_plan(device: str, quick: bool = False, target_s: float | None = None, threads: int | None = None) -> Plan:
-    """The sizes of a run on ``device`` (``cpu`` or ``cuda``), tiny in quick mode."""
+def make_plan(
+    device: str,
+    quick: bool = False,
+    target_s: float | None = None,
+    threads: int | None = None,
+    width: float | None = None,
+    scan_px: int | None = None,
+) -> Plan:
+    """The sizes of a run on ``device`` (``cpu`` or ``cuda``), tiny in quick mode; ``width`` and ``scan_px``
+    replace the model width and the scan region's side (e.g. to time the model a user scans with, for
+    ``fusionkern scan --plan``)."""
     if quick:
         # Every code path once, on the native preset only: the paper preset differs in sizes, not in code.
         plan = Plan(
@@ -159,6 +169,14 @@ def make_plan(device: str, quick: bool = False, target_s: float | None = None, t
         plan = dataclasses.replace(plan, target_s=float(target_s))
     if threads:
         plan = dataclasses.replace(plan, threads=int(threads))
+    if width is not None:
+        if not width > 0:
+            raise ConfigError(f"the bench model width must be positive, got {width}")
+        plan = dataclasses.replace(plan, model_width=float(width))
+    if scan_px is not None:
+        if scan_px < 64:
+            raise ConfigError(f"the bench scan region needs at least 64 px a side, got {scan_px}")
+        plan = dataclasses.replace(plan, scan_size_px=int(scan_px))
     return plan
 
 

@@ -25,6 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads of torch and onnxruntime (default: theirs; 1 gives steadier figures on a busy "
                         "machine)")
+    p.add_argument("--width", type=float, default=None,
+                   help="FusionNet width of the model, train and scan cases (default 1.0), e.g. the width of the "
+                   "checkpoint a scan --plan should find a record for")  # fmt: skip
+    p.add_argument("--scan-px", type=int, default=None, metavar="PX",
+                   help="side of the scan cases' generated region (default: 256 on CPU, 2048 on CUDA)")
     p.add_argument("--note", action="append", default=[], help="a line quoted at the top of bench.md (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="list every case as it runs")
 
@@ -44,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(
         device=device, out=args.out, quick=args.quick, suite=args.suite, select=args.select, target_s=args.target_s,
         threads=args.threads, notes=args.note, verbose=args.verbose,
+        extra_pytest_args=[*(["--bench-width", str(args.width)] if args.width is not None else []),
+                           *(["--bench-scan-px", str(args.scan_px)] if args.scan_px is not None else [])],
     )  # fmt: skip
     goals = result.report["goals"]
     met = sum(g["status"] == "met" for g in goals)
