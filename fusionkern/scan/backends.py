@@ -285,7 +285,8 @@ class TorchPredictor:
         return self._probabilities(x).cpu().numpy()
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        # no autocast weight cache: a CUDA graph would capture casts the cache frees after the first pass
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False):
             logits = self.model(self.model.prepare(x))
         return torch.softmax(logits.float(), dim=1)[:, CEMENT]
 
