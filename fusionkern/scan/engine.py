@@ -24,19 +24,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 
-from fusionkern.scan.feed import ChipFeed, score_tile, uses_feed
+from fusionkern.scan.feed import ChipFeed, uses_feed
 from fusionkern.scan.grid import ChipLayout, ScanGrid
 from fusionkern.scan.inputs import ScanInputs
 from fusionkern.scan.tiles import (
+    Predictor,
     StackReader,
     Tile,
     TileResult,
-    Predictor,
     chip_batches,
     chip_reasons,
     cloud_as_nan,
-    window_batches,
+    score_window,
 )
 
 _POLL_S = 0.1
@@ -233,7 +234,6 @@ def run_local(
     if not tiles:
         return stats
     open_tiles: dict[str, TileResult] = {}
-    scale = not getattr(predictor, "expects_raw", False)
     feed = ChipFeed(layout, predictor.feed_device) if uses_feed(predictor) else None
     pool = None
     if options.readers == "processes":
@@ -249,27 +249,27 @@ def run_local(
             t0 = time.perf_counter()
             for window in pool.windows():
                 stats.stage_s["wait"] += time.perf_counter() - t0
-                result = _score_window(window.tile, window.stack, window.reasons, predictor, feed, layout, options,
-                                       scale)  # fmt: skip
+                result = score_window(window.tile, window.stack, window.reasons, predictor, layout,
+                                      options.batch_size, feed)  # fmt: skip
                 result.timings["read"] = window.read_s
                 stats.add(result)
                 on_tile(result)
                 t0 = time.perf_counter()
         stats.wall_s = time.perf_counter() - start
         return stats
+    scale = not getattr(predictor, "expects_raw", False)
     with _Pipeline(inputs, grid, layout, tiles, options, scale, whole_tiles=feed is not None) as pipeline:
         for kind, tile, payload, waited in pipeline.items():
             stats.stage_s["wait"] += waited
             if kind == "tile":
                 reasons, read_s, stack = payload
-                timings = {"read": read_s, "cut": 0.0, "inference": 0.0}
-                if stack is None:
+                if stack is None:  # its chip batches follow
                     scores = np.full(reasons.shape, np.nan, dtype=np.float32)
+                    result = TileResult(tile, scores, reasons, {"read": 0.0, "cut": 0.0, "inference": 0.0})
                 else:
-                    scores, timings["cut"], timings["inference"] = score_tile(
-                        feed, predictor, stack, reasons, options.batch_size
-                    )
-                open_tiles[tile.key] = TileResult(tile, scores, reasons, timings)
+                    result = score_window(tile, stack, reasons, predictor, layout, options.batch_size, feed)
+                result.timings["read"] = read_s
+                open_tiles[tile.key] = result
             elif kind == "batch":
                 (index, chips), cut_s = payload
                 result = open_tiles[tile.key]
@@ -284,35 +284,6 @@ def run_local(
                 on_tile(result)
     stats.wall_s = time.perf_counter() - start
     return stats
-
-
-def _score_window(
-    tile: Tile,
-    stack: np.ndarray,
-    reasons: np.ndarray,
-    predictor: Predictor,
-    feed: ChipFeed | None,
-    layout: ChipLayout,
-    options: EngineOptions,
-    scale: bool,
-) -> TileResult:
-    """Scores a whole tile window in this thread: on the predictor's device, or as host chip batches."""
-    timings = {"read": 0.0, "cut": 0.0, "inference": 0.0}
-    if feed is not None:
-        scores, timings["cut"], timings["inference"] = score_tile(feed, predictor, stack, reasons, options.batch_size)
-        return TileResult(tile, scores, reasons, timings)
-    scores = np.full(reasons.shape, np.nan, dtype=np.float32)
-    batches = window_batches(stack, reasons, layout, options.batch_size, scale)
-    while True:
-        t0 = time.perf_counter()
-        item = next(batches, None)
-        t1 = time.perf_counter()
-        timings["cut"] += t1 - t0
-        if item is None:
-            return TileResult(tile, scores, reasons, timings)
-        index, chips = item
-        scores.flat[index] = predictor(chips)
-        timings["inference"] += time.perf_counter() - t1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -402,17 +373,13 @@ class _NoModel:
     expects_raw = False
 
     def __init__(self, feed_device: str | None):
-        import torch
-
         self.feed_device = torch.device(feed_device) if feed_device else None
 
     def __call__(self, chips: np.ndarray) -> np.ndarray:
         return np.zeros(len(chips), np.float32)
 
-    def score_tensor(self, chips: Any) -> np.ndarray:
+    def score_tensor(self, chips: torch.Tensor) -> np.ndarray:
         if chips.device.type == "cuda":
-            import torch
-
             torch.cuda.synchronize(chips.device)  # the cut and scale have run
         return np.zeros(len(chips), np.float32)
 

@@ -376,25 +376,50 @@ def process_tile(
     data = reader.read(*tile.window(layout))
     reasons = chip_reasons(data, tile, layout, max_invalid)
     t1 = time.perf_counter()
+    result = score_window(tile, cloud_as_nan(data), reasons, predictor, layout, batch_size, feed)
+    result.timings["read"] = t1 - t0
+    return result
+
+
+def score_window(
+    tile: Tile,
+    stack: np.ndarray,
+    reasons: np.ndarray,
+    predictor: Predictor,
+    layout: ChipLayout,
+    batch_size: int,
+    feed: Any = None,
+) -> TileResult:
+    """Scores the chips of a tile window already read: on the predictor's device through ``feed``, or in host
+    chip batches (scaled here unless the predictor ``expects_raw``). The timings leave ``read`` at 0.
+
+    Args:
+        tile: The tile.
+        stack: (5, 3, H, W) float32 window, NaN at invalid and cloudy pixels.
+        reasons: Per chip SCORED / NODATA / CLOUD / OUTSIDE.
+        predictor: Chips -> cement probability.
+        layout: Chip size and stride.
+        batch_size: Chips per predictor call.
+        feed: A :class:`~fusionkern.scan.feed.ChipFeed` on the predictor's device, or None.
+    """
+    timings = {"read": 0.0, "cut": 0.0, "inference": 0.0}
     if feed is not None:
         from fusionkern.scan.feed import score_tile
 
-        scores, cut_s, infer_s = score_tile(feed, predictor, cloud_as_nan(data), reasons, batch_size)
-        return TileResult(tile, scores, reasons, {"read": t1 - t0, "cut": cut_s, "inference": infer_s})
+        scores, timings["cut"], timings["inference"] = score_tile(feed, predictor, stack, reasons, batch_size)
+        return TileResult(tile, scores, reasons, timings)
     scores = np.full(reasons.shape, np.nan, dtype=np.float32)
-    cut_s = infer_s = 0.0
-    batches = chip_batches(data, reasons, layout, batch_size, scale=not getattr(predictor, "expects_raw", False))
+    batches = window_batches(stack, reasons, layout, batch_size, scale=not getattr(predictor, "expects_raw", False))
     while True:
-        t2 = time.perf_counter()
+        t0 = time.perf_counter()
         item = next(batches, None)
-        t3 = time.perf_counter()
-        cut_s += t3 - t2
+        t1 = time.perf_counter()
+        timings["cut"] += t1 - t0
         if item is None:
-            break
+            return TileResult(tile, scores, reasons, timings)
         index, chips = item
         scores.flat[index] = predictor(chips)
-        infer_s += time.perf_counter() - t3
-    return TileResult(tile, scores, reasons, {"read": t1 - t0, "cut": cut_s, "inference": infer_s})
+        timings["inference"] += time.perf_counter() - t1
 
 
 def describe_reader(reader: StackReader) -> dict[str, Any]:
