@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fusionkern.scan.grid import ChipLayout
+from fusionkern.scan.tiles import SCORED
 
 
 @dataclass
@@ -38,7 +39,6 @@ class DeviceTile:
         span: (rows, cols, 15, 1, 1) maximum minus minimum (1 where the plane is constant or empty).
         usable: (rows, cols, 15, 1, 1) bool, False where the plane is constant or empty (it scales to 0).
         finite: True when the window holds no NaN (the gather then needs no mask).
-        ready: CUDA event recorded after the copy to the device (None on a CPU).
     """
 
     planes: torch.Tensor
@@ -47,7 +47,6 @@ class DeviceTile:
     span: torch.Tensor
     usable: torch.Tensor
     finite: bool
-    ready: torch.cuda.Event | None = None
 
 
 class ChipFeed:
@@ -67,10 +66,6 @@ class ChipFeed:
         self._staged: list[torch.cuda.Event | None] = []
         self._turn = 0
 
-    def describe(self) -> dict[str, str]:
-        """Where chips are cut and scaled, for ``scan.json``."""
-        return {"cut_and_scale": str(self.device), "dtype": "float32"}
-
     def load(self, stack: np.ndarray) -> DeviceTile:
         """Puts one tile window on the device and computes its chips' minima and maxima.
 
@@ -79,12 +74,12 @@ class ChipFeed:
         """
         planes_np = np.ascontiguousarray(stack, dtype=np.float32).reshape(-1, *stack.shape[-2:])
         if not self._cuda:
-            return self._bounds(torch.from_numpy(planes_np), None)
+            return self._bounds(torch.from_numpy(planes_np))
         planes, ready = self._to_cuda(planes_np)
         torch.cuda.current_stream(self.device).wait_event(ready)
-        return self._bounds(planes, ready)
+        return self._bounds(planes)
 
-    def _bounds(self, planes: torch.Tensor, ready: torch.cuda.Event | None) -> DeviceTile:
+    def _bounds(self, planes: torch.Tensor) -> DeviceTile:
         c, s = self.chip_px, self.stride_px
 
         def pooled(x: torch.Tensor, reduce: str) -> torch.Tensor:  # (15, H, W) -> (15, rows, cols), exact
@@ -103,10 +98,11 @@ class ChipFeed:
         span = torch.where(usable, span, 1.0)
         # chip-major: a batch gathers straight into (B, 15, S, S)
         views = planes.unfold(1, c, s).unfold(2, c, s).permute(1, 2, 0, 3, 4)
+
         def chip_major(t: torch.Tensor) -> torch.Tensor:
             return t.permute(1, 2, 0)[..., None, None]
 
-        return DeviceTile(planes, views, chip_major(lo), chip_major(span), chip_major(usable), finite, ready)
+        return DeviceTile(planes, views, chip_major(lo), chip_major(span), chip_major(usable), finite)
 
     def chips(self, tile: DeviceTile, index: np.ndarray, cols: int) -> torch.Tensor:
         """The scaled chips ``index`` (flat, row-major over ``cols`` chip columns) of a loaded tile.
@@ -153,7 +149,6 @@ class ChipFeed:
         return planes, event
 
 
-
 def _runs(index: np.ndarray, cols: int) -> list[tuple[int, int, int]]:
     """``(row, first column, count)`` of each run of consecutive chips of one chip row in ``index``."""
     if len(index) == 0:
@@ -188,8 +183,6 @@ def score_tile(
         seconds spent cutting and scaling and in the model (on CUDA the two overlap; the model's share then
         includes waiting for the cut).
     """
-    from fusionkern.scan.tiles import SCORED
-
     scores = np.full(reasons.shape, np.nan, dtype=np.float32)
     flat = np.flatnonzero(reasons.ravel() == SCORED)
     if len(flat) == 0:
