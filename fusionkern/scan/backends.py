@@ -329,7 +329,8 @@ class TorchPredictor:
 
 
 class TritonPredictor(TorchPredictor):
-    """The fused Triton kernels (``model.to_backend("triton")``); CUDA only.
+    """The fused Triton kernels (``model.to_backend("triton")``); CUDA only. Takes the arguments of
+    :class:`TorchPredictor` (the device defaults to ``cuda``).
 
     Raises:
         ConfigError: No CUDA device (the kernels would only run on Triton's slow CPU interpreter).
@@ -338,15 +339,7 @@ class TritonPredictor(TorchPredictor):
 
     name = "triton"
 
-    def __init__(
-        self,
-        model: FusionNet,
-        device: torch.device | str = "cuda",
-        scale_on_device: bool | None = None,
-        batch_size: int = 256,
-        precision: str = "fp32",
-        graphs: bool | None = None,
-    ):
+    def __init__(self, model: FusionNet, device: torch.device | str = "cuda", **options: Any):  # noqa: D107
         device = torch.device(device)
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         if device.type != "cuda" and not interpreted:
@@ -354,7 +347,7 @@ class TritonPredictor(TorchPredictor):
                 "--backend triton needs a CUDA GPU (this run has none, or --device is not cuda); "
                 "use --backend torch or onnxruntime on a CPU"
             )
-        super().__init__(model, device, scale_on_device, batch_size, precision, graphs)
+        super().__init__(model, device, **options)
         self.model.to_backend("triton")
 
 
