@@ -368,9 +368,10 @@ def test_calibration_refusals(tmp_path, region, monkeypatch, capsys):
 
 def test_calibration_pools_several_regions(tmp_path, region, monkeypatch, capsys):
     _use(monkeypatch, HotMean())
-    other = make_demo_region(tmp_path / "other", REGION_PX, n_plants=2, n_confusers=6, seed=11)
-    rows = [f"{p.lon},{p.lat}" for p in read_plants(region.manifest.parent / "truth.geojson")]
-    rows += _moved_east(other, 300_000.0)  # generated regions all lie in one place; real ones do not overlap
+    # placed 300 km east of the first: regions calibrated together do not overlap
+    other = make_demo_region(tmp_path / "other", REGION_PX, n_plants=2, n_confusers=6, seed=11, east_km=300.0)
+    rows = [f"{p.lon},{p.lat}" for m in (region.manifest, other.manifest)
+            for p in read_plants(m.parent / "truth.geojson")]  # fmt: skip
     plants = tmp_path / "plants.csv"  # the plants of both regions in one file
     plants.write_text("lon,lat\n" + "\n".join(rows) + "\n")
     records = []
@@ -392,21 +393,6 @@ def test_calibration_pools_several_regions(tmp_path, region, monkeypatch, capsys
     assert records[2]["plain"]["false"] <= both["false_allowed"]  # the budget holds over the pooled regions
     assert (tmp_path / "cal-both" / "scan-1" / "scan.json").is_file()
     assert (tmp_path / "cal-both" / "scan-2" / "scan.json").is_file()
-
-
-def _moved_east(generated, metres: float) -> list[str]:
-    """Moves a generated region's rasters ``metres`` east (in place); returns its plants' new ``lon,lat``."""
-    from rasterio.warp import transform as reproject_points
-
-    for path in sorted(generated.manifest.parent.glob("*.tif")):
-        with rasterio.open(path, "r+") as ds:
-            ds.transform = ds.transform * ds.transform.__class__.translation(metres / ds.transform.a, 0)
-            moved, crs = ds.transform, ds.crs
-    features = json.loads((generated.manifest.parent / "truth.geojson").read_text())["features"]
-    cement = [f["properties"] for f in features if f["properties"]["kind"] == "cement"]
-    xs, ys = zip(*(moved * (p["col"], p["row"]) for p in cement))
-    lons, lats = reproject_points(crs, "EPSG:4326", list(xs), list(ys))
-    return [f"{lon},{lat}" for lon, lat in zip(lons, lats)]
 
 
 class _Inverse(HotMean):
