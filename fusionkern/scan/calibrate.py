@@ -205,7 +205,7 @@ def calibrate(options: CalibrateOptions, log: Callable[[str], None] = lambda lin
         inside = (pixels[:, 0] >= 0) & (pixels[:, 0] < grid.height) & (pixels[:, 1] >= 0) & (pixels[:, 1] < grid.width)
         pixels = pixels[inside]
         scored = np.isfinite(raw)
-        area = float(scored.sum()) * (layout.stride_px * grid.res * grid.metres_per_unit) ** 2 / 1e6
+        area = float(result.report["counts"]["area_km2"])  # the scan's own figure: one stride cell per scored chip
         holding = int((near_plants(pixels, layout, grid, 0.0) & scored).sum()) if len(pixels) else 0
         scans.append({"result": result, "pixels": pixels, "scored": int(scored.sum()), "area": area,
                       "holding": holding, "inputs": manifest or list(scenes or [])})  # fmt: skip
