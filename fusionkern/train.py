@@ -160,9 +160,12 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
 
 def _loader(ds, indices, batch_size, shuffle, workers, seed) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
+    # A training batch of one site cannot be batch-normalised: where the shuffled split leaves one site over, it
+    # waits for the next epoch's order (a different site each epoch) instead of failing the run.
+    lone = shuffle and len(indices) > batch_size and len(indices) % batch_size == 1
     return DataLoader(
         Subset(ds, indices), batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=gen,
-        drop_last=False, persistent_workers=workers > 0,
+        drop_last=lone, persistent_workers=workers > 0,
     )  # fmt: skip
 
 

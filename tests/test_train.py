@@ -113,3 +113,12 @@ def test_triton_backend_without_cuda_is_a_clear_error(tiny_data, tmp_path, capsy
     err = capsys.readouterr().err
     assert "triton backend runs on a CUDA device" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_a_lone_last_training_site_does_not_stop_training(tiny_data, tmp_path):
+    # 30 sites in one split leave 19 to train on: batches of 18 would end on a batch of one site, which batch norm
+    # refuses in training mode ("Expected more than 1 value per channel").
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--preset", "native", "--width", "0.25",
+                 "--epochs", "1", "--batch-size", "18", "--splits", "1", "--no-progress"]) == 0  # fmt: skip
+    assert len(json.loads((out / "metrics.json").read_text())["splits"]) == 1
