@@ -453,11 +453,14 @@ class BandInput:
         band: Landsat-8 band number (10, 11, 7 or 6).
         mtl: MTL metadata file for calibrating Level-1 DN, if any.
         label: Description of the date (acquisition date, or the file name).
+
+    ``fusionkern chips`` keeps paths as found; a scan's :class:`~fusionkern.scan.inputs.ScanInputs` holds them as
+    strings, so that they travel to reader processes and into ``scan.json`` as they are.
     """
 
     path: Path | str  # a local file, or a GDAL path (/vsicurl/..., s3://...) where the manifest allows them
     band: int
-    mtl: Path | None = None
+    mtl: Path | str | None = None
     label: str = ""
 
 

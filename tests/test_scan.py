@@ -30,7 +30,6 @@ from fusionkern.scan import outputs as scan_outputs
 from fusionkern.scan.backends import TorchPredictor, make_predictor, minmax_scale_torch
 from fusionkern.scan.engine import EngineOptions, benchmark_scan
 from fusionkern.scan.grid import GridSource, chip_layout, make_grid, raster_grid
-from fusionkern.scan.outputs import group_positives
 from fusionkern.scan.tiles import chip_fractions, scale_chips
 from conftest import CLIP_C1_AFRICA, CLIP_C1_MARBURG, CLIP_PRE
 
@@ -441,17 +440,6 @@ def test_bad_options_and_bounds_are_refused(checkpoint, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # Detections and their files
 # --------------------------------------------------------------------------------------------------------------
-
-
-def test_touching_chips_merge_into_one_detection():
-    positive = np.zeros((8, 8), dtype=bool)
-    positive[0, 0] = positive[1, 1] = True  # diagonal neighbours overlap at half-chip stride
-    positive[5, 5:7] = True
-    positive[0, 4] = True
-    groups = group_positives(positive, radius=1)
-    assert [len(g) for g in groups] == [2, 1, 2]
-    assert [tuple(g[0]) for g in groups] == [(0, 0), (0, 4), (5, 5)]
-    assert len(group_positives(positive, radius=3)) == 2  # 9 px stride: chips 3 cells apart still overlap
 
 
 def _read_wkb_polygon(blob: bytes) -> list[list[tuple[float, float]]]:

@@ -21,6 +21,7 @@ from fusionkern.files import sha256_file
 from fusionkern.readers import (
     INPUT_BANDS,
     N_DATES,
+    BandInput,
     ChipInputs,
     describe_calibration,
     inputs_from_manifest,
@@ -29,34 +30,18 @@ from fusionkern.readers import (
 )
 
 
-@dataclass(frozen=True)
-class BandRaster:
-    """One date of one input band.
-
-    Attributes:
-        path: Local path or GDAL path.
-        band: Landsat-8 band number (10, 11, 7 or 6).
-        mtl: Local MTL file for calibrating Level-1 DN, if any.
-        label: The date's description (acquisition date, or the file name).
-    """
-
-    path: str
-    band: int
-    mtl: str | None = None
-    label: str = ""
-
-
 @dataclass
 class ScanInputs:
     """The rasters of a scan.
 
     Attributes:
-        bands: ``b10|b11|b7|b6`` -> three :class:`BandRaster`, in date order.
+        bands: ``b10|b11|b7|b6`` -> three :class:`~fusionkern.readers.BandInput` (paths
+            as strings), in date order.
         qa: Per date, a QA raster (Collection 1 BQA or Collection 2 QA_PIXEL) or None.
         calibrate: Convert DN to reflectance / brightness temperature where an MTL or a Level-2 name says how.
     """
 
-    bands: dict[str, list[BandRaster]]
+    bands: dict[str, list[BandInput]]
     qa: list[str | None] = field(default_factory=lambda: [None] * N_DATES)
     calibrate: bool = True
 
@@ -89,13 +74,13 @@ class ScanInputs:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScanInputs:
         """Inverse of :meth:`to_dict`."""
-        bands = {b: [BandRaster(**r) for r in rs] for b, rs in data["bands"].items()}
+        bands = {b: [BandInput(**r) for r in rs] for b, rs in data["bands"].items()}
         return cls(bands, list(data["qa"]), bool(data["calibrate"]))
 
 
 def _from_chip_inputs(inputs: ChipInputs, calibrate: bool) -> ScanInputs:
     bands = {
-        branch: [BandRaster(str(b.path), b.band, str(b.mtl) if b.mtl else None, b.label) for b in inputs.bands[branch]]
+        branch: [BandInput(str(b.path), b.band, str(b.mtl) if b.mtl else None, b.label) for b in inputs.bands[branch]]
         for branch in INPUT_BANDS
     }
     return ScanInputs(bands, [str(q) if q else None for q in inputs.qa], calibrate)

@@ -150,39 +150,6 @@ def touch_radius(layout: ChipLayout) -> int:
     return max(1, layout.chip_px // layout.stride_px)
 
 
-def group_positives(positive: np.ndarray, radius: int) -> list[np.ndarray]:
-    """Groups of positive cells within ``radius`` cells of each other (Chebyshev distance), transitively.
-
-    Args:
-        positive: (rows, cols) bool.
-        radius: Largest row and column distance of two cells of one group.
-
-    Returns:
-        One (n, 2) int array of (row, col) per group, groups in row-major order of their first cell, cells
-        row-major within a group.
-    """
-    cells = np.argwhere(positive)
-    index = {(int(r), int(c)): k for k, (r, c) in enumerate(cells)}
-    label = np.full(len(cells), -1, dtype=np.int64)
-    groups = []
-    for start in range(len(cells)):
-        if label[start] >= 0:
-            continue
-        label[start] = len(groups)
-        members, frontier = [start], [start]
-        while frontier:
-            r, c = cells[frontier.pop()]
-            for dr in range(-radius, radius + 1):
-                for dc in range(-radius, radius + 1):
-                    k = index.get((int(r) + dr, int(c) + dc))
-                    if k is not None and label[k] < 0:
-                        label[k] = label[start]
-                        members.append(k)
-                        frontier.append(k)
-        groups.append(cells[np.sort(members)])
-    return groups
-
-
 def _union_outline(chips: np.ndarray, layout: ChipLayout) -> list[list[list[tuple[float, float]]]]:
     """The union of chip squares as polygons (lists of rings) in grid pixel coordinates (col, row).
 

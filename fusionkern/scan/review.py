@@ -42,9 +42,10 @@ import numpy as np
 from fusionkern import BRANCHES
 from fusionkern.errors import InputError, MissingDependencyError
 from fusionkern.files import atomic_output
+from fusionkern.readers import BandInput
 from fusionkern.scan import outputs
 from fusionkern.scan.grid import ChipLayout, GridSource, ScanGrid
-from fusionkern.scan.inputs import BandRaster, ScanInputs
+from fusionkern.scan.inputs import ScanInputs
 
 MAX_CROPS = 500
 """Detections (by rank) whose rows get crops."""
@@ -558,7 +559,7 @@ def load_scan(folder: str | Path) -> FinishedScan:
                         int(g["height"]))  # fmt: skip
         layout = ChipLayout(int(chips["chip_px"]), int(chips["stride_px"]), int(chips["rows"]), int(chips["cols"]))
         bands = {
-            branch: [BandRaster(str(e["path"]), INPUT_BANDS[branch], e.get("mtl"), str(e.get("date") or ""))
+            branch: [BandInput(str(e["path"]), INPUT_BANDS[branch], e.get("mtl"), str(e.get("date") or ""))
                      for e in described["bands"][branch]]
             for branch in INPUT_BANDS
         }  # fmt: skip
