@@ -4,7 +4,7 @@ Not part of the package. Two steps:
 
     python unscaled_verifier_prototype.py train DRAWN DEMO EPOCHS OUT.pt
     python unscaled_verifier_prototype.py eval DRAWN PHYS.pt      (industry pass rate at 90 % cement recall)
-    python unscaled_verifier_prototype.py scan DEMO PHYS.pt WORK
+    python unscaled_verifier_prototype.py scan DEMO PHYS.pt|none WORK [BUDGET]   (none: the ensemble alone)
 
 ``DRAWN`` is the WORKDIR of ``sensor_ceiling.py`` (its cement-train and industry-train sites), ``DEMO`` a ``make demo``
 output folder. ``train`` fits the CNN on cement (the drawn 1000 and the demo's 200) against everything else (the
@@ -100,14 +100,15 @@ def evaluate(drawn: Path, weights: Path) -> None:
     print(f"industry pass rate at 90 % cement recall: {(score[len(cement):] >= threshold).mean():.4f}")
 
 
-def scan(demo: Path, weights: Path, work: Path) -> None:
+def scan(demo: Path, weights: Path | None, work: Path, budget: float = 0.5) -> None:
     import fusionkern.scan.decide as decide
     import fusionkern.scan.tiles as tiles
     from fusionkern.scan.calibrate import CalibrateOptions, calibrate
     from fusionkern.scan_demo import make_demo_region, region_truth
 
     phys = network()
-    phys.load_state_dict(torch.load(weights, weights_only=True))
+    if weights is not None:
+        phys.load_state_dict(torch.load(weights, weights_only=True))
     phys.eval()
 
     def score(self, inputs, grid, layout, points, shift=0.0):
@@ -127,7 +128,8 @@ def scan(demo: Path, weights: Path, work: Path) -> None:
             out[valid] = decide.sigmoid(self.log_odds(chips[valid]) + physics + shift)
         return out, valid
 
-    decide.Verifier.score = score
+    if weights is not None:
+        decide.Verifier.score = score
     if not (work / "train").exists():
         shutil.copytree(demo / "train", work / "train")
     checkpoint = str(work / "train" / "split_1" / "best.pt")
@@ -135,7 +137,7 @@ def scan(demo: Path, weights: Path, work: Path) -> None:
                                 east_km=300.0 * k) for k, s in enumerate((202, 203))]
     record = calibrate(CalibrateOptions(
         checkpoint=checkpoint, out=str(work / "calibration"), plants=[p for r in regions for p in region_truth(r)],
-        budget=0.5, manifest=[str(r.manifest) for r in regions], verify="auto", overwrite=True, progress=False))
+        budget=budget, manifest=[str(r.manifest) for r in regions], verify="auto", overwrite=True, progress=False))
     print("calibration:", {m: (record[m]["threshold"], record[m]["found"], record[m]["false"])
                            for m in ("plain", "verified") if record.get(m)}, flush=True)
     spec = importlib.util.spec_from_file_location("dq", HERE.parents[2] / "detection_quality.py")
@@ -151,4 +153,5 @@ if __name__ == "__main__":
     elif sys.argv[1] == "eval":
         evaluate(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
-        scan(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+        scan(Path(sys.argv[2]), None if sys.argv[3] == "none" else Path(sys.argv[3]), Path(sys.argv[4]),
+             float(sys.argv[5]) if len(sys.argv) > 5 else 0.5)
