@@ -59,10 +59,21 @@ def raw(sites) -> np.ndarray:
 
 
 def physics(x: np.ndarray) -> torch.Tensor:
+    """(N, >=4, 3, S, S) raw b10, b11 (K), b7, b6 (reflectance) -> (N, 15, S, S): kelvin above each channel's
+    median, reflectance and B7/B6, each brought near unit range by a fixed affine map."""
     thermal = x[:, :2] - np.median(x[:, :2], axis=(3, 4), keepdims=True)
     ratio = (x[:, 2] / np.maximum(x[:, 3], 1e-3))[:, None]
     f = np.concatenate([thermal / 5.0, x[:, 2:4] * 10.0 - 2.5, (ratio - 0.7) * 4.0], 1)
     return torch.tensor(f.reshape(len(x), 15, x.shape[-2], x.shape[-1]), dtype=torch.float32)
+
+
+def network() -> nn.Module:
+    """The small CNN on :func:`physics` inputs (about 60 k parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(15, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 2))
 
 
 def pass_rate(score: np.ndarray, label: np.ndarray, recall: float = 0.9) -> float:
@@ -112,11 +123,7 @@ def main() -> int:
     X = physics(raw(cem_tr + ind_tr))
     Y = torch.tensor([1] * len(cem_tr) + [0] * len(ind_tr))
     Xt = physics(raw(cem_te + ind_te))[:, :, 9:44, 9:44]
-    net = nn.Sequential(
-        nn.Conv2d(15, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 2))
+    net = network()
     opt = torch.optim.Adam(net.parameters(), 2e-3)
     rates = []
     for epoch in range(a.epochs):

@@ -1,6 +1,6 @@
 """Prototype, measured at region level: the verifier's ensemble log-odds plus those of a small CNN on un-scaled bands.
 
-Not part of the package. Two steps:
+Not part of the package; the inputs and the CNN are those of ``sensor_ceiling.py`` beside it. Three steps:
 
     python unscaled_verifier_prototype.py train DRAWN DEMO EPOCHS OUT.pt
     python unscaled_verifier_prototype.py eval DRAWN PHYS.pt      (industry pass rate at 90 % cement recall)
@@ -24,25 +24,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from sensor_ceiling import network, physics  # the same inputs and CNN (this folder)
+
 HERE = Path(__file__).resolve()
-
-
-def features(x) -> torch.Tensor:
-    """(N, >=4, 3, S, S) raw b10, b11 (K), b7, b6 (reflectance) -> (N, 15, S, S): kelvin above each channel's
-    median, reflectance and B7/B6, each brought near unit range by a fixed affine map."""
-    x = torch.as_tensor(x, dtype=torch.float32)
-    thermal = x[:, :2] - x[:, :2].flatten(-2).median(-1).values[..., None, None]
-    ratio = (x[:, 2] / x[:, 3].clamp_min(1e-3))[:, None]
-    f = torch.cat([thermal / 5.0, x[:, 2:4] * 10.0 - 2.5, (ratio - 0.7) * 4.0], 1)
-    return f.reshape(len(x), 15, x.shape[-2], x.shape[-1])
-
-
-def network() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(15, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 2))
 
 
 def train(drawn: Path, demo: Path, epochs: int, out: Path) -> None:
@@ -57,7 +41,7 @@ def train(drawn: Path, demo: Path, epochs: int, out: Path) -> None:
     pos = sites(drawn / "cement-train", 0) + sites(demo / "data", 0)
     neg = sites(drawn / "industry-train", 1) + sites(demo / "data", 1) + sites(demo / "mined-r1", 1, False)
     raw = np.stack([np.stack([read_image(s.paths[b]) for b in ("b10", "b11", "b7", "b6")]) for s in pos + neg])
-    X, Y = features(raw), torch.tensor([0] * len(pos) + [1] * len(neg))  # class 0 = cement, as FusionNet's
+    X, Y = physics(raw), torch.tensor([0] * len(pos) + [1] * len(neg))  # class 0 = cement, as FusionNet's
     weight = torch.tensor([len(neg) / len(pos), 1.0])
     model = network()
     opt = torch.optim.Adam(model.parameters(), 2e-3)
@@ -94,7 +78,7 @@ def evaluate(drawn: Path, weights: Path) -> None:
                     for s in cement + industry])
     margin = (raw.shape[-1] - 35) // 2
     with torch.no_grad():
-        logits = model(features(raw[..., margin:margin + 35, margin:margin + 35]))
+        logits = model(physics(raw[..., margin:margin + 35, margin:margin + 35]))
     score = (logits[:, 0] - logits[:, 1]).numpy()
     threshold = np.quantile(score[:len(cement)], 0.1)
     print(f"industry pass rate at 90 % cement recall: {(score[len(cement):] >= threshold).mean():.4f}")
@@ -121,11 +105,11 @@ def scan(demo: Path, weights: Path | None, work: Path, budget: float = 0.5) -> N
             tiles.scale_chips = scaled
         out = np.full(len(points), np.nan)
         if valid.any():
-            f = features(raw[valid][:, :4])
+            f = physics(raw[valid][:, :4])
             with torch.no_grad():
                 turns = [phys(torch.rot90(f, k, (-2, -1))) for k in range(4)]
-                physics = torch.stack([t[:, 0] - t[:, 1] for t in turns]).mean(0).double().numpy()
-            out[valid] = decide.sigmoid(self.log_odds(chips[valid]) + physics + shift)
+                unscaled = torch.stack([t[:, 0] - t[:, 1] for t in turns]).mean(0).double().numpy()
+            out[valid] = decide.sigmoid(self.log_odds(chips[valid]) + unscaled + shift)
         return out, valid
 
     if weights is not None:
