@@ -127,16 +127,41 @@ def square_int(name: str, value: Any, *, minimum: int) -> int:
     return value
 
 
-def check_alpha(pool_alpha, x: torch.Tensor, name: str) -> torch.Tensor | None:
-    """``None`` (no pooling), or a tensor: a float becomes a constant 0-d tensor (no gradient)."""
+def check_alpha(pool_alpha, x: torch.Tensor, name: str, groups: int = 1) -> torch.Tensor | None:
+    """``None`` (no pooling), or a tensor: a float becomes a constant 0-d tensor (no gradient). With ``groups`` > 1
+    a ``(groups,)`` tensor gives each group its own alpha; a single value is shared by all."""
     if pool_alpha is None:
         return None
     if isinstance(pool_alpha, (int, float)) and not isinstance(pool_alpha, bool):
         return torch.tensor(float(pool_alpha), device=x.device, dtype=compute_dtype(x.dtype))
     check_tensor(name, pool_alpha, device=x.device)
-    if pool_alpha.numel() != 1:
-        unsupported(name, f"must be a 0-d (or one-element) tensor, got shape {tuple(pool_alpha.shape)}")
+    if pool_alpha.numel() != 1 and not (groups > 1 and tuple(pool_alpha.shape) == (groups,)):
+        each = f" or a ({groups},) tensor, one per group" if groups > 1 else ""
+        unsupported(name, f"must be a 0-d (or one-element) tensor{each}, got shape {tuple(pool_alpha.shape)}")
     return pool_alpha
+
+
+def check_groups(groups: Any, in_channels: int, out_channels: int) -> int:
+    """Validate ``groups`` against the input and output channel counts (both divisible, as in ``F.conv2d``)."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        unsupported("groups", f"must be a positive int, got {groups!r}")
+    if in_channels % groups or out_channels % groups:
+        unsupported("groups", f"{groups} groups must divide the input ({in_channels}) and output ({out_channels}) "
+                              "channels")  # fmt: skip
+    return groups
+
+
+def group_alpha(alpha: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """The pooling alpha of each group, ``(groups,)`` contiguous in ``dtype`` (detached; a kernel argument)."""
+    return alpha.detach().reshape(-1).to(dtype).expand(groups).contiguous()
+
+
+def alpha_grad(grad: torch.Tensor, like: tuple[torch.Size, torch.dtype]) -> torch.Tensor:
+    """The per-group ``dL/dalpha`` (``(groups,)``) shaped as the alpha the caller gave: summed when it was shared."""
+    shape, dtype = like
+    if shape.numel() == 1:
+        grad = grad.sum()
+    return grad.to(dtype).reshape(shape)
 
 
 def fold_bn(bn: nn.BatchNorm2d, *, differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +279,8 @@ def conv_backward(
     need_w: bool,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(dL/dx, dL/dweight)`` of ``conv2d(x, weight)`` by ``aten.convolution_backward`` (cuDNN on a GPU).
+    """``(dL/dx, dL/dweight)`` of ``conv2d(x, weight, groups=geo.groups)`` by ``aten.convolution_backward`` (cuDNN
+    on a GPU; one call for every group).
 
     cuDNN's TF32 switch is process-global, so it is read, never written (writing it would race with every other
     thread). With ``allow_tf32`` the call runs as cuDNN is set (TF32 where allowed, IEEE otherwise; TF32 is allowed,
@@ -265,7 +291,7 @@ def conv_backward(
     work = torch.float64 if upcast else x.dtype
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
         grad_z.to(work), x.to(work), weight.to(work), None, [geo.stride] * 2, [geo.padding] * 2,
-        [geo.dilation] * 2, False, [0, 0], 1, [need_x, need_w, False],
+        [geo.dilation] * 2, False, [0, 0], geo.groups, [need_x, need_w, False],
     )  # fmt: skip
     if upcast:
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
@@ -423,9 +449,12 @@ def apply_config_exceptions(
     return out
 
 
-CONV_TUNE_KEY = ("M_BUCKET", "CI", "CO", "K", "conv_stride", "dilation", "RELU", "POOL", "BN", "DOT_PRECISION")
+CONV_TUNE_KEY = (
+    "M_BUCKET", "G", "CI", "CO", "K", "conv_stride", "dilation", "RELU", "POOL", "BN", "DOT_PRECISION",
+)  # fmt: skip
 """The autotune key of both fused convolutions, which add their own flag (``HAS_BIAS``, ``LEGACY``): the GEMM's
-batch-dependent extent as a bucket (``M_BUCKET``, :func:`size_bucket`), its fixed extents and every argument that
+batch-dependent extent as a bucket (``M_BUCKET``, :func:`size_bucket`), the groups (``G``: the branches of a
+FusionNet stage run as one grouped launch), its fixed extents and every argument that
 changes the kernel's work (the epilogue flags and the dot precision). Triton appends the dtype of every tensor
 argument to the key itself. The spatial size only enters through ``M_BUCKET``: the output pixels are the GEMM's rows,
 whatever the image they tile."""
@@ -874,7 +903,12 @@ def _store_grad_z(
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """Sizes of one fused ``conv -> [ReLU] -> [2 x 2 pool]`` call."""
+    """Sizes of one fused ``conv -> [ReLU] -> [2 x 2 pool]`` call; ``CI`` and ``CO`` are per group.
+
+    With ``groups`` > 1 the call is ``groups`` independent convolutions side by side (as ``F.conv2d(groups=G)``):
+    group ``g`` reads input channels ``g * CI ...`` and writes output channels ``g * CO ...``; the launch grid gets a
+    third axis over the groups, so a FusionNet stage's five branches fill one launch.
+    """
 
     B: int
     CI: int
@@ -886,6 +920,7 @@ class ConvGeometry:
     padding: int
     dilation: int
     pool: bool
+    groups: int = 1
 
     @property
     def OH(self) -> int:  # conv output rows
@@ -905,7 +940,11 @@ class ConvGeometry:
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
-        return (self.B, self.CO, self.PH, self.PW)
+        return (self.B, self.groups * self.CO, self.PH, self.PW)
+
+    @property
+    def grad_z_shape(self) -> tuple[int, int, int, int]:  # dL/d(conv output), every group
+        return (self.B, self.groups * self.CO, self.OH, self.OW)
 
     @property
     def n_pixels(self) -> int:  # output pixels (pooled when pooling), the GEMM's M
@@ -915,9 +954,9 @@ class ConvGeometry:
     def m_bucket(self) -> int:  # n_pixels rounded up to a power of two: the autotune key's batch-dependent extent
         return size_bucket(self.n_pixels)
 
-    def grid(self, meta: dict) -> tuple[int, int]:
-        """Launch grid: one program per BLOCK_P output pixels x BLOCK_CO output channels."""
-        return (triton.cdiv(self.n_pixels, meta["BLOCK_P"]), triton.cdiv(self.CO, meta["BLOCK_CO"]))
+    def grid(self, meta: dict) -> tuple[int, int, int]:
+        """Launch grid: one program per BLOCK_P output pixels x BLOCK_CO output channels of one group."""
+        return (triton.cdiv(self.n_pixels, meta["BLOCK_P"]), triton.cdiv(self.CO, meta["BLOCK_CO"]), self.groups)
 
     @property
     def partial_rows(self) -> int:  # rows of a per-program partial-sum buffer, enough for any config
@@ -925,11 +964,14 @@ class ConvGeometry:
 
 
 def conv_geometry(
-    x: torch.Tensor, out_channels: int, kernel_size: int, stride: int, padding: int, dilation: int, pool: bool
+    x: torch.Tensor, out_channels: int, kernel_size: int, stride: int, padding: int, dilation: int, pool: bool,
+    groups: int = 1,
 ) -> ConvGeometry:
-    """Validate the spatial sizes of a fused convolution and return its geometry."""
+    """Validate the spatial sizes of a fused convolution and return its geometry (``out_channels`` in all groups;
+    the caller has checked that the groups divide both channel counts)."""
     B, CI, H, W = x.shape
-    geo = ConvGeometry(B, CI, H, W, out_channels, kernel_size, stride, padding, dilation, pool)
+    geo = ConvGeometry(B, CI // groups, H, W, out_channels // groups, kernel_size, stride, padding, dilation, pool,
+                       groups)  # fmt: skip
     if geo.OH < 1 or geo.OW < 1:
         unsupported(
             "x",

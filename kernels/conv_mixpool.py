@@ -28,8 +28,10 @@ from fusionkern.kernels._common import (
     _store_grad_z,
     _window_dots,
     _window_pixels,
+    alpha_grad,
     check_alpha,
     check_bn,
+    check_groups,
     check_device,
     check_int32_indexable,
     check_tensor,
@@ -38,6 +40,7 @@ from fusionkern.kernels._common import (
     conv_backward,
     conv_geometry,
     dot_precision,
+    group_alpha,
     resolve_allow_tf32,
     square_int,
     tl_acc_dtype,
@@ -119,13 +122,13 @@ def _conv_windows(
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _conv_mixpool_fwd_kernel(
-    x_ptr,  # input, (B, CI, H, W), any strides
-    w_ptr,  # weight, (CO, CI, K, K), any strides
-    bias_ptr,  # bias, (CO,) (read when HAS_BIAS)
-    alpha_ptr,  # mixing weight, () (read when POOL)
-    scale_ptr,  # folded BatchNorm scale, (CO,) (read when BN)
-    shift_ptr,  # folded BatchNorm shift, (CO,) (read when BN)
-    out_ptr,  # output, (B, CO, PH, PW)
+    x_ptr,  # input, (B, G * CI, H, W), any strides
+    w_ptr,  # weight, (G * CO, CI, K, K), any strides
+    bias_ptr,  # bias, (G * CO,) contiguous (read when HAS_BIAS)
+    alpha_ptr,  # mixing weight, (G,) contiguous (read when POOL)
+    scale_ptr,  # folded BatchNorm scale, (G * CO,) contiguous (read when BN)
+    shift_ptr,  # folded BatchNorm shift, (G * CO,) contiguous (read when BN)
+    out_ptr,  # output, (B, G * CO, PH, PW)
     B,  # batch size
     CI,  # input channels
     H,  # input height
@@ -134,6 +137,7 @@ def _conv_mixpool_fwd_kernel(
     PH,  # output rows: OH // 2 when POOL, else OH
     PW,  # output columns: OW // 2 when POOL, else OW
     M_BUCKET,  # B * PH * PW rounded up to a power of two: read by the autotune key only
+    G,  # groups: CI and CO are per group; program_id(2) is the group
     stride_xb,  # x stride along batch, in elements
     stride_xc,  # x stride along channel, in elements
     stride_xh,  # x stride along row, in elements
@@ -168,30 +172,36 @@ def _conv_mixpool_fwd_kernel(
     ``y = alpha * max(z_00, z_01, z_10, z_11) + (1 - alpha) * (z_00 + z_01 + z_10 + z_11) / 4``, then
     ``y * scale + shift`` with BN.
     """
-    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO)); one program = BLOCK_P output pixels x BLOCK_CO channels
+    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO), G); one program = BLOCK_P output pixels x BLOCK_CO
+    # channels of one group
     pid_p = tl.program_id(0)
+    pid_g = tl.program_id(2)
+    x_ptr += pid_g * CI * stride_xc
+    w_ptr += pid_g * CO * stride_wo
+    bias_ptr += pid_g * CO
     acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow = _conv_windows(
         x_ptr, w_ptr, bias_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, PH, PW, stride_xb, stride_xc, stride_xh,
         stride_xw, stride_wo, stride_wi, stride_wh, stride_ww, conv_stride, padding, dilation, K, HAS_BIAS, POOL,
         ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_R,
     )  # fmt: skip
-    y = _conv_fwd_epilogue(acc00, acc01, acc10, acc11, offs_co, co_mask, alpha_ptr, scale_ptr, shift_ptr, ACC_DTYPE,
-                           RELU, POOL, BN)  # fmt: skip
-    out_off = (b * stride_ob + ph * stride_oh + pw * stride_ow)[:, None] + (offs_co * stride_oc)[None, :]
+    co_all = pid_g * CO + offs_co  # the group's output channels as indices of the whole (B, G * CO, ...) output
+    y = _conv_fwd_epilogue(acc00, acc01, acc10, acc11, co_all, co_mask, alpha_ptr + pid_g, scale_ptr, shift_ptr,
+                           ACC_DTYPE, RELU, POOL, BN)  # fmt: skip
+    out_off = (b * stride_ob + ph * stride_oh + pw * stride_ow)[:, None] + (co_all * stride_oc)[None, :]
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _conv_mixpool_bwd_kernel(
-    x_ptr,  # input, (B, CI, H, W), any strides
-    w_ptr,  # weight, (CO, CI, K, K), any strides
-    bias_ptr,  # bias, (CO,) (read when HAS_BIAS)
-    alpha_ptr,  # mixing weight, () (read when POOL)
-    scale_ptr,  # folded BatchNorm scale, (CO,) (read when BN)
-    grad_out_ptr,  # dL/dy, (B, CO, PH, PW), any strides
-    grad_z_ptr,  # out: dL/dz (conv output incl. bias, before ReLU), (B, CO, OH, OW)
-    alpha_part_ptr,  # out: per-program partial sums of g * (max - avg), (cdiv(B * PH * PW, 16), CO), zeroed
-    bias_part_ptr,  # out: per-program partial sums of dL/dz, (cdiv(B * PH * PW, 16), CO), zeroed
+    x_ptr,  # input, (B, G * CI, H, W), any strides
+    w_ptr,  # weight, (G * CO, CI, K, K), any strides
+    bias_ptr,  # bias, (G * CO,) contiguous (read when HAS_BIAS)
+    alpha_ptr,  # mixing weight, (G,) contiguous (read when POOL)
+    scale_ptr,  # folded BatchNorm scale, (G * CO,) contiguous (read when BN)
+    grad_out_ptr,  # dL/dy, (B, G * CO, PH, PW), any strides
+    grad_z_ptr,  # out: dL/dz (conv output incl. bias, before ReLU), (B, G * CO, OH, OW)
+    alpha_part_ptr,  # out: per-program partial sums of g * (max - avg), (cdiv(B * PH * PW, 16), G * CO), zeroed
+    bias_part_ptr,  # out: per-program partial sums of dL/dz, (cdiv(B * PH * PW, 16), G * CO), zeroed
     B,  # batch size
     CI,  # input channels
     H,  # input height
@@ -200,6 +210,7 @@ def _conv_mixpool_bwd_kernel(
     PH,  # output rows: OH // 2 when POOL, else OH
     PW,  # output columns: OW // 2 when POOL, else OW
     M_BUCKET,  # B * PH * PW rounded up to a power of two: read by the autotune key only
+    G,  # groups: CI and CO are per group; program_id(2) is the group
     stride_xb,  # x stride along batch, in elements
     stride_xc,  # x stride along channel, in elements
     stride_xh,  # x stride along row, in elements
@@ -238,29 +249,37 @@ def _conv_mixpool_bwd_kernel(
     conv output get no write (the launcher zeroes them). Per program, summed over its pixels into row ``pid_p``:
     ``dL/dalpha = sum g * (max - avg)`` and ``dL/dbias[o] = sum dL/dz[., o, ., .]``; the launcher sums the rows.
     """
-    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO)); one program = BLOCK_P output pixels x BLOCK_CO channels
+    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO), G); one program = BLOCK_P output pixels x BLOCK_CO
+    # channels of one group
     pid_p = tl.program_id(0)
+    pid_g = tl.program_id(2)
+    x_ptr += pid_g * CI * stride_xc  # the group's inputs and weights
+    w_ptr += pid_g * CO * stride_wo
+    bias_ptr += pid_g * CO
     acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow = _conv_windows(
         x_ptr, w_ptr, bias_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, PH, PW, stride_xb, stride_xc, stride_xh,
         stride_xw, stride_wo, stride_wi, stride_wh, stride_ww, conv_stride, padding, dilation, K, HAS_BIAS, POOL,
         ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_R,
     )  # fmt: skip
+    # the group's output channels as indices of the whole (B, G * CO, ...) tensors
+    co_all = pid_g * CO + offs_co
     mask = p_mask[:, None] & co_mask[None, :]
-    g_off = (b * stride_gb + ph * stride_gh + pw * stride_gw)[:, None] + (offs_co * stride_gc)[None, :]
+    g_off = (b * stride_gb + ph * stride_gh + pw * stride_gw)[:, None] + (co_all * stride_gc)[None, :]
     g = tl.load(grad_out_ptr + g_off, mask=mask, other=0.0).to(ACC_DTYPE)
     if BN:
-        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)
+        scale = tl.load(scale_ptr + co_all, mask=co_mask, other=0.0).to(ACC_DTYPE)
         g = g * scale[None, :]
-    d00, d01, d10, d11, dalpha = _conv_bwd_epilogue(acc00, acc01, acc10, acc11, g, alpha_ptr, ACC_DTYPE, RELU, POOL)
+    d00, d01, d10, d11, dalpha = _conv_bwd_epilogue(acc00, acc01, acc10, acc11, g, alpha_ptr + pid_g, ACC_DTYPE,
+                                                    RELU, POOL)  # fmt: skip
     z_row = b * stride_zb + oh * stride_zh + ow * stride_zw
-    _store_grad_z(grad_z_ptr, z_row, offs_co * stride_zc, stride_zh, stride_zw, d00, d01, d10, d11, mask, POOL)
+    _store_grad_z(grad_z_ptr, z_row, co_all * stride_zc, stride_zh, stride_zw, d00, d01, d10, d11, mask, POOL)
     if POOL:
-        tl.store(alpha_part_ptr + pid_p * CO + offs_co, tl.sum(dalpha, axis=0), mask=co_mask)
+        tl.store(alpha_part_ptr + pid_p * (G * CO) + co_all, tl.sum(dalpha, axis=0), mask=co_mask)
         d_sum = tl.sum(d00 + d01 + d10 + d11, axis=0)
     else:
         d_sum = tl.sum(d00, axis=0)
     if HAS_BIAS:
-        tl.store(bias_part_ptr + pid_p * CO + offs_co, d_sum, mask=co_mask)
+        tl.store(bias_part_ptr + pid_p * (G * CO) + co_all, d_sum, mask=co_mask)
 
 
 _conv_mixpool_fwd = conv_autotune(_conv_mixpool_fwd_kernel, _AUTOTUNE_KEY)
@@ -294,7 +313,7 @@ def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt
     _conv_mixpool_fwd[geo.grid](
         x, weight, dummy if bias is None else bias, alpha, dummy if scale is None else scale,
         dummy if shift is None else shift, out,
-        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket, geo.groups,
         *x.stride(), *weight.stride(), *out.stride(),
         geo.stride, geo.padding, geo.dilation,
         K=geo.K, HAS_BIAS=opt.has_bias, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
@@ -304,28 +323,33 @@ def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt
 
 
 def _launch_backward(x, weight, bias, alpha, scale, grad_out, geo: ConvGeometry, opt: _Options):
-    """``(dL/dz, dL/dalpha, dL/dbias)``: ``dL/dz`` of the conv output's shape, a 0-d and a (CO,) tensor."""
+    """``(dL/dz, dL/dalpha, dL/dbias)``: ``dL/dz`` of the conv output's shape, a (G,) and a (G * CO,) tensor."""
     odd = geo.pool and (geo.OH % 2 or geo.OW % 2)
     alloc = torch.zeros if odd else torch.empty
-    grad_z = alloc((geo.B, geo.CO, geo.OH, geo.OW), device=x.device, dtype=x.dtype)
+    grad_z = alloc(geo.grad_z_shape, device=x.device, dtype=x.dtype)
     cdtype = compute_dtype(x.dtype)
-    alpha_part = torch.zeros((geo.partial_rows if geo.pool else 1, geo.CO), device=x.device, dtype=cdtype)
-    bias_part = torch.zeros((geo.partial_rows if opt.has_bias else 1, geo.CO), device=x.device, dtype=cdtype)
+    G = geo.groups
+    alpha_part = torch.zeros((geo.partial_rows if geo.pool else 1, G * geo.CO), device=x.device, dtype=cdtype)
+    bias_part = torch.zeros((geo.partial_rows if opt.has_bias else 1, G * geo.CO), device=x.device, dtype=cdtype)
+
+    def reduced():
+        return alpha_part.view(-1, G, geo.CO).sum((0, 2)), bias_part.sum(0)
+
     if grad_z.numel() == 0:
-        return grad_z, alpha_part.sum(), bias_part.sum(0)
+        return (grad_z, *reduced())
     check_int32_indexable("grad_output", grad_out)
     check_int32_indexable("grad_z", grad_z)
     dummy = alpha
     _conv_mixpool_bwd[geo.grid](
         x, weight, dummy if bias is None else bias, alpha, dummy if scale is None else scale, grad_out, grad_z,
         alpha_part, bias_part,
-        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket, G,
         *x.stride(), *weight.stride(), *grad_out.stride(), *grad_z.stride(),
         geo.stride, geo.padding, geo.dilation,
         K=geo.K, HAS_BIAS=opt.has_bias, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
         ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
     )  # fmt: skip
-    return grad_z, alpha_part.sum(), bias_part.sum(0)
+    return (grad_z, *reduced())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -344,7 +368,7 @@ class Conv2dMixPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options):
-        alpha_c = alpha.detach().reshape(()).to(compute_dtype(x.dtype))
+        alpha_c = group_alpha(alpha, geo.groups, compute_dtype(x.dtype))
         out = _launch_forward(x, weight, bias, alpha_c, scale, shift, geo, opt)
         saved_out = out if (opt.relu and not opt.pool and not opt.bn) else None
         ctx.save_for_backward(x, weight, bias, alpha_c, scale, saved_out)
@@ -368,8 +392,7 @@ class Conv2dMixPoolFunction(torch.autograd.Function):
             grad_alpha = None
             grad_bias = grad_z.sum((0, 2, 3), dtype=compute_dtype(x.dtype)) if need_b else None
         if need_alpha and grad_alpha is not None:
-            shape, dtype = ctx.alpha_like
-            grads[3] = grad_alpha.to(dtype).reshape(shape)
+            grads[3] = alpha_grad(grad_alpha, ctx.alpha_like)
         if need_b:
             grads[2] = grad_bias.to(bias.dtype)
         if need_x or need_w:
@@ -384,7 +407,7 @@ class Conv2dMixPoolFunction(torch.autograd.Function):
 
 def conv2d_mixpool(
     x: torch.Tensor,  # (B, C_in, H, W)
-    weight: torch.Tensor,  # (C_out, C_in, k, k)
+    weight: torch.Tensor,  # (C_out, C_in / groups, k, k)
     bias: torch.Tensor | None,  # (C_out,)
     alpha: torch.Tensor | float | None,
     *,
@@ -396,16 +419,19 @@ def conv2d_mixpool(
     groups: int = 1,
     allow_tf32: bool | None = None,
 ) -> torch.Tensor:
-    """``bn(MixPool2d(relu(F.conv2d(x, weight, bias, stride, padding, dilation))))`` in one kernel.
+    """``bn(MixPool2d(relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))))`` in one kernel.
 
     Args:
         alpha: ``None`` for no pooling; a 0-d tensor (trainable, MixPool2d's ``alpha``) or a float (constant;
-            ``1.0`` is ``nn.MaxPool2d(2)``) for 2 x 2 / stride 2 mixed pooling in floor mode.
+            ``1.0`` is ``nn.MaxPool2d(2)``) for 2 x 2 / stride 2 mixed pooling in floor mode; with groups, a
+            ``(groups,)`` tensor pools each group with its own alpha.
         stride, padding, dilation: ints (or equal pairs).
         relu: apply ReLU to the conv output (before pooling).
         bn: a folded inference BatchNorm ``(scale, shift)`` from :func:`fold_bn`, applied after the pooling; the
             pair is a constant (no gradient). In training keep BatchNorm a separate op after this call.
-        groups: only 1 is supported.
+        groups: independent convolutions side by side, as in ``F.conv2d``: group ``g`` maps input channels
+            ``g * C_in / groups ...`` to output channels ``g * C_out / groups ...``. All groups run in one launch
+            (a FusionNet stage's five branches are five groups).
         allow_tf32: let float32 products (the forward kernel's dots and the backward) use TF32 tensor cores.
             ``None`` (default) does what PyTorch's own fp32 convolutions do (``torch.backends.cudnn.conv
             .fp32_precision`` / ``torch.backends.cudnn.allow_tf32``, TF32 unless changed); ``False`` is IEEE fp32.
@@ -416,6 +442,7 @@ def conv2d_mixpool(
 
     Dtypes: ``x``, ``weight`` and ``bias`` share one of float32, bfloat16, float16 (float64 for verification);
     accumulation in float32 (float64). Differentiable in ``x``, ``weight``, ``bias`` and a tensor ``alpha``.
+    With groups, ``dL/dx`` and ``dL/dweight`` come from one grouped ``aten.convolution_backward``.
     """
     check_tensor("x", x, ndim=4)
     check_device("x", x)
@@ -425,12 +452,9 @@ def conv2d_mixpool(
     CO, CI, KH, KW = weight.shape
     if KH != KW:
         unsupported("weight", f"non-square kernels are not supported, got {KH} x {KW}")
-    if groups != 1:
-        unsupported("groups", f"grouped convolutions are not supported (groups={groups}); use groups=1")
-    if CI != x.shape[1]:
-        unsupported(
-            "weight", f"has {CI} input channels but x has {x.shape[1]} (grouped convolutions are not supported)"
-        )
+    groups = check_groups(groups, x.shape[1], CO)
+    if CI * groups != x.shape[1]:
+        unsupported("weight", f"has {CI} input channels per group but x has {x.shape[1]} for {groups} group(s)")
     if bias is not None:
         check_tensor("bias", bias, shape=(CO,), device=x.device)
         if bias.dtype != x.dtype:
@@ -440,9 +464,11 @@ def conv2d_mixpool(
     dilation = square_int("dilation", dilation, minimum=1)
     check_int32_indexable("x", x)
     check_int32_indexable("weight", weight)
-    alpha_t = check_alpha(alpha, x, "alpha")
+    alpha_t = check_alpha(alpha, x, "alpha", groups)
     scale, shift = check_bn(bn, CO, x)
-    geo = conv_geometry(x, CO, KH, stride, padding, dilation, alpha_t is not None)
+    if bias is not None:
+        bias = bias.contiguous()
+    geo = conv_geometry(x, CO, KH, stride, padding, dilation, alpha_t is not None, groups)
     opt = _Options(bool(relu), alpha_t is not None, scale is not None, bias is not None,
                    resolve_allow_tf32(allow_tf32))  # fmt: skip
     if alpha_t is None:

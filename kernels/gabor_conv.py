@@ -38,8 +38,10 @@ from fusionkern.kernels._common import (
     _store_grad_z,
     _window_dots,
     _window_pixels,
+    alpha_grad,
     check_alpha,
     check_bn,
+    check_groups,
     check_device,
     check_int32_indexable,
     check_tensor,
@@ -48,6 +50,7 @@ from fusionkern.kernels._common import (
     conv_backward,
     conv_geometry,
     dot_precision,
+    group_alpha,
     pow2_block,
     resolve_allow_tf32,
     square_int,
@@ -63,20 +66,21 @@ _AUTOTUNE_KEY = [*CONV_TUNE_KEY, "LEGACY"]
 
 @triton.jit
 def _gabor_tile(
-    params_ptr,  # Gabor parameters, (4, CO, CI) contiguous: freq, theta, sigma, psi
+    params_ptr,  # Gabor parameters of one group, in (4, G * CO, CI) contiguous: freq, theta, sigma, psi
     taps_ptr,  # tap positions, (2, K * K) contiguous: x then y
     ci,  # (BLOCK_R,) input channel of each reduction index
     tap,  # (BLOCK_R,) kernel tap (kh * K + kw) of each reduction index
     co,  # (BLOCK_CO,) output channels
     mask,  # (BLOCK_R, BLOCK_CO) valid (ci, co) pairs
-    CI,  # input channels
-    CO,  # output channels
+    CI,  # input channels per group
+    CO,  # output channels per group
+    G,  # groups
     KK,  # K * K
     LEGACY: tl.constexpr,
 ):
     """The weight tile ``T[r, o] = W[o, ci(r), tap(r)]`` of the Gabor bank (module docstring), zero where masked."""
     off = co[None, :] * CI + ci[:, None]
-    n = CO * CI
+    n = G * CO * CI
     f = tl.load(params_ptr + off, mask=mask, other=0.0)
     th = tl.load(params_ptr + n + off, mask=mask, other=0.0)
     s = tl.load(params_ptr + 2 * n + off, mask=mask, other=1.0)
@@ -98,16 +102,17 @@ def _gabor_tile(
 
 @triton.jit
 def _gabor_windows(
-    x_ptr,  # input, (B, CI, H, W), any strides
-    params_ptr,  # Gabor parameters, (4, CO, CI) contiguous, accumulation dtype
+    x_ptr,  # input of one group, in (B, G * CI, H, W), any strides
+    params_ptr,  # Gabor parameters of one group, in (4, G * CO, CI) contiguous, accumulation dtype
     taps_ptr,  # tap positions, (2, K * K) contiguous, accumulation dtype
     pid_p,  # program index along output pixels
     pid_co,  # program index along output channels
     B,  # batch size
-    CI,  # input channels
+    CI,  # input channels per group
     H,  # input height
     W,  # input width
-    CO,  # output channels
+    CO,  # output channels per group
+    G,  # groups
     PH,  # output rows
     PW,  # output columns
     stride_xb,  # x stride along batch, in elements
@@ -147,8 +152,8 @@ def _gabor_windows(
         dh = (tap // K) * dilation
         dw = (tap % K) * dilation
         col_off = ci * stride_xc + dh * stride_xh + dw * stride_xw
-        w = _gabor_tile(params_ptr, taps_ptr, ci, tap, offs_co, r_mask[:, None] & co_mask[None, :], CI, CO, K * K,
-                        LEGACY)  # fmt: skip
+        w = _gabor_tile(params_ptr, taps_ptr, ci, tap, offs_co, r_mask[:, None] & co_mask[None, :], CI, CO, G,
+                        K * K, LEGACY)  # fmt: skip
         w = w.to(x_ptr.dtype.element_ty)
         acc00, acc01, acc10, acc11 = _window_dots(
             x_ptr, w, acc00, acc01, acc10, acc11, row_off, col_off, ih, iw, dh, dw, H, W, p_mask, r_mask,
@@ -159,13 +164,13 @@ def _gabor_windows(
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _gabor_conv_fwd_kernel(
-    x_ptr,  # input, (B, CI, H, W), any strides
-    params_ptr,  # Gabor parameters, (4, CO, CI) contiguous, accumulation dtype
+    x_ptr,  # input, (B, G * CI, H, W), any strides
+    params_ptr,  # Gabor parameters, (4, G * CO, CI) contiguous, accumulation dtype
     taps_ptr,  # tap positions, (2, K * K) contiguous, accumulation dtype
-    alpha_ptr,  # mixing weight, () (read when POOL)
-    scale_ptr,  # folded BatchNorm scale, (CO,) (read when BN)
-    shift_ptr,  # folded BatchNorm shift, (CO,) (read when BN)
-    out_ptr,  # output, (B, CO, PH, PW)
+    alpha_ptr,  # mixing weight, (G,) contiguous (read when POOL)
+    scale_ptr,  # folded BatchNorm scale, (G * CO,) contiguous (read when BN)
+    shift_ptr,  # folded BatchNorm shift, (G * CO,) contiguous (read when BN)
+    out_ptr,  # output, (B, G * CO, PH, PW)
     B,  # batch size
     CI,  # input channels
     H,  # input height
@@ -174,6 +179,7 @@ def _gabor_conv_fwd_kernel(
     PH,  # output rows: OH // 2 when POOL, else OH
     PW,  # output columns: OW // 2 when POOL, else OW
     M_BUCKET,  # B * PH * PW rounded up to a power of two: read by the autotune key only
+    G,  # groups: CI and CO are per group; program_id(2) is the group
     stride_xb,  # x stride along batch, in elements
     stride_xc,  # x stride along channel, in elements
     stride_xh,  # x stride along row, in elements
@@ -204,30 +210,35 @@ def _gabor_conv_fwd_kernel(
     once and shared by the four window positions. Pooling:
     ``y = alpha * max(z_00, z_01, z_10, z_11) + (1 - alpha) * (z_00 + z_01 + z_10 + z_11) / 4``.
     """
-    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO)); one program = BLOCK_P output pixels x BLOCK_CO channels
+    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO), G); one program = BLOCK_P output pixels x BLOCK_CO
+    # channels of one group
     pid_p = tl.program_id(0)
+    pid_g = tl.program_id(2)
+    x_ptr += pid_g * CI * stride_xc  # the group's inputs and parameters
+    params_ptr += pid_g * CO * CI
     acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow = _gabor_windows(
-        x_ptr, params_ptr, taps_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, PH, PW, stride_xb, stride_xc,
+        x_ptr, params_ptr, taps_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, G, PH, PW, stride_xb, stride_xc,
         stride_xh, stride_xw, conv_stride, padding, dilation, K, LEGACY, POOL, ACC_DTYPE, DOT_PRECISION, BLOCK_P,
         BLOCK_CO, BLOCK_R,
     )  # fmt: skip
 
-    y = _conv_fwd_epilogue(acc00, acc01, acc10, acc11, offs_co, co_mask, alpha_ptr, scale_ptr, shift_ptr, ACC_DTYPE,
-                           RELU, POOL, BN)  # fmt: skip
-    out_off = (b * stride_ob + ph * stride_oh + pw * stride_ow)[:, None] + (offs_co * stride_oc)[None, :]
+    co_all = pid_g * CO + offs_co  # the group's output channels as indices of the whole (B, G * CO, ...) output
+    y = _conv_fwd_epilogue(acc00, acc01, acc10, acc11, co_all, co_mask, alpha_ptr + pid_g, scale_ptr, shift_ptr,
+                           ACC_DTYPE, RELU, POOL, BN)  # fmt: skip
+    out_off = (b * stride_ob + ph * stride_oh + pw * stride_ow)[:, None] + (co_all * stride_oc)[None, :]
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _gabor_conv_bwd_kernel(
-    x_ptr,  # input, (B, CI, H, W), any strides
-    params_ptr,  # Gabor parameters, (4, CO, CI) contiguous, accumulation dtype
+    x_ptr,  # input, (B, G * CI, H, W), any strides
+    params_ptr,  # Gabor parameters, (4, G * CO, CI) contiguous, accumulation dtype
     taps_ptr,  # tap positions, (2, K * K) contiguous, accumulation dtype
-    alpha_ptr,  # mixing weight, () (read when POOL)
-    scale_ptr,  # folded BatchNorm scale, (CO,) (read when BN)
-    grad_out_ptr,  # dL/dy, (B, CO, PH, PW), any strides
-    grad_z_ptr,  # out: dL/dz (conv output, before ReLU), (B, CO, OH, OW)
-    alpha_part_ptr,  # out: per-program partial sums of g * (max - avg), (cdiv(B * PH * PW, 16), CO), zeroed
+    alpha_ptr,  # mixing weight, (G,) contiguous (read when POOL)
+    scale_ptr,  # folded BatchNorm scale, (G * CO,) contiguous (read when BN)
+    grad_out_ptr,  # dL/dy, (B, G * CO, PH, PW), any strides
+    grad_z_ptr,  # out: dL/dz (conv output, before ReLU), (B, G * CO, OH, OW)
+    alpha_part_ptr,  # out: per-program partial sums of g * (max - avg), (cdiv(B * PH * PW, 16), G * CO), zeroed
     B,  # batch size
     CI,  # input channels
     H,  # input height
@@ -236,6 +247,7 @@ def _gabor_conv_bwd_kernel(
     PH,  # output rows: OH // 2 when POOL, else OH
     PW,  # output columns: OW // 2 when POOL, else OW
     M_BUCKET,  # B * PH * PW rounded up to a power of two: read by the autotune key only
+    G,  # groups: CI and CO are per group; program_id(2) is the group
     stride_xb,  # x stride along batch, in elements
     stride_xc,  # x stride along channel, in elements
     stride_xh,  # x stride along row, in elements
@@ -270,25 +282,32 @@ def _gabor_conv_bwd_kernel(
     conv output get no write (the launcher zeroes them). ``dL/dalpha = sum g * (max - avg)`` is reduced per program
     over its pixels into row ``pid_p`` of ``alpha_part``; the launcher sums the rows.
     """
-    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO)); one program = BLOCK_P output pixels x BLOCK_CO channels
+    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO), G); one program = BLOCK_P output pixels x BLOCK_CO
+    # channels of one group
     pid_p = tl.program_id(0)
+    pid_g = tl.program_id(2)
+    x_ptr += pid_g * CI * stride_xc  # the group's inputs and parameters
+    params_ptr += pid_g * CO * CI
     acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow = _gabor_windows(
-        x_ptr, params_ptr, taps_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, PH, PW, stride_xb, stride_xc,
+        x_ptr, params_ptr, taps_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, G, PH, PW, stride_xb, stride_xc,
         stride_xh, stride_xw, conv_stride, padding, dilation, K, LEGACY, POOL, ACC_DTYPE, DOT_PRECISION, BLOCK_P,
         BLOCK_CO, BLOCK_R,
     )  # fmt: skip
 
+    # the group's output channels as indices of the whole (B, G * CO, ...) tensors
+    co_all = pid_g * CO + offs_co
     mask = p_mask[:, None] & co_mask[None, :]
-    g_off = (b * stride_gb + ph * stride_gh + pw * stride_gw)[:, None] + (offs_co * stride_gc)[None, :]
+    g_off = (b * stride_gb + ph * stride_gh + pw * stride_gw)[:, None] + (co_all * stride_gc)[None, :]
     g = tl.load(grad_out_ptr + g_off, mask=mask, other=0.0).to(ACC_DTYPE)
     if BN:
-        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)
+        scale = tl.load(scale_ptr + co_all, mask=co_mask, other=0.0).to(ACC_DTYPE)
         g = g * scale[None, :]
-    d00, d01, d10, d11, dalpha = _conv_bwd_epilogue(acc00, acc01, acc10, acc11, g, alpha_ptr, ACC_DTYPE, RELU, POOL)
+    d00, d01, d10, d11, dalpha = _conv_bwd_epilogue(acc00, acc01, acc10, acc11, g, alpha_ptr + pid_g, ACC_DTYPE,
+                                                    RELU, POOL)  # fmt: skip
     z_row = b * stride_zb + oh * stride_zh + ow * stride_zw
-    _store_grad_z(grad_z_ptr, z_row, offs_co * stride_zc, stride_zh, stride_zw, d00, d01, d10, d11, mask, POOL)
+    _store_grad_z(grad_z_ptr, z_row, co_all * stride_zc, stride_zh, stride_zw, d00, d01, d10, d11, mask, POOL)
     if POOL:
-        tl.store(alpha_part_ptr + pid_p * CO + offs_co, tl.sum(dalpha, axis=0), mask=co_mask)
+        tl.store(alpha_part_ptr + pid_p * (G * CO) + co_all, tl.sum(dalpha, axis=0), mask=co_mask)
 
 
 @triton.jit
@@ -309,7 +328,7 @@ def _gabor_bank_kernel(
     offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     R = CI * K * K
     mask = (offs_r < R)[:, None] & (offs_co < CO)[None, :]
-    w = _gabor_tile(params_ptr, taps_ptr, offs_r // (K * K), offs_r % (K * K), offs_co, mask, CI, CO, K * K, LEGACY)
+    w = _gabor_tile(params_ptr, taps_ptr, offs_r // (K * K), offs_r % (K * K), offs_co, mask, CI, CO, 1, K * K, LEGACY)
     tl.store(w_ptr + offs_co[None, :] * R + offs_r[:, None], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
@@ -425,7 +444,7 @@ def _launch_forward(
     shift = alpha if shift is None else shift
     _gabor_conv_fwd[geo.grid](
         x, params, taps, alpha, scale, shift, out,
-        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket, geo.groups,
         *x.stride(), *out.stride(),
         geo.stride, geo.padding, geo.dilation,
         K=geo.K, LEGACY=opt.legacy, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
@@ -438,26 +457,27 @@ def _launch_backward(
     x: torch.Tensor, params: torch.Tensor, taps: torch.Tensor, alpha: torch.Tensor, scale, grad_out: torch.Tensor,
     geo: ConvGeometry, opt: _Options,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(dL/dz, dL/dalpha)``; ``dL/dz`` has the conv output's shape, ``dL/dalpha`` is 0-d."""
+    """``(dL/dz, dL/dalpha)``; ``dL/dz`` has the conv output's shape, ``dL/dalpha`` is ``(G,)``."""
     odd = geo.pool and (geo.OH % 2 or geo.OW % 2)
     alloc = torch.zeros if odd else torch.empty
-    grad_z = alloc((geo.B, geo.CO, geo.OH, geo.OW), device=x.device, dtype=x.dtype)
+    grad_z = alloc(geo.grad_z_shape, device=x.device, dtype=x.dtype)
     cdtype = compute_dtype(x.dtype)
-    alpha_part = torch.zeros((geo.partial_rows if geo.pool else 1, geo.CO), device=x.device, dtype=cdtype)
+    G = geo.groups
+    alpha_part = torch.zeros((geo.partial_rows if geo.pool else 1, G * geo.CO), device=x.device, dtype=cdtype)
     if grad_z.numel() == 0:
-        return grad_z, alpha_part.sum()
+        return grad_z, alpha_part.view(-1, G, geo.CO).sum((0, 2))
     check_int32_indexable("grad_output", grad_out)
     check_int32_indexable("grad_z", grad_z)
     scale = alpha if scale is None else scale
     _gabor_conv_bwd[geo.grid](
         x, params, taps, alpha, scale, grad_out, grad_z, alpha_part,
-        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket, G,
         *x.stride(), *grad_out.stride(), *grad_z.stride(),
         geo.stride, geo.padding, geo.dilation,
         K=geo.K, LEGACY=opt.legacy, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
         ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
     )  # fmt: skip
-    return grad_z, alpha_part.sum()
+    return grad_z, alpha_part.view(-1, G, geo.CO).sum((0, 2))
 
 
 def _launch_bank(params: torch.Tensor, taps: torch.Tensor, kernel_size: int, legacy: bool, dtype) -> torch.Tensor:
@@ -466,7 +486,7 @@ def _launch_bank(params: torch.Tensor, taps: torch.Tensor, kernel_size: int, leg
     if w.numel() == 0:
         return w
     R = CI * kernel_size**2
-    block_r, block_co = pow2_block(R, 16, 64), pow2_block(CO, 16, 64)
+    block_r, block_co = pow2_block(R, 16, 64), pow2_block(CO, 16, 32)
     # grid: one program per BLOCK_R x BLOCK_CO tile of the (CI*K*K, CO) transposed bank
     _gabor_bank_kernel[(triton.cdiv(R, block_r), triton.cdiv(CO, block_co))](
         params, taps, w, CI, CO, K=kernel_size, LEGACY=legacy, BLOCK_R=block_r, BLOCK_CO=block_co
@@ -510,7 +530,7 @@ class GaborConv2dFunction(torch.autograd.Function):
         cdtype = compute_dtype(x.dtype)
         params = _stack_params(freq, theta, sigma, psi, cdtype)
         taps = _tap_grid(opt.kernel_size, "legacy" if opt.legacy else "centered", x.device, cdtype)
-        alpha_c = alpha.detach().reshape(()).to(cdtype)
+        alpha_c = group_alpha(alpha, geo.groups, cdtype)
         out = _launch_forward(x, params, taps, alpha_c, scale, shift, geo, opt)
         saved_out = out if (opt.relu and not opt.pool and not opt.bn) else None
         ctx.save_for_backward(x, params, taps, alpha_c, scale, saved_out)
@@ -534,8 +554,7 @@ class GaborConv2dFunction(torch.autograd.Function):
             grad_z = torch.where(saved_out > 0, grad_out, 0) if opt.relu else grad_out
             grad_alpha = None
         if need_alpha and grad_alpha is not None:
-            shape, dtype = ctx.alpha_like
-            grads[5] = grad_alpha.to(dtype).reshape(shape)
+            grads[5] = alpha_grad(grad_alpha, ctx.alpha_like)
 
         if need_x or any(need_params):
             weight = _launch_bank(params, taps, opt.kernel_size, opt.legacy, x.dtype)
@@ -566,10 +585,10 @@ def _check_params(freq, theta, sigma, psi, device) -> tuple[int, int]:
 
 def gabor_conv2d(
     x: torch.Tensor,  # (B, C_in, H, W)
-    freq: torch.Tensor,  # (C_out, C_in)
-    theta: torch.Tensor,  # (C_out, C_in)
-    sigma: torch.Tensor,  # (C_out, C_in)
-    psi: torch.Tensor,  # (C_out, C_in)
+    freq: torch.Tensor,  # (C_out, C_in / groups)
+    theta: torch.Tensor,  # (C_out, C_in / groups)
+    sigma: torch.Tensor,  # (C_out, C_in / groups)
+    psi: torch.Tensor,  # (C_out, C_in / groups)
     kernel_size: int,
     stride: int = 1,
     padding: int = 0,
@@ -585,18 +604,20 @@ def gabor_conv2d(
     """Gabor convolution with the bank generated in-kernel, optionally fused with ReLU, mixed pooling and BN.
 
     Equals ``MixPool2d(relu(F.conv2d(x, gabor_bank(freq, theta, sigma, psi, k, grid), None, stride, padding,
-    dilation))) * scale + shift`` of the reference, each stage present only when asked for. Differentiable in
-    ``x``, the four parameters and ``pool_alpha`` (when it is a tensor).
+    dilation, groups))) * scale + shift`` of the reference, each stage present only when asked for. Differentiable
+    in ``x``, the four parameters and ``pool_alpha`` (when it is a tensor).
 
     Args:
         kernel_size: square kernel size ``k``.
         stride, padding, dilation: ints (or equal pairs).
         relu: apply ReLU to the conv output.
         pool_alpha: ``None`` for no pooling; a 0-d tensor (trainable) or a float (constant; ``1.0`` is max pooling)
-            for 2 x 2 / stride 2 mixed pooling in floor mode (odd sizes drop the last row/column).
+            for 2 x 2 / stride 2 mixed pooling in floor mode (odd sizes drop the last row/column); with groups, a
+            ``(groups,)`` tensor pools each group with its own alpha.
         grid: ``"centered"`` or ``"legacy"`` (the authors' grid and normalisation), as in ``gabor_bank``.
         bn: a folded inference BatchNorm ``(scale, shift)`` applied after the pooling (``fold_bn``); constants.
-        groups: only 1 is supported.
+        groups: independent Gabor convolutions side by side, as in ``F.conv2d`` (the parameters are
+            ``(C_out, C_in / groups)``); all groups run in one launch (a FusionNet stage's five branches).
         allow_tf32: let float32 products (the forward kernel's dots and the backward) use TF32 tensor cores.
             ``None`` (default) does what PyTorch's own fp32 convolutions do (TF32 unless
             ``torch.backends.cudnn.conv.fp32_precision`` / ``allow_tf32`` say otherwise); ``False`` is IEEE fp32.
@@ -611,10 +632,10 @@ def gabor_conv2d(
     check_tensor("x", x, ndim=4)
     check_device("x", x)
     CO, CI = _check_params(freq, theta, sigma, psi, x.device)
-    if x.shape[1] != CI:
-        unsupported("x", f"has {x.shape[1]} channels but the Gabor parameters are ({CO}, {CI}) (out, in)")
-    if groups != 1:
-        unsupported("groups", f"grouped convolutions are not supported (groups={groups}); use groups=1")
+    groups = check_groups(groups, x.shape[1], CO)
+    if x.shape[1] != CI * groups:
+        unsupported("x", f"has {x.shape[1]} channels but the Gabor parameters are ({CO}, {CI}) (out, in per group) "
+                         f"for {groups} group(s)")  # fmt: skip
     if grid not in GRIDS:
         unsupported("grid", f"must be one of {GRIDS}, got {grid!r}")
     k = square_int("kernel_size", kernel_size, minimum=1)
@@ -622,9 +643,9 @@ def gabor_conv2d(
     padding = square_int("padding", padding, minimum=0)
     dilation = square_int("dilation", dilation, minimum=1)
     check_int32_indexable("x", x)
-    alpha = check_alpha(pool_alpha, x, "pool_alpha")
+    alpha = check_alpha(pool_alpha, x, "pool_alpha", groups)
     scale, shift = check_bn(bn, CO, x)
-    geo = conv_geometry(x, CO, k, stride, padding, dilation, alpha is not None)
+    geo = conv_geometry(x, CO, k, stride, padding, dilation, alpha is not None, groups)
     opt = _Options(k, stride, padding, dilation, bool(relu), alpha is not None, scale is not None, grid == "legacy",
                    resolve_allow_tf32(allow_tf32))  # fmt: skip
     if alpha is None:

@@ -647,6 +647,155 @@ def test_stage_forward_eval_folds_bn(kind, monkeypatch):
     assert_match("output", out, ref, 1e-5, 1e-4)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Groups: several independent convolutions (a FusionNet stage's branches) in one launch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def group_mixpool_ref(z: torch.Tensor, alpha: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mixed pooling with one alpha per group of channels (a (groups,) tensor or one shared value)."""
+    c = z.shape[1] // groups
+    alphas = alpha.reshape(-1).expand(groups)
+    return torch.cat([mixpool_ref(z[:, g * c : (g + 1) * c], alphas[g]) for g in range(groups)], 1)
+
+
+GROUP_CASES = {
+    "3 groups, odd sizes, channels off the block": (Case(2, 5, 6, 9, 7), 3),
+    "5 groups, batch 1 (the branches)": (Case(1, 3, 4, 8, 8), 5),
+    "2 groups, stride 2": (Case(2, 2, 3, 9, 9, stride=2), 2),
+}
+
+
+@pytest.mark.parametrize("shared_alpha", [False, True], ids=["alpha-per-group", "alpha-shared"])
+@pytest.mark.parametrize("bn", [False, True], ids=["", "bn"])
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+@pytest.mark.parametrize("case", list(GROUP_CASES), ids=list(GROUP_CASES))
+def test_groups_match_grouped_reference(case, op, bn, shared_alpha):
+    """``groups=G`` equals ``F.conv2d(groups=G)`` -> ReLU -> per-group mixed pooling -> BN, forward and every
+    gradient (x, the weights or Gabor parameters, bias, the alphas), fp32 on fresh random values."""
+    c, G = GROUP_CASES[case]
+    seed = 7 * list(GROUP_CASES).index(case) + 3 * (op == "gabor") + 2 * bn + shared_alpha
+    torch.manual_seed(seed)
+    x = torch.randn(c.B, G * c.CI, c.H, c.W)
+    alpha = torch.rand(()) if shared_alpha else torch.rand(G) * 1.2
+    bn_mod = random_bn(G * c.CO, seed) if bn else None
+    folded = None if bn_mod is None else tuple(v.to(DEVICE) for v in fold_bn(bn_mod))
+    if op == "gabor":
+        params = gabor_params(G * c.CO, c.CI, c.k, seed=seed)
+        names = ["freq", "theta", "sigma", "psi"]
+    else:
+        params = [torch.randn(G * c.CO, c.CI, c.k, c.k) * 0.3, torch.randn(G * c.CO)]
+        names = ["weight", "bias"]
+    xk, xr = leaf(x), leaf(x)
+    pk, pr = [leaf(p) for p in params], [leaf(p) for p in params]
+    ak, ar = leaf(alpha), leaf(alpha)
+    if op == "gabor":
+        y = gabor_conv2d(xk, *pk, c.k, c.stride, c.padding, c.dilation, relu=True, pool_alpha=ak, bn=folded,
+                         groups=G, allow_tf32=False)  # fmt: skip
+    else:
+        y = conv2d_mixpool(xk, pk[0], pk[1], ak, stride=c.stride, padding=c.padding, dilation=c.dilation, bn=folded,
+                           groups=G, allow_tf32=False)  # fmt: skip
+    with cudnn_fp32_precision(False):
+        weight, bias = (gabor_bank(*pr, c.k), None) if op == "gabor" else (pr[0], pr[1])
+        z = F.relu(F.conv2d(xr, weight, bias, c.stride, c.padding, c.dilation, groups=G))
+        ref = group_mixpool_ref(z, ar, G)
+        ref = bn_mod.to(DEVICE)(ref) if bn_mod is not None else ref
+    assert_match("output", y, ref, 1e-5, 1e-4)
+    go = torch.randn_like(ref)
+    with cudnn_fp32_precision(False):
+        gr = grads_of(ref, [xr, *pr, ar], go)
+    gk = grads_of(y, [xk, *pk, ak], go)
+    for name, a, e in zip(["x", *names, "alpha"], gk, gr):
+        assert_match(f"grad {name}", a, e, 1e-5, 1e-4, scaled=name != "x")
+
+
+@pytest.mark.parametrize("tol", [dtype_param(n) for n in ("tf32", "bf16", "fp16")])
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_groups_reduced_precision(op, tol):
+    """The grouped launch in TF32 / 16-bit against the grouped fp32 reference on the same rounded values."""
+    t = DTYPES[tol]
+    c, G = GROUP_CASES["3 groups, odd sizes, channels off the block"]
+    torch.manual_seed(11)
+    x = torch.randn(c.B, G * c.CI, c.H, c.W).to(t.dtype)
+    alpha = torch.rand(G)
+    if op == "gabor":
+        params = gabor_params(G * c.CO, c.CI, c.k, seed=11)
+        y = gabor_conv2d(leaf(x), *[leaf(p) for p in params], c.k, 1, 1, relu=True, pool_alpha=leaf(alpha),
+                         groups=G, allow_tf32=t.allow_tf32)  # fmt: skip
+        bank = gabor_bank(*[p.to(DEVICE) for p in params], c.k)
+        weight, bias = bank.to(t.dtype).float(), None  # the kernel's rounding of the bank
+    else:
+        weight, bias = (torch.randn(G * c.CO, c.CI, c.k, c.k) * 0.3).to(t.dtype), torch.randn(G * c.CO).to(t.dtype)
+        y = conv2d_mixpool(leaf(x), leaf(weight), leaf(bias), leaf(alpha), groups=G, allow_tf32=t.allow_tf32)
+        weight, bias = weight.to(DEVICE, torch.float32), bias.to(DEVICE, torch.float32)
+    with cudnn_fp32_precision(t.allow_tf32):
+        z = F.relu(F.conv2d(x.to(DEVICE, torch.float32), weight, bias, 1, 1, groups=G))
+        ref = group_mixpool_ref(z, alpha.to(DEVICE), G)
+    assert y.dtype == t.dtype
+    assert_match("output", y, ref, t.atol, t.rtol, t.scaled)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["dgcnn-gabor", "dgcnn-conv", "cnn5", "gcnn5-gabor", "before-dilated"])
+def test_grouped_stages_equal_stages_one_by_one(kind, train):
+    """Three branches' stages as one grouped launch (:func:`fused.grouped_stage_forward`) against each reference
+    stage on its own input: outputs, every gradient, and (training) each branch's own BN running statistics."""
+    G = 3
+    refs = [make_stage(kind).to(DEVICE) for _ in range(G)]
+    for g, stage in enumerate(refs):
+        torch.manual_seed(40 + g)
+        with torch.no_grad():
+            for p in stage.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            if stage.bn is not None:
+                stage.bn.running_mean.normal_()
+                stage.bn.running_var.uniform_(0.5, 2.0)
+            if isinstance(stage.pool, MixPool2d):
+                stage.pool.alpha.fill_(0.2 + 0.3 * g)
+    kers = [make_stage(kind).to(DEVICE) for _ in range(G)]
+    for k, r in zip(kers, refs):
+        k.load_state_dict(r.state_dict())
+        k.train(train)
+        r.train(train)
+    assert fused.can_group_stages(kers)
+    x = torch.randn(2, G * 3, 7, 8, device=DEVICE)
+    xr, xk = leaf(x), leaf(x)
+    with cudnn_fp32_precision(False):
+        ref = torch.cat([r(xr[:, 3 * g : 3 * g + 3]) for g, r in enumerate(refs)], 1)
+    out = fused.grouped_stage_forward(kers, xk)
+    assert_match("output", out, ref, 1e-5, 1e-4)
+    go = torch.randn_like(ref)
+    ref_params = [p for r in refs for p in r.parameters()]
+    ker_params = [p for k in kers for p in k.parameters()]
+    with cudnn_fp32_precision(False):
+        gr = grads_of(ref, [xr, *ref_params], go)
+    gk = grads_of(out, [xk, *ker_params], go)
+    names = ["x"] + [f"{g}.{n}" for g, r in enumerate(refs) for n, _ in r.named_parameters()]
+    for name, a, e in zip(names, gk, gr):
+        if e is None:
+            assert a is None, f"grad {name}: the grouped path produced a gradient the reference does not have"
+            continue
+        assert_match(f"grad {name}", a, e, 1e-5, 1e-4, scaled=name != "x")
+    for g, (k, r) in enumerate(zip(kers, refs)):
+        if r.bn is not None:
+            assert_match(f"{g}.running_mean", k.bn.running_mean, r.bn.running_mean, 1e-6, 1e-5)
+            assert_match(f"{g}.running_var", k.bn.running_var, r.bn.running_var, 1e-6, 1e-5)
+
+
+def test_stages_that_differ_are_not_grouped():
+    a = make_stage("dgcnn-conv")
+    assert not fused.can_group_stages([a, make_stage("dgcnn-gabor")])  # another conv kind
+    assert not fused.can_group_stages([a, make_stage("cnn5")])  # another BN order and pool
+    wider = ConvStage(nn.Conv2d(3, 7, 3, padding=1), MixPool2d(2, 2, 0.5), nn.BatchNorm2d(7), "pool_bn")
+    assert not fused.can_group_stages([a, wider])
+    b = make_stage("dgcnn-conv")
+    b.bn.eval()
+    with torch.no_grad():  # one BN would fold into the launch (eval, no gradient), the other not (training)
+        assert not fused.can_group_stages([a, b])
+    with pytest.raises(ValueError, match="^stages"):
+        fused.grouped_stage_forward([a, wider], _x(1, 6, 6, 6))
+
+
 def test_autotune_setup():
     """One deterministic config on the interpreter; on a GPU, pruning keeps tiles that fit the problem."""
     if interpreting():
@@ -790,7 +939,9 @@ def test_unsupported_option_error_is_a_value_error():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: conv2d_mixpool(_x(1, 4, 6, 6), _x(4, 2, 3, 3), None, 0.5, groups=2), "^groups"),
+        (lambda: conv2d_mixpool(_x(1, 4, 6, 6), _x(4, 2, 3, 3), None, 0.5, groups=3), "^groups: 3 groups must divide"),
+        (lambda: conv2d_mixpool(_x(1, 4, 6, 6), _x(4, 2, 3, 3), None, 0.5, groups=0), "^groups: must be a positive"),
+        (lambda: conv2d_mixpool(_x(1, 4, 6, 6), _x(4, 2, 3, 3), None, _x(3), groups=2), "^alpha: .* a \\(2,\\) tensor"),
         (lambda: conv2d_mixpool(_x(1, 4, 6, 6), _x(4, 2, 3, 3), None, 0.5), "^weight: has 2 input channels"),
         (lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 1), None, 0.5), "^weight: non-square"),
         (lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 3), None, 0.5, stride=(1, 2)), "^stride"),
@@ -808,7 +959,8 @@ def test_unsupported_option_error_is_a_value_error():
             lambda: conv2d_mixpool(_x(1, 2, 6, 6), _x(4, 2, 3, 3), None, 0.5, bn=(_x(4).requires_grad_(), _x(4))),
             "^bn scale: a folded BatchNorm",
         ),
-        (lambda: gabor_conv2d(_x(1, 2, 6, 6), *[_x(4, 2)] * 4, 3, groups=2), "^groups"),
+        (lambda: gabor_conv2d(_x(1, 2, 6, 6), *[_x(4, 2)] * 4, 3, groups=3), "^groups: 3 groups must divide"),
+        (lambda: gabor_conv2d(_x(1, 2, 6, 6), *[_x(4, 2)] * 4, 3, groups=2), "^x: has 2 channels .* for 2 group"),
         (lambda: gabor_conv2d(_x(1, 2, 6, 6), *[_x(4, 2)] * 4, (3, 5)), "^kernel_size"),
         (lambda: gabor_conv2d(_x(1, 2, 6, 6), *[_x(4, 2)] * 4, 3, dilation=(2, 1)), "^dilation"),
         (lambda: gabor_conv2d(_x(1, 2, 6, 6), *[_x(4, 2)] * 4, 3, grid="offset"), "^grid"),
@@ -819,9 +971,11 @@ def test_unsupported_option_error_is_a_value_error():
         (lambda: fold_bn(nn.LayerNorm(3)), "^bn: expected a BatchNorm"),
     ],
     ids=[
-        "groups", "channel-mismatch", "non-square-kernel", "non-square-stride", "string-padding", "dtype-mix",
+        "groups", "groups-zero", "group-alpha-shape", "channel-mismatch", "non-square-kernel", "non-square-stride",
+        "string-padding", "dtype-mix",
         "bias-shape", "alpha-shape", "int-dtype", "3d-input", "too-small-to-pool", "too-small-to-convolve",
-        "device-mix", "bn-not-a-pair", "bn-requires-grad", "gabor-groups", "gabor-non-square-kernel",
+        "device-mix", "bn-not-a-pair", "bn-requires-grad", "gabor-groups", "gabor-group-channels",
+        "gabor-non-square-kernel",
         "gabor-non-square-dilation", "gabor-grid", "gabor-channel-mismatch", "gabor-param-shape", "fold-bn-train",
         "fold-bn-no-stats", "fold-bn-not-bn",
     ],
@@ -841,12 +995,14 @@ def test_unsupported_options_raise(call, match):
          "^conv.padding"),
         (lambda: ConvStage(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), None, None, "pool_bn"), 3,
          ValueError, "^conv.padding_mode"),
-        (lambda: ConvStage(nn.Conv2d(4, 4, 3, padding=1, groups=2), None, None, "pool_bn"), 4, ValueError, "^groups"),
+        (lambda: ConvStage(nn.Conv2d(4, 4, 3, padding=1, groups=2), None, None, "pool_bn"), 6, ValueError,
+         "^weight: has 2 input channels per group"),
         (lambda: ConvStage(nn.Linear(3, 4), None, None, "pool_bn"), 3, NotImplementedError,
          "GaborConv2d and nn.Conv2d"),
         (lambda: nn.Conv2d(3, 4, 3), 3, NotImplementedError, "runs a ConvStage"),
     ],
-    ids=["maxpool-3", "mixpool-3", "avgpool", "same-padding", "reflect-padding", "groups", "linear", "not-a-stage"],
+    ids=["maxpool-3", "mixpool-3", "avgpool", "same-padding", "reflect-padding", "groups-channels", "linear",
+         "not-a-stage"],
 )  # fmt: skip
 def test_stage_forward_unsupported(stage, channels, exc, match):
     with pytest.raises(exc, match=match):

@@ -9,7 +9,9 @@ specialization and reads Triton's own ``ptxas -v`` log and PTX. Gates:
 * zero spill bytes for every config the launchers can pick;
 * tensor-core instructions (``wgmma`` or ``mma``) in every kernel with a ``tl.dot`` in fp32 under torch's
   defaults (TF32) and in bf16;
-* occupancy of at least 25 % on an H100 SM for the convolution configs.
+* occupancy of at least 25 % on an H100 SM for the convolution configs;
+* at least two waves on an H100's 132 SMs for every config of the native preset's pooled branch layers at batch
+  256: the five branches of a stage run as one grouped launch (a third grid axis), not five small ones.
 
 Each gate runs under the Triton the tests import and, where ``make test-triton36`` installed it (``.triton36/``, or
 the folder ``FUSIONKERN_TRITON36`` names; empty turns it off), under triton 3.6, what the GPU machine runs: the
@@ -43,6 +45,9 @@ RUNS = (
 CONV_KERNELS = {"_gabor_conv_fwd_kernel", "_gabor_conv_bwd_kernel", "_conv_mixpool_fwd_kernel",
                 "_conv_mixpool_bwd_kernel", "_dilated_conv_kernel", "_dilated_conv_wgrad_kernel"}  # fmt: skip
 MIN_OCCUPANCY = 0.25
+# The pooled branch layers' forward kernels, held to the waves gate at the native preset.
+POOLED_FORWARD = {"_gabor_conv_fwd_kernel", "_conv_mixpool_fwd_kernel"}
+MIN_WAVES = 2.0
 
 
 # The second Triton release the gate compiles with: the folder `make test-triton36` installs it into.
@@ -116,6 +121,20 @@ def test_conv_occupancy(analysis):
     low = [r for r in _figures(analysis) if r.kernel in CONV_KERNELS and r.occupancy < MIN_OCCUPANCY]
     assert not low, f"occupancy below {MIN_OCCUPANCY:.0%} on an H100 SM:\n" + "\n".join(
         f"{_describe(r)}: {r.registers} registers, {r.shared} B shared, {r.occupancy:.1%}" for r in low
+    )
+
+
+def test_native_pooled_branch_layers_fill_two_waves(analysis):
+    launches, _ = analysis
+    pooled = {(x.kernel, x.layer) for x in launches if x.kernel in POOLED_FORWARD and x.constexprs.get("POOL")
+              and x.layer.startswith("branches.") and any(w[0] == "native" for w in x.where)}  # fmt: skip
+    # every stage of the branches ran as one launch of all five (no per-branch layer name was recorded)
+    assert pooled and all(layer.startswith("branches.stages.") for _, layer in pooled), sorted(pooled)
+    figures = [r for r in _figures(analysis) if (r.kernel, r.layer) in pooled]
+    assert figures
+    low = [r for r in figures if r.waves < MIN_WAVES]
+    assert not low, f"under {MIN_WAVES} waves on 132 SMs at batch 256:\n" + "\n".join(
+        f"{_describe(r)}: {r.waves:.2f} waves at {r.occupancy:.1%} occupancy" for r in low
     )
 
 

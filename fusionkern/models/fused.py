@@ -6,12 +6,17 @@ reference module's weights and options and call them, giving the module's own re
 * :func:`stage_forward`: a :class:`~fusionkern.models.networks.ConvStage` (Gabor or plain conv, ReLU, mixed or
   max pooling, BatchNorm in either order) on ``gabor_conv2d`` / ``conv2d_mixpool``;
 * :func:`block_forward`: a :class:`~fusionkern.models.layers.DilatedAvgBlock` on ``dilated_avg_block``;
-* :func:`attention_forward`: a :class:`~fusionkern.models.layers.ChannelAttention` on ``channel_attention``.
+* :func:`attention_forward`: a :class:`~fusionkern.models.layers.ChannelAttention` on ``channel_attention``;
+* :func:`branches_forward`: the five branches of a FusionNet, each stage of all five in one grouped launch.
 
 ``model.to_backend("triton")`` makes those layers call these. Importing this module imports Triton.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +27,26 @@ from fusionkern.kernels._common import square_int, unsupported
 from fusionkern.models.layers import GaborConv2d, MixPool2d
 from fusionkern.models.networks import ConvStage
 
-__all__ = ["attention_forward", "block_forward", "stage_forward"]
+__all__ = ["attention_forward", "block_forward", "branches_forward", "can_group_stages", "stage_forward"]
+
+_LAYER_NOTES: contextvars.ContextVar[list | None] = contextvars.ContextVar("fusionkern_layer_notes", default=None)
+
+
+@contextlib.contextmanager
+def layer_notes(sink: list) -> Iterator[None]:
+    """Append to ``sink`` the name of each grouped layer :func:`branches_forward` runs (for launch records, which
+    otherwise name a layer by its module's forward hook: grouped stages run no module of their own)."""
+    token = _LAYER_NOTES.set(sink)
+    try:
+        yield
+    finally:
+        _LAYER_NOTES.reset(token)
+
+
+def _note(name: str) -> None:
+    sink = _LAYER_NOTES.get()
+    if sink is not None:
+        sink.append(name)
 
 
 def _pool_alpha(pool: nn.Module | None) -> torch.Tensor | float | None:
@@ -186,3 +210,147 @@ def attention_forward(att: nn.Module, f: torch.Tensor) -> torch.Tensor:
         if conv.bias is not None:
             unsupported("att", f"mlp[{j}] must be bias-free (the kernels implement the paper's bias-free MLP)")
     return channel_attention(f, first.weight, second.weight)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Branch-batched stages: one grouped launch per stage for all branches
+# --------------------------------------------------------------------------------------------------------------
+
+_CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+
+
+def _same(values: Sequence) -> bool:
+    return all(v == values[0] for v in values[1:])
+
+
+def _fold_decision(bn_mod: nn.Module | None) -> bool:
+    """Whether :func:`stage_forward` folds this BatchNorm into the kernel (same rule)."""
+    return (
+        bn_mod is not None
+        and not bn_mod.training
+        and bn_mod.track_running_stats
+        and not (torch.is_grad_enabled() and any(p.requires_grad for p in bn_mod.parameters()))
+    )
+
+
+def can_group_stages(stages: Sequence[nn.Module]) -> bool:
+    """Whether these stages (one per branch, same position) can run as one grouped launch: the same kind of conv
+    with the same shape and options, the same pool kind and BN arrangement, each supported by :func:`stage_forward`."""
+    if not stages or not all(isinstance(s, ConvStage) for s in stages):
+        return False
+    convs = [s.conv for s in stages]
+    kinds = {type(c) for c in convs}
+    if len(kinds) != 1 or not kinds <= {GaborConv2d, nn.Conv2d}:
+        return False
+    if isinstance(convs[0], GaborConv2d):
+        attrs = ("kernel_size", "stride", "padding", "dilation", "grid")
+        if not all(_same([getattr(c, a) for c in convs]) for a in attrs) or not _same([c.freq.shape for c in convs]):
+            return False
+    else:
+        if not all(_same([getattr(c, a) for c in convs]) for a in _CONV_ATTRS) or convs[0].groups != 1:
+            return False
+        if isinstance(convs[0].padding, str) or convs[0].padding_mode != "zeros":
+            return False
+        if not _same([c.bias is None for c in convs]):
+            return False
+    pools = [s.pool for s in stages]
+    if not _same([type(p) for p in pools]) or not _same([s.order for s in stages]):
+        return False
+    if pools[0] is not None and not isinstance(pools[0], (MixPool2d, nn.MaxPool2d)):
+        return False
+    bns = [s.bn for s in stages]
+    if not _same([b is None for b in bns]):
+        return False
+    if bns[0] is not None:
+        if not all(isinstance(b, nn.modules.batchnorm._BatchNorm) for b in bns):
+            return False
+        if not _same([_fold_decision(b) for b in bns]):
+            return False
+    return True
+
+
+def _grouped_call(stages: Sequence[ConvStage], x: torch.Tensor, pooled: bool, folded: bool,
+                  allow_tf32: bool | None) -> torch.Tensor:  # fmt: skip
+    """conv -> ReLU -> [pool] -> [folded BN] of every stage as one grouped kernel launch."""
+    G = len(stages)
+    alphas = [_pool_alpha(s.pool) for s in stages] if pooled else None
+    if alphas is None:
+        alpha = None
+    elif isinstance(alphas[0], torch.Tensor):
+        alpha = torch.stack([a.reshape(()) for a in alphas])
+    else:
+        alpha = 1.0  # MaxPool2d(2) in every branch
+    bn = None
+    if folded:
+        pairs = [fold_bn(s.bn) for s in stages]
+        bn = (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+    convs = [s.conv for s in stages]
+    first = convs[0]
+    if isinstance(first, GaborConv2d):
+        params = [torch.cat([getattr(c, name) for c in convs]) for name in ("freq", "theta", "sigma", "psi")]
+        return gabor_conv2d(
+            x, *params, first.kernel_size, first.stride, first.padding, first.dilation, relu=True, pool_alpha=alpha,
+            grid=first.grid, bn=bn, groups=G, allow_tf32=allow_tf32,
+        )  # fmt: skip
+    weight = torch.cat([c.weight for c in convs])
+    bias = None if first.bias is None else torch.cat([c.bias for c in convs])
+    return conv2d_mixpool(
+        x, weight, bias, alpha, stride=first.stride, padding=first.padding, dilation=first.dilation, relu=True,
+        bn=bn, groups=G, allow_tf32=allow_tf32,
+    )  # fmt: skip
+
+
+def _per_group(modules: Sequence[nn.Module], y: torch.Tensor) -> torch.Tensor:
+    """Each module on its group's channels of ``y`` (BatchNorm in training, a pool), concatenated back."""
+    c = y.shape[1] // len(modules)
+    return torch.cat([m(y[:, g * c : (g + 1) * c]) for g, m in enumerate(modules)], dim=1)
+
+
+def grouped_stage_forward(
+    stages: Sequence[nn.Module], x: torch.Tensor, *, allow_tf32: bool | None = None
+) -> torch.Tensor:
+    """The same stage of several branches (:func:`can_group_stages`) on ``x`` = their inputs concatenated along
+    channels, in one grouped launch; returns their outputs concatenated along channels. Equals
+    ``torch.cat([stage_forward(s, x_g) for ...], 1)``: BatchNorm folds into the launch in eval mode and runs per
+    branch as the torch op in training (its running statistics stay each branch's own)."""
+    if not can_group_stages(stages):
+        unsupported("stages", "the branches' stages differ in kind, shape or options; run them one by one")
+    first = stages[0]
+    pooled = first.pool is not None
+    has_bn = first.bn is not None
+    fold = has_bn and _fold_decision(first.bn)
+    bn_between = first.order == "bn_pool" and has_bn and pooled
+    if not bn_between:
+        y = _grouped_call(stages, x, pooled, fold, allow_tf32)
+        return _per_group([s.bn for s in stages], y) if (has_bn and not fold) else y
+    y = _grouped_call(stages, x, False, fold, allow_tf32)
+    if not fold:
+        y = _per_group([s.bn for s in stages], y)
+    if isinstance(first.pool, nn.MaxPool2d):
+        return first.pool(y)  # the same pool in every branch
+    return _per_group([s.pool for s in stages], y)
+
+
+def branches_forward(
+    backbones: Sequence[nn.Module], x: torch.Tensor, *, allow_tf32: bool | None = None
+) -> torch.Tensor:
+    """FusionNet's branches on the kernels: ``x`` (B, G, C, H, W), branch ``g`` reading ``x[:, g]`` -> their feature
+    maps concatenated along channels, (B, G * C_out, h, w), as ``torch.cat([backbone_g(x[:, g]) ...], 1)``.
+
+    Each stage of all branches runs as one grouped launch (``groups`` = branches), so the launch grid holds every
+    branch's tiles instead of one branch's; stages that cannot be grouped (:func:`can_group_stages`) and the dilated
+    blocks run branch by branch on their channel slices.
+    """
+    G = len(backbones)
+    B = x.shape[0]
+    h = x.reshape(B, G * x.shape[2], *x.shape[3:])
+    for i, stages in enumerate(zip(*(b.stages for b in backbones))):
+        if can_group_stages(stages):
+            _note(f"branches.stages.{i}")
+            h = grouped_stage_forward(stages, h, allow_tf32=allow_tf32)
+        else:
+            h = _per_group(stages, h)  # each stage module on its branch's channels (its own backend)
+    blocks = [b.dilated for b in backbones]
+    if any(block is not None for block in blocks):
+        h = _per_group(blocks, h)
+    return h

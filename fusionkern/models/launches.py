@@ -24,6 +24,7 @@ import torch
 from fusionkern.kernels import sm90
 from fusionkern.kernels._common import run_isolated
 from fusionkern.kernels.sm90 import PRECISIONS, Launch, LaunchFigures
+from fusionkern.models import fused
 from fusionkern.models.layers import ChannelAttention, DilatedAvgBlock
 from fusionkern.models.networks import ConvStage, FusionNet
 
@@ -52,11 +53,12 @@ def record_model_launches(preset: str, batch: int, mode: str, precision: str) ->
         if isinstance(m, (ConvStage, DilatedAvgBlock, ChannelAttention)):
             m.backend = "triton"  # what model.to_backend("triton") sets, without its CUDA-device check
             hooks.append(m.register_forward_pre_hook(lambda mod, _args: layer.append(names[id(mod)])))
+    model.backend = "triton"  # the branches' stages as grouped launches, as to_backend("triton") sets
     sink: list[Launch] = []
     side = model.preset.input_size
     x = torch.empty((batch, len(model.branches), 3, side, side), device="meta", dtype=dtype)
     try:
-        with sm90.recording(sink, layer), sm90.conv_precision(precision):
+        with sm90.recording(sink, layer), sm90.conv_precision(precision), fused.layer_notes(layer):
             if mode == "train":
                 out = model(x)
                 layer.append("backward")

@@ -343,6 +343,10 @@ class FusionNet(BackendMixin, nn.Module):
         if x.dim() != 5 or x.shape[1] != len(BRANCHES) or x.shape[2] != 3:
             raise InputError(f"FusionNet takes (B, 5, 3, H, W) input in {BRANCHES} order, got {tuple(x.shape)}")
         _check_size(x.shape[-2], x.shape[-1], self.preset.min_input, f"FusionNet(preset={self.preset.name!r})")
+        if self.backend == "triton":  # each stage of the five branches in one grouped launch
+            from fusionkern.models.fused import branches_forward
+
+            return self.attention(branches_forward(list(self.branches.values()), x))
         maps = [branch(x[:, i]) for i, branch in enumerate(self.branches.values())]
         return self.attention(torch.cat(maps, dim=1))
 
