@@ -25,8 +25,10 @@ Host side:
 Device side (``@triton.jit`` helpers used by :mod:`.gabor_conv` and :mod:`.conv_mixpool`):
 
 * :func:`_window_pixels`: a program's output pixels and the input position of their first tap.
-* :func:`_window_dots`: one reduction chunk at the four window positions, the weight tile shared by the four.
-* :func:`_x_tile`: one implicit-GEMM operand tile of the input, rows = output pixels, columns = reduction
+* :func:`_window_rows`: the implicit GEMM's rows, the four window positions of every output pixel when pooling,
+  so that one ``tl.dot`` per reduction chunk (M = 4 x BLOCK_P, a Hopper ``wgmma`` at BLOCK_P = 16) covers them;
+  :func:`_split_windows` turns its accumulator back into the four positions' tiles.
+* :func:`_x_tile`: one implicit-GEMM operand tile of the input, rows = conv positions, columns = reduction
   indices ``(ci, kh, kw)`` flattened.
 * :func:`_mixpool_fwd` and :func:`_mixpool_bwd`: the 2 x 2 mixed pooling of four pre-pool tiles and its gradient.
 * :func:`_conv_fwd_epilogue`, :func:`_conv_bwd_epilogue`, :func:`_store_grad_z`: ReLU -> pool -> affine on the
@@ -335,9 +337,9 @@ def pow2_block(n: int, lo: int = 16, hi: int = 128) -> int:
 
 # Output pixels x output channels x reduction chunk, one list per kind of layer; each config was chosen from the
 # compiled sm_90 form (tests/test_kernels_static.py gates it): no spills and at least 25 % occupancy on an H100 SM,
-# forward and backward, TF32 and bf16. A pooled program holds four conv positions per output pixel (four
-# accumulators and four gathered input tiles), so its pixel tile stays at 16 and its reduction chunk at 16 where
-# the channel tile is wide: larger tiles reached 255 registers and spilled. Each list ends with its smallest tile.
+# forward and backward, TF32 and bf16. A pooled program holds four conv positions per output pixel (one dot of
+# 4 x BLOCK_P rows per reduction chunk), so its pixel tile stays at 16 (M = 64, one warpgroup's wgmma) and its
+# reduction chunk at 16 where the channel tile is wide. Each list ends with its smallest tile.
 GPU_POOLED_CONV_CONFIGS = (
     dict(BLOCK_P=16, BLOCK_CO=64, BLOCK_R=16, num_warps=4, num_stages=3),
     dict(BLOCK_P=16, BLOCK_CO=128, BLOCK_R=16, num_warps=8, num_stages=3),
@@ -388,7 +390,8 @@ _POOLED_SMALL = GPU_POOLED_CONV_CONFIGS[-1]  # 16 px x 32 ch x 16, 4 warps, 3 st
 _WGRAD_64 = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=3)  # see dilated._wgrad_blocks
 
 # Figures: triton 3.6.0's ptxas for sm_90, FusionNet launches at both presets (paper batch 64, native 256), occupancy
-# from the H100's limits (fusionkern.models.launches). Under 3.9 the replaced configs pass the gate as they are.
+# from the H100's limits (fusionkern.models.launches). Under 3.9 the replaced configs pass the gate as they are; the
+# one 3.9 entry is from 3.9's own full sweep (IEEE fp32 is not in the gated subset).
 TRITON_CONFIG_EXCEPTIONS: tuple[TritonConfigException, ...] = (
     TritonConfigException(
         "_gabor_conv_fwd_kernel", "3.6", _POOLED_SMALL,
@@ -414,6 +417,12 @@ TRITON_CONFIG_EXCEPTIONS: tuple[TritonConfigException, ...] = (
         "16 px x 128 ch at 8 warps, TF32: 157 registers at native layer 3 (64 -> 128 channels; 104 under 3.9), one "
         "block per SM, 12.5 % occupancy; 2 or 4 stages change nothing (156). Dropped: the 16 x 64 and 16 x 32 tiles "
         "stay (117 and 64 registers, 25 % and 50 %).",
+    ),
+    TritonConfigException(
+        "_conv_mixpool_bwd_kernel", "3.9", GPU_POOLED_CONV_CONFIGS[1], None, _FP32, ("ieee",),
+        "16 px x 128 ch at 8 warps, IEEE fp32 (FMA dots over the 64 window rows): 128 registers with 12 B of spill "
+        "stores at the paper preset, 143 registers (12.5 %) at the other layer. Dropped for IEEE: the 16 x 64 and "
+        "16 x 32 tiles stay (no spills).",
     ),
     TritonConfigException(
         "_dilated_conv_wgrad_kernel", "3.6", _WGRAD_64, {**_WGRAD_64, "BLOCK_M": 32}, _FP32, ("tf32",),
@@ -700,44 +709,60 @@ def _window_pixels(
 
 
 @triton.jit
-def _window_dots(
-    x_ptr,  # input, (B, CI, H, W), any strides
-    w,  # (BLOCK_R, BLOCK_CO) weight tile of this reduction chunk
-    acc00,  # (BLOCK_P, BLOCK_CO) conv at window position (0, 0)
-    acc01,  # (BLOCK_P, BLOCK_CO) conv at (0, 1) (used when POOL)
-    acc10,  # (BLOCK_P, BLOCK_CO) conv at (1, 0) (used when POOL)
-    acc11,  # (BLOCK_P, BLOCK_CO) conv at (1, 1) (used when POOL)
-    row_off,  # (BLOCK_P,) offset of each pixel's first tap
-    col_off,  # (BLOCK_R,) offset of each reduction index
-    ih,  # (BLOCK_P,) input row of the first tap
-    iw,  # (BLOCK_P,) input column of the first tap
-    dh,  # (BLOCK_R,) kh * dilation
-    dw,  # (BLOCK_R,) kw * dilation
-    H,  # input height
-    W,  # input width
-    p_mask,  # (BLOCK_P,)
-    r_mask,  # (BLOCK_R,)
+def _window_rows(
+    pid_p,  # program index along output pixels
+    B,  # batch size
+    PH,  # output rows: OH // 2 when POOL, else OH
+    PW,  # output columns: OW // 2 when POOL, else OW
     conv_stride,  # convolution stride (square)
+    padding,  # zero padding (square)
+    stride_xb,  # x stride along batch, in elements
     stride_xh,  # x stride along row, in elements
     stride_xw,  # x stride along column, in elements
-    POOL: tl.constexpr,  # accumulate all four window positions
-    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    POOL: tl.constexpr,  # four conv positions (a 2 x 2 window) per output pixel
+    BLOCK_P: tl.constexpr,  # output pixels per program
 ):
-    """One reduction chunk of the implicit GEMM: ``acc_ij += X_ij @ w`` at each window position, the weight tile
-    shared by the four (only ``acc00`` without POOL)."""
-    step_h = conv_stride * stride_xh
-    step_w = conv_stride * stride_xw
-    xt = _x_tile(x_ptr, row_off, col_off, ih, iw, dh, dw, H, W, p_mask, r_mask)
-    acc00 = tl.dot(xt, w, acc00, input_precision=DOT_PRECISION)
+    """The implicit GEMM's rows of a program: with POOL, the four conv positions of each of its BLOCK_P output pixels
+    (row ``4 p + 2 kh + kw`` is window position ``(kh, kw)`` of pixel ``p``), so one ``tl.dot`` per reduction chunk
+    covers the whole window (M = 4 x BLOCK_P); without POOL one row per pixel. Returns each row's validity, offset of
+    its first tap in ``x`` and the input position ``(ih, iw)`` of that tap."""
     if POOL:
-        xt = _x_tile(x_ptr, row_off + step_w, col_off, ih, iw + conv_stride, dh, dw, H, W, p_mask, r_mask)
-        acc01 = tl.dot(xt, w, acc01, input_precision=DOT_PRECISION)
-        xt = _x_tile(x_ptr, row_off + step_h, col_off, ih + conv_stride, iw, dh, dw, H, W, p_mask, r_mask)
-        acc10 = tl.dot(xt, w, acc10, input_precision=DOT_PRECISION)
-        xt = _x_tile(x_ptr, row_off + step_h + step_w, col_off, ih + conv_stride, iw + conv_stride, dh, dw, H, W,
-                     p_mask, r_mask)  # fmt: skip
-        acc11 = tl.dot(xt, w, acc11, input_precision=DOT_PRECISION)
-    return acc00, acc01, acc10, acc11
+        rows = tl.arange(0, 4 * BLOCK_P)
+        offs_p = pid_p * BLOCK_P + rows // 4
+        kh = (rows // 2) % 2
+        kw = rows % 2
+    else:
+        rows = tl.arange(0, BLOCK_P)
+        offs_p = pid_p * BLOCK_P + rows
+        kh = rows * 0
+        kw = rows * 0
+    r_valid = offs_p < B * PH * PW
+    pw = offs_p % PW
+    ph = (offs_p // PW) % PH
+    b = offs_p // (PW * PH)
+    if POOL:
+        oh = ph * 2 + kh
+        ow = pw * 2 + kw
+    else:
+        oh = ph
+        ow = pw
+    ih = oh * conv_stride - padding
+    iw = ow * conv_stride - padding
+    return r_valid, b * stride_xb + ih * stride_xh + iw * stride_xw, ih, iw
+
+
+@triton.jit
+def _split_windows(acc, POOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """The (4 x BLOCK_P, BLOCK_CO) accumulator of :func:`_window_rows`' rows as the four (BLOCK_P, BLOCK_CO) tiles
+    of window positions (0, 0), (0, 1), (1, 0), (1, 1); without POOL the one tile, four times."""
+    if POOL:
+        t = tl.permute(tl.reshape(acc, (BLOCK_P, 2, 2, BLOCK_CO)), (0, 3, 1, 2))  # (p, co, kh, kw)
+        left, right = tl.split(t)  # kw = 0, kw = 1: (p, co, kh)
+        z00, z10 = tl.split(left)
+        z01, z11 = tl.split(right)
+        return z00, z01, z10, z11
+    else:
+        return acc, acc, acc, acc
 
 
 @triton.jit

@@ -25,9 +25,11 @@ from fusionkern.kernels._common import (
     ConvGeometry,
     _conv_bwd_epilogue,
     _conv_fwd_epilogue,
+    _split_windows,
     _store_grad_z,
-    _window_dots,
     _window_pixels,
+    _window_rows,
+    _x_tile,
     alpha_grad,
     check_alpha,
     check_bn,
@@ -89,12 +91,15 @@ def _conv_windows(
     p_mask, b, ph, pw, oh, ow, ih, iw, row_off = _window_pixels(
         pid_p, B, PH, PW, conv_stride, padding, stride_xb, stride_xh, stride_xw, POOL, BLOCK_P
     )
+    m_valid, m_off, m_ih, m_iw = _window_rows(
+        pid_p, B, PH, PW, conv_stride, padding, stride_xb, stride_xh, stride_xw, POOL, BLOCK_P
+    )
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_mask = offs_co < CO
-    acc00 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    acc01 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    acc10 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    acc11 = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    if POOL:
+        acc = tl.zeros((4 * BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    else:
+        acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
     R = CI * K * K
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -107,10 +112,9 @@ def _conv_windows(
         col_off = ci * stride_xc + dh * stride_xh + dw * stride_xw
         w_off = (ci * stride_wi + kh * stride_wh + kw * stride_ww)[:, None] + (offs_co * stride_wo)[None, :]
         w = tl.load(w_ptr + w_off, mask=r_mask[:, None] & co_mask[None, :], other=0.0)
-        acc00, acc01, acc10, acc11 = _window_dots(
-            x_ptr, w, acc00, acc01, acc10, acc11, row_off, col_off, ih, iw, dh, dw, H, W, p_mask, r_mask,
-            conv_stride, stride_xh, stride_xw, POOL, DOT_PRECISION,
-        )  # fmt: skip
+        xt = _x_tile(x_ptr, m_off, col_off, m_ih, m_iw, dh, dw, H, W, m_valid, r_mask)
+        acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)  # every window position in one dot
+    acc00, acc01, acc10, acc11 = _split_windows(acc, POOL, BLOCK_P, BLOCK_CO)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)[None, :]
         acc00 += bias

@@ -10,6 +10,8 @@ specialization and reads Triton's own ``ptxas -v`` log and PTX. Gates:
 * tensor-core instructions (``wgmma`` or ``mma``) in every kernel with a ``tl.dot`` in fp32 under torch's
   defaults (TF32) and in bf16;
 * occupancy of at least 25 % on an H100 SM for the convolution configs;
+* Hopper's warpgroup MMA (``wgmma``, not only Ampere's ``mma.sync``) in every pooled convolution config, forward
+  and backward: the four window positions of a pooled pixel are rows of one dot (M = 4 x 16 = 64);
 * at least two waves on an H100's 132 SMs for every config of the native preset's pooled branch layers at batch
   256: the five branches of a stage run as one grouped launch (a third grid axis), not five small ones.
 
@@ -121,6 +123,18 @@ def test_conv_occupancy(analysis):
     low = [r for r in _figures(analysis) if r.kernel in CONV_KERNELS and r.occupancy < MIN_OCCUPANCY]
     assert not low, f"occupancy below {MIN_OCCUPANCY:.0%} on an H100 SM:\n" + "\n".join(
         f"{_describe(r)}: {r.registers} registers, {r.shared} B shared, {r.occupancy:.1%}" for r in low
+    )
+
+
+def test_pooled_convolutions_use_wgmma(analysis):
+    launches, _ = analysis
+    pooled = {(x.kernel, x.layer) for x in launches if x.kernel in CONV_KERNELS and x.constexprs.get("POOL")}
+    figures = [r for r in _figures(analysis) if (r.kernel, r.layer) in pooled]
+    assert {r.kernel for r in figures} >= {"_gabor_conv_fwd_kernel", "_gabor_conv_bwd_kernel",
+                                           "_conv_mixpool_fwd_kernel", "_conv_mixpool_bwd_kernel"}  # fmt: skip
+    without = [r for r in figures if not r.wgmma]
+    assert not without, "pooled convolution without wgmma:\n" + "\n".join(
+        f"{_describe(r)}: {r.mma} mma.sync" for r in without
     )
 
 
