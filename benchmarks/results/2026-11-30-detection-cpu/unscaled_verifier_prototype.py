@@ -4,7 +4,8 @@ Not part of the package; the inputs and the CNN are those of ``sensor_ceiling.py
 
     python unscaled_verifier_prototype.py train DRAWN DEMO EPOCHS OUT.pt
     python unscaled_verifier_prototype.py eval DRAWN PHYS.pt      (industry pass rate at 90 % cement recall)
-    python unscaled_verifier_prototype.py scan DEMO PHYS.pt|none WORK [BUDGET]   (none: the ensemble alone)
+    python unscaled_verifier_prototype.py scan DEMO PHYS.pt|none WORK [BUDGET] [alone]
+        (none: the ensemble alone; alone: the CNN alone, without the ensemble's log-odds)
 
 ``DRAWN`` is the WORKDIR of ``sensor_ceiling.py`` (its cement-train and industry-train sites), ``DEMO`` a ``make demo``
 output folder. ``train`` fits the CNN on cement (the drawn 1000 and the demo's 200) against everything else (the
@@ -84,7 +85,7 @@ def evaluate(drawn: Path, weights: Path) -> None:
     print(f"industry pass rate at 90 % cement recall: {(score[len(cement):] >= threshold).mean():.4f}")
 
 
-def scan(demo: Path, weights: Path | None, work: Path, budget: float = 0.5) -> None:
+def scan(demo: Path, weights: Path | None, work: Path, budget: float = 0.5, alone: bool = False) -> None:
     import fusionkern.scan.decide as decide
     import fusionkern.scan.tiles as tiles
     from fusionkern.scan.calibrate import CalibrateOptions, calibrate
@@ -109,7 +110,8 @@ def scan(demo: Path, weights: Path | None, work: Path, budget: float = 0.5) -> N
             with torch.no_grad():
                 turns = [phys(torch.rot90(f, k, (-2, -1))) for k in range(4)]
                 unscaled = torch.stack([t[:, 0] - t[:, 1] for t in turns]).mean(0).double().numpy()
-            out[valid] = decide.sigmoid(self.log_odds(chips[valid]) + unscaled + shift)
+            ensemble = 0.0 if alone else self.log_odds(chips[valid])
+            out[valid] = decide.sigmoid(ensemble + unscaled + shift)
         return out, valid
 
     if weights is not None:
@@ -138,4 +140,4 @@ if __name__ == "__main__":
         evaluate(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         scan(Path(sys.argv[2]), None if sys.argv[3] == "none" else Path(sys.argv[3]), Path(sys.argv[4]),
-             float(sys.argv[5]) if len(sys.argv) > 5 else 0.5)
+             float(sys.argv[5]) if len(sys.argv) > 5 else 0.5, "alone" in sys.argv[6:])
