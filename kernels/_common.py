@@ -33,6 +33,9 @@ Device side (``@triton.jit`` helpers used by :mod:`.gabor_conv` and :mod:`.conv_
 * :func:`_mixpool_fwd` and :func:`_mixpool_bwd`: the 2 x 2 mixed pooling of four pre-pool tiles and its gradient.
 * :func:`_conv_fwd_epilogue`, :func:`_conv_bwd_epilogue`, :func:`_store_grad_z`: ReLU -> pool -> affine on the
   accumulators, and ``dL/dz`` of the same chain.
+* :func:`_pool_record` and :func:`_pool_record_bwd_kernel` (:func:`pool_record_backward`): a byte per pooled value
+  (first-maximum position, ReLU signs) and ``max - avg``, written by the forward in training, from which the
+  backward gets ``dL/dz`` without recomputing the convolution.
 """
 
 from __future__ import annotations
@@ -413,10 +416,11 @@ TRITON_CONFIG_EXCEPTIONS: tuple[TritonConfigException, ...] = (
         "162 registers (18.8 %). 8 warps and 2 stages: 78-111 registers, no spills, 25-37.5 %.",
     ),
     TritonConfigException(
-        "_conv_mixpool_bwd_kernel", "3.6", GPU_POOLED_CONV_CONFIGS[1], None, _FP32, ("tf32",),
+        "_conv_mixpool_bwd_kernel", "3.6", GPU_POOLED_CONV_CONFIGS[1], None, _FP32, ("tf32", "ieee"),
         "16 px x 128 ch at 8 warps, TF32: 157 registers at native layer 3 (64 -> 128 channels; 104 under 3.9), one "
-        "block per SM, 12.5 % occupancy; 2 or 4 stages change nothing (156). Dropped: the 16 x 64 and 16 x 32 tiles "
-        "stay (117 and 64 registers, 25 % and 50 %).",
+        "block per SM, 12.5 % occupancy; 2 or 4 stages change nothing (156). IEEE (FMA dots over the 64 window rows "
+        "of the one-dot kernel): 128 registers with 4 B of spill stores. Dropped: the 16 x 64 and 16 x 32 tiles "
+        "stay (117 and 64 registers, 25 % and 50 %, in TF32).",
     ),
     TritonConfigException(
         "_conv_mixpool_bwd_kernel", "3.9", GPU_POOLED_CONV_CONFIGS[1], None, _FP32, ("ieee",),
@@ -856,6 +860,15 @@ def _conv_fwd_epilogue(
 
 
 @triton.jit
+def _relu4(z00, z01, z10, z11, RELU: tl.constexpr):
+    """``relu`` of the four window positions' tiles (unchanged without RELU)."""
+    if RELU:
+        return tl.maximum(z00, 0.0), tl.maximum(z01, 0.0), tl.maximum(z10, 0.0), tl.maximum(z11, 0.0)
+    else:
+        return z00, z01, z10, z11
+
+
+@triton.jit
 def _conv_bwd_epilogue(
     acc00,  # (BLOCK_P, BLOCK_CO) recomputed conv output at window position (0, 0)
     acc01,  # (BLOCK_P, BLOCK_CO) position (0, 1) (unused when not POOL)
@@ -871,15 +884,7 @@ def _conv_bwd_epilogue(
 
     ``dL/dz_k = [z_k > 0] * (alpha * [k = first argmax] + (1 - alpha) / 4) * g`` (the ReLU factor only with RELU).
     """
-    r00 = acc00
-    r01 = acc01
-    r10 = acc10
-    r11 = acc11
-    if RELU:
-        r00 = tl.maximum(r00, 0.0)
-        r01 = tl.maximum(r01, 0.0)
-        r10 = tl.maximum(r10, 0.0)
-        r11 = tl.maximum(r11, 0.0)
+    r00, r01, r10, r11 = _relu4(acc00, acc01, acc10, acc11, RELU)
     if POOL:
         alpha = tl.load(alpha_ptr).to(ACC_DTYPE)
         d00, d01, d10, d11, dalpha = _mixpool_bwd(r00, r01, r10, r11, g, alpha)
@@ -919,6 +924,175 @@ def _store_grad_z(
         tl.store(ptr + step_w, d01.to(ty), mask=mask)
         tl.store(ptr + step_h, d10.to(ty), mask=mask)
         tl.store(ptr + step_h + step_w, d11.to(ty), mask=mask)
+
+
+@triton.jit
+def _pool_record(
+    acc00,  # (BLOCK_P, BLOCK_CO) conv output at window position (0, 0) (the only one when not POOL)
+    acc01,  # (BLOCK_P, BLOCK_CO) position (0, 1)
+    acc10,  # (BLOCK_P, BLOCK_CO) position (1, 0)
+    acc11,  # (BLOCK_P, BLOCK_CO) position (1, 1)
+    RELU: tl.constexpr,
+    POOL: tl.constexpr,
+):
+    """What the backward needs of a fused layer's pre-pool tile, so that it need not recompute the convolution:
+    ``code`` (uint8) = window position of the first maximum of ``relu(z)`` in row-major order (bits 0-1, 0 without
+    POOL) + 4 x the ReLU signs ``[z_k > 0]`` of the four positions (bits 2-5; all set without RELU), and
+    ``gap = max - avg`` of ``relu(z)`` over the window (the pooled pixel's ``dy/dalpha``; 0 without POOL)."""
+    r00, r01, r10, r11 = _relu4(acc00, acc01, acc10, acc11, RELU)
+    if POOL:
+        mx = tl.maximum(tl.maximum(r00, r01), tl.maximum(r10, r11))
+        gap = mx - (((r00 + r01) + r10) + r11) * 0.25
+        first = tl.where(r00 == mx, 0, tl.where(r01 == mx, 1, tl.where(r10 == mx, 2, 3)))
+    else:
+        gap = acc00 * 0.0
+        first = (acc00 * 0).to(tl.int32)
+    if RELU:
+        signs = (acc00 > 0).to(tl.int32) + 2 * (acc01 > 0).to(tl.int32)
+        signs = signs + 4 * (acc10 > 0).to(tl.int32) + 8 * (acc11 > 0).to(tl.int32)
+    else:
+        signs = (acc00 * 0).to(tl.int32) + 15
+    return (first + 4 * signs).to(tl.uint8), gap
+
+
+@triton.jit
+def _store_record(
+    code_ptr,  # (B, C_TOTAL, PH, PW) uint8, contiguous
+    gap_ptr,  # (B, C_TOTAL, PH, PW), contiguous
+    acc00,  # (BLOCK_P, BLOCK_CO) conv output at the four window positions (as for _conv_fwd_epilogue)
+    acc01,
+    acc10,
+    acc11,
+    b,  # (BLOCK_P,) batch index of each output pixel
+    ph,  # (BLOCK_P,) output row
+    pw,  # (BLOCK_P,) output column
+    c_all,  # (BLOCK_CO,) channel in the whole tensor (group offset included)
+    mask,  # (BLOCK_P, BLOCK_CO)
+    C_TOTAL,  # channels of the whole tensor (G * CO)
+    PH,  # output rows
+    PW,  # output columns
+    RELU: tl.constexpr,
+    POOL: tl.constexpr,
+):
+    """Write the :func:`_pool_record` of a forward tile."""
+    code, gap = _pool_record(acc00, acc01, acc10, acc11, RELU, POOL)
+    rec = (b * (C_TOTAL * PH * PW) + ph * PW + pw)[:, None] + (c_all * (PH * PW))[None, :]
+    tl.store(code_ptr + rec, code, mask=mask)
+    tl.store(gap_ptr + rec, gap.to(gap_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pool_record_bwd_kernel(
+    grad_out_ptr,  # dL/dy, (B, G * CO, PH, PW), any strides
+    code_ptr,  # (B, G * CO, PH, PW) uint8 record of the forward (:func:`_pool_record`), contiguous
+    gap_ptr,  # (B, G * CO, PH, PW) max - avg of the forward, contiguous, accumulation dtype
+    alpha_ptr,  # mixing weight, (G,) contiguous (read when POOL)
+    scale_ptr,  # folded BatchNorm scale, (G * CO,) contiguous (read when BN)
+    grad_z_ptr,  # out: dL/dz, (B, G * CO, OH, OW)
+    alpha_part_ptr,  # out: per-program partial sums of g * (max - avg), (cdiv(B * PH * PW, BLOCK_P), G * CO)
+    bias_part_ptr,  # out: per-program partial sums of dL/dz, (cdiv(B * PH * PW, BLOCK_P), G * CO)
+    B,  # batch size
+    CO,  # output channels per group
+    PH,  # rows of the record: OH // 2 when POOL, else OH
+    PW,  # columns of the record
+    G,  # groups
+    stride_gb,  # grad_output strides, in elements
+    stride_gc,
+    stride_gh,
+    stride_gw,
+    stride_zb,  # grad_z strides, in elements
+    stride_zc,
+    stride_zh,
+    stride_zw,
+    RELU: tl.constexpr,  # ReLU after the conv
+    POOL: tl.constexpr,  # 2 x 2 / stride 2 mixed pooling, floor mode
+    BN: tl.constexpr,  # per-channel affine (folded BatchNorm) after pooling
+    HAS_BIAS: tl.constexpr,  # write the bias partial sums
+    ACC_DTYPE: tl.constexpr,  # tl.float32 (tl.float64 for float64 inputs)
+    BLOCK_P: tl.constexpr,  # record pixels per program
+    BLOCK_C: tl.constexpr,  # channels per program
+):
+    """``dL/dz`` of a fused conv -> [ReLU] -> [mixed pool] -> [affine] layer from its forward record, no convolution:
+    with ``g = dL/dy * scale``, ``dL/dz_k = [z_k > 0] (alpha [k = first max] + (1 - alpha) / 4) g``, plus the
+    per-program partial sums of ``g * (max - avg)`` (``dL/dalpha``) and of ``dL/dz`` (``dL/dbias``)."""
+    # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_C), G)
+    pid_p = tl.program_id(0)
+    pid_g = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_mask = offs_p < B * PH * PW
+    c_mask = offs_c < CO
+    mask = p_mask[:, None] & c_mask[None, :]
+    pw = offs_p % PW
+    ph = (offs_p // PW) % PH
+    b = offs_p // (PW * PH)
+    c_all = pid_g * CO + offs_c  # channels of the whole (B, G * CO, ...) tensors
+    rec = (b * (G * CO * PH * PW) + ph * PW + pw)[:, None] + (c_all * (PH * PW))[None, :]
+    code = tl.load(code_ptr + rec, mask=mask, other=0).to(tl.int32)
+    g_off = (b * stride_gb + ph * stride_gh + pw * stride_gw)[:, None] + (c_all * stride_gc)[None, :]
+    g = tl.load(grad_out_ptr + g_off, mask=mask, other=0.0).to(ACC_DTYPE)
+    if BN:
+        g = g * tl.load(scale_ptr + c_all, mask=c_mask, other=0.0).to(ACC_DTYPE)[None, :]
+    if POOL:
+        alpha = tl.load(alpha_ptr + pid_g).to(ACC_DTYPE)
+        first = code & 3
+        g_max = g * alpha
+        g_avg = (g * (1 - alpha)) * 0.25
+        d00 = tl.where(first == 0, g_max, 0.0) + g_avg
+        d01 = tl.where(first == 1, g_max, 0.0) + g_avg
+        d10 = tl.where(first == 2, g_max, 0.0) + g_avg
+        d11 = tl.where(first == 3, g_max, 0.0) + g_avg
+        gap = tl.load(gap_ptr + rec, mask=mask, other=0.0).to(ACC_DTYPE)
+        tl.store(alpha_part_ptr + pid_p * (G * CO) + c_all, tl.sum(g * gap, axis=0), mask=c_mask)
+    else:
+        d00 = g
+        d01 = g
+        d10 = g
+        d11 = g
+    if RELU:
+        d00 = tl.where((code & 4) != 0, d00, 0.0)
+        d01 = tl.where((code & 8) != 0, d01, 0.0)
+        d10 = tl.where((code & 16) != 0, d10, 0.0)
+        d11 = tl.where((code & 32) != 0, d11, 0.0)
+    if POOL:
+        z_row = b * stride_zb + (2 * ph) * stride_zh + (2 * pw) * stride_zw
+    else:
+        z_row = b * stride_zb + ph * stride_zh + pw * stride_zw
+    _store_grad_z(grad_z_ptr, z_row, c_all * stride_zc, stride_zh, stride_zw, d00, d01, d10, d11, mask, POOL)
+    if HAS_BIAS:
+        if POOL:
+            d_sum = tl.sum(d00 + d01 + d10 + d11, axis=0)
+        else:
+            d_sum = tl.sum(d00, axis=0)
+        tl.store(bias_part_ptr + pid_p * (G * CO) + c_all, d_sum, mask=c_mask)
+
+
+def pool_record_backward(
+    code: torch.Tensor, gap: torch.Tensor, grad_out: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor | None,
+    geo: "ConvGeometry", relu: bool, has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dL/dz, dL/dalpha per group (G,), dL/dbias (G * CO,))`` from the forward's record (:func:`_pool_record`):
+    an elementwise pass over the pooled output instead of recomputing the convolution."""
+    odd = geo.pool and (geo.OH % 2 or geo.OW % 2)
+    alloc = torch.zeros if odd else torch.empty
+    grad_z = alloc(geo.grad_z_shape, device=grad_out.device, dtype=grad_out.dtype)
+    G, CO = geo.groups, geo.CO
+    block_p, block_c = 32, pow2_block(CO, 16, 32)  # 32 x 64 tiles took 126-156 registers for this elementwise pass
+    rows = triton.cdiv(geo.n_pixels, block_p)
+    cdtype = gap.dtype
+    alpha_part = torch.zeros((rows if geo.pool else 1, G * CO), device=grad_out.device, dtype=cdtype)
+    bias_part = torch.zeros((rows if has_bias else 1, G * CO), device=grad_out.device, dtype=cdtype)
+    if grad_z.numel() and code.numel():
+        check_int32_indexable("grad_output", grad_out)
+        check_int32_indexable("grad_z", grad_z)
+        # grid: one program per BLOCK_P record pixels x BLOCK_C channels of one group
+        _pool_record_bwd_kernel[(rows, triton.cdiv(CO, block_c), G)](
+            grad_out, code, gap, alpha, alpha if scale is None else scale, grad_z, alpha_part, bias_part,
+            geo.B, CO, geo.PH, geo.PW, G, *grad_out.stride(), *grad_z.stride(),
+            RELU=relu, POOL=geo.pool, BN=scale is not None, HAS_BIAS=has_bias, ACC_DTYPE=tl_acc_dtype(gap.dtype),
+            BLOCK_P=block_p, BLOCK_C=block_c,
+        )  # fmt: skip
+    return grad_z, alpha_part.view(-1, G, CO).sum((0, 2)), bias_part.sum(0)
 
 
 # --------------------------------------------------------------------------------------------------------------

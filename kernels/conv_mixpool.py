@@ -6,7 +6,11 @@ the pooled map. Any square kernel size, stride and dilation work; 3 x 3 with pad
 Training keeps BatchNorm as a separate torch op after the kernel (batch statistics and running-stat updates stay
 exactly PyTorch's); inference folds it into the epilogue as ``y * scale + shift`` (:func:`fold_bn`).
 
-Contents, in order: the forward kernel, the backward kernel (``dL/dz`` by recomputation plus the ``alpha`` and
+In training the forward also writes a record of each pooled value (a byte: first-maximum position and ReLU signs;
+and ``max - avg``), from which :func:`~fusionkern.kernels._common.pool_record_backward` gets ``dL/dz`` in one
+elementwise pass; with ``pool_record=False`` the backward kernel recomputes the conv tile instead.
+
+Contents, in order: the forward kernel, the backward kernel that recomputes (``dL/dz`` plus the ``alpha`` and
 bias partial sums), the launchers, the ``autograd.Function`` and the functional API :func:`conv2d_mixpool`. The
 kernels take tensors and plain parameters only; running a reference ``ConvStage`` on them is
 :func:`fusionkern.models.fused.stage_forward`.
@@ -27,6 +31,7 @@ from fusionkern.kernels._common import (
     _conv_fwd_epilogue,
     _split_windows,
     _store_grad_z,
+    _store_record,
     _window_pixels,
     _window_rows,
     _x_tile,
@@ -43,6 +48,7 @@ from fusionkern.kernels._common import (
     conv_geometry,
     dot_precision,
     group_alpha,
+    pool_record_backward,
     resolve_allow_tf32,
     square_int,
     tl_acc_dtype,
@@ -133,6 +139,8 @@ def _conv_mixpool_fwd_kernel(
     scale_ptr,  # folded BatchNorm scale, (G * CO,) contiguous (read when BN)
     shift_ptr,  # folded BatchNorm shift, (G * CO,) contiguous (read when BN)
     out_ptr,  # output, (B, G * CO, PH, PW)
+    code_ptr,  # out when RECORD: (B, G * CO, PH, PW) uint8 record for the backward, contiguous
+    gap_ptr,  # out when RECORD: (B, G * CO, PH, PW) max - avg, contiguous, accumulation dtype
     B,  # batch size
     CI,  # input channels
     H,  # input height
@@ -162,6 +170,7 @@ def _conv_mixpool_fwd_kernel(
     RELU: tl.constexpr,  # ReLU after the conv
     POOL: tl.constexpr,  # 2 x 2 / stride 2 mixed pooling, floor mode
     BN: tl.constexpr,  # per-channel affine after pooling
+    RECORD: tl.constexpr,  # write the backward's record (training)
     ACC_DTYPE: tl.constexpr,  # tl.float32 (tl.float64 for float64 inputs)
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
     BLOCK_P: tl.constexpr,  # output pixels per program
@@ -193,6 +202,9 @@ def _conv_mixpool_fwd_kernel(
                            ACC_DTYPE, RELU, POOL, BN)  # fmt: skip
     out_off = (b * stride_ob + ph * stride_oh + pw * stride_ow)[:, None] + (co_all * stride_oc)[None, :]
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
+    if RECORD:
+        _store_record(code_ptr, gap_ptr, acc00, acc01, acc10, acc11, b, ph, pw, co_all,
+                      p_mask[:, None] & co_mask[None, :], G * CO, PH, PW, RELU, POOL)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -306,24 +318,30 @@ class _Options:
     bn: bool
     has_bias: bool
     allow_tf32: bool
+    record: bool = True  # training forwards write the backward's record (else the backward recomputes the conv)
 
 
-def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options) -> torch.Tensor:
+def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options, record: bool = False):
+    """``(out, code, gap)``: the layer's output and, with ``record``, the backward's record (else ``None``s)."""
     out = torch.empty(geo.out_shape, device=x.device, dtype=x.dtype)
+    code = gap = None
+    if record:
+        code = torch.empty(geo.out_shape, device=x.device, dtype=torch.uint8)
+        gap = torch.empty(geo.out_shape, device=x.device, dtype=compute_dtype(x.dtype))
     if out.numel() == 0:
-        return out
+        return out, code, gap
     check_int32_indexable("output", out)
     dummy = alpha  # stands in for absent optional tensors (never read)
     _conv_mixpool_fwd[geo.grid](
         x, weight, dummy if bias is None else bias, alpha, dummy if scale is None else scale,
-        dummy if shift is None else shift, out,
+        dummy if shift is None else shift, out, out if code is None else code, out if gap is None else gap,
         geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket, geo.groups,
         *x.stride(), *weight.stride(), *out.stride(),
         geo.stride, geo.padding, geo.dilation,
-        K=geo.K, HAS_BIAS=opt.has_bias, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
+        K=geo.K, HAS_BIAS=opt.has_bias, RELU=opt.relu, POOL=opt.pool, BN=opt.bn, RECORD=record,
         ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
     )  # fmt: skip
-    return out
+    return out, code, gap
 
 
 def _launch_backward(x, weight, bias, alpha, scale, grad_out, geo: ConvGeometry, opt: _Options):
@@ -364,37 +382,45 @@ def _launch_backward(x, weight, bias, alpha, scale, grad_out, geo: ConvGeometry,
 class Conv2dMixPoolFunction(torch.autograd.Function):
     """Fused conv + bias (+ ReLU, + mixed pooling, + folded BN) with gradients for x, weight, bias, alpha.
 
-    Backward: the kernel recomputes the conv tile and writes ``dL/dz`` (no pre-pool activation is saved) plus the
-    ``alpha`` and bias partial sums; ``dL/dx`` and ``dL/dweight`` come from :func:`conv_backward` (cuDNN on a GPU)
-    on ``dL/dz``, at the precision resolved by the forward. Without pooling or BN, ``dL/dz`` is read off the saved
-    output instead.
+    Backward: with pooling or BN, ``dL/dz`` and the ``alpha`` and bias partial sums come from the record the
+    forward wrote (a byte per pooled value: first-maximum position and ReLU signs, plus ``max - avg``;
+    :func:`~fusionkern.kernels._common.pool_record_backward`), an elementwise pass; with ``pool_record=False`` the
+    forward saves no record and the backward kernel recomputes the conv tile instead (less memory, one more
+    convolution). ``dL/dx`` and ``dL/dweight`` come from :func:`conv_backward` (cuDNN on a GPU) on ``dL/dz``, at the
+    precision resolved by the forward. Without pooling or BN, ``dL/dz`` is read off the saved output.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options):
         alpha_c = group_alpha(alpha, geo.groups, compute_dtype(x.dtype))
-        out = _launch_forward(x, weight, bias, alpha_c, scale, shift, geo, opt)
+        record = opt.record and (opt.pool or opt.bn) and any(ctx.needs_input_grad[:4])
+        out, code, gap = _launch_forward(x, weight, bias, alpha_c, scale, shift, geo, opt, record)
         saved_out = out if (opt.relu and not opt.pool and not opt.bn) else None
-        ctx.save_for_backward(x, weight, bias, alpha_c, scale, saved_out)
+        ctx.save_for_backward(x, weight, bias, alpha_c, scale, saved_out, code, gap)
         ctx.geo, ctx.opt = geo, opt
         ctx.alpha_like = (alpha.shape, alpha.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, alpha_c, scale, saved_out = ctx.saved_tensors
+        x, weight, bias, alpha_c, scale, saved_out, code, gap = ctx.saved_tensors
         geo, opt = ctx.geo, ctx.opt
         need_x, need_w, need_b, need_alpha = ctx.needs_input_grad[:4]
         grads: list = [None] * 8
         if not (need_x or need_w or need_b or need_alpha):
             return tuple(grads)
 
-        if opt.pool or opt.bn:
+        if code is not None:
+            grad_z, grad_alpha, grad_bias = pool_record_backward(code, gap, grad_out, alpha_c, scale, geo, opt.relu,
+                                                                 opt.has_bias)  # fmt: skip
+        elif opt.pool or opt.bn:
             grad_z, grad_alpha, grad_bias = _launch_backward(x, weight, bias, alpha_c, scale, grad_out, geo, opt)
         else:
             grad_z = torch.where(saved_out > 0, grad_out, 0) if opt.relu else grad_out
             grad_alpha = None
             grad_bias = grad_z.sum((0, 2, 3), dtype=compute_dtype(x.dtype)) if need_b else None
+        if not opt.pool:
+            grad_alpha = None
         if need_alpha and grad_alpha is not None:
             grads[3] = alpha_grad(grad_alpha, ctx.alpha_like)
         if need_b:
@@ -422,6 +448,7 @@ def conv2d_mixpool(
     bn: tuple[torch.Tensor, torch.Tensor] | None = None,
     groups: int = 1,
     allow_tf32: bool | None = None,
+    pool_record: bool = True,
 ) -> torch.Tensor:
     """``bn(MixPool2d(relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))))`` in one kernel.
 
@@ -440,6 +467,9 @@ def conv2d_mixpool(
             ``None`` (default) does what PyTorch's own fp32 convolutions do (``torch.backends.cudnn.conv
             .fp32_precision`` / ``torch.backends.cudnn.allow_tf32``, TF32 unless changed); ``False`` is IEEE fp32.
             Ignored for other dtypes (16-bit inputs always use the tensor cores).
+        pool_record: when a gradient is needed, the forward writes a record for the backward (one byte per pooled
+            value and ``max - avg`` in the accumulation dtype: 5 bytes per output value in fp32, 9 in float64) so
+            that the backward need not recompute the convolution; ``False`` saves that memory and recomputes.
 
     Returns:
         ``(B, C_out, OH // 2, OW // 2)`` with pooling, else ``(B, C_out, OH, OW)``, in ``x.dtype``.
@@ -474,7 +504,7 @@ def conv2d_mixpool(
         bias = bias.contiguous()
     geo = conv_geometry(x, CO, KH, stride, padding, dilation, alpha_t is not None, groups)
     opt = _Options(bool(relu), alpha_t is not None, scale is not None, bias is not None,
-                   resolve_allow_tf32(allow_tf32))  # fmt: skip
+                   resolve_allow_tf32(allow_tf32), bool(pool_record))  # fmt: skip
     if alpha_t is None:
         alpha_t = torch.ones((), device=x.device, dtype=compute_dtype(x.dtype))
     return Conv2dMixPoolFunction.apply(x, weight, bias, alpha_t, scale, shift, geo, opt)

@@ -13,8 +13,11 @@ channel) tile of Gabor weights it needs from the four (out, in) parameter tensor
 Both grids of the reference are supported (the tap positions are read from a (2, k*k) buffer built by
 ``gabor_grid``, the function the reference's bank uses too, so they are bit-identical).
 
-Contents, in order: the device helper that builds a weight tile, the forward kernel, the backward kernel
-(``dL/dz`` by recomputation plus the ``alpha`` partial sums), the bank and parameter-gradient kernels, the
+In training the forward also writes the pooling record of :mod:`.conv_mixpool` and the backward reads it
+(``pool_record=False``: the backward kernel recomputes the conv tile instead).
+
+Contents, in order: the device helper that builds a weight tile, the forward kernel, the backward kernel that
+recomputes (``dL/dz`` plus the ``alpha`` partial sums), the bank and parameter-gradient kernels, the
 launchers, the ``autograd.Function`` and the functional API :func:`gabor_conv2d`.
 """
 
@@ -37,6 +40,7 @@ from fusionkern.kernels._common import (
     _conv_fwd_epilogue,
     _split_windows,
     _store_grad_z,
+    _store_record,
     _window_pixels,
     _window_rows,
     _x_tile,
@@ -53,6 +57,7 @@ from fusionkern.kernels._common import (
     conv_geometry,
     dot_precision,
     group_alpha,
+    pool_record_backward,
     pow2_block,
     resolve_allow_tf32,
     square_int,
@@ -175,6 +180,8 @@ def _gabor_conv_fwd_kernel(
     scale_ptr,  # folded BatchNorm scale, (G * CO,) contiguous (read when BN)
     shift_ptr,  # folded BatchNorm shift, (G * CO,) contiguous (read when BN)
     out_ptr,  # output, (B, G * CO, PH, PW)
+    code_ptr,  # out when RECORD: (B, G * CO, PH, PW) uint8 record for the backward, contiguous
+    gap_ptr,  # out when RECORD: (B, G * CO, PH, PW) max - avg, contiguous, accumulation dtype
     B,  # batch size
     CI,  # input channels
     H,  # input height
@@ -200,6 +207,7 @@ def _gabor_conv_fwd_kernel(
     RELU: tl.constexpr,  # ReLU after the conv
     POOL: tl.constexpr,  # 2 x 2 / stride 2 mixed pooling, floor mode
     BN: tl.constexpr,  # per-channel affine after pooling
+    RECORD: tl.constexpr,  # write the backward's record (training)
     ACC_DTYPE: tl.constexpr,  # tl.float32 (tl.float64 for float64 inputs)
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
     BLOCK_P: tl.constexpr,  # output pixels per program
@@ -231,6 +239,9 @@ def _gabor_conv_fwd_kernel(
                            ACC_DTYPE, RELU, POOL, BN)  # fmt: skip
     out_off = (b * stride_ob + ph * stride_oh + pw * stride_ow)[:, None] + (co_all * stride_oc)[None, :]
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
+    if RECORD:
+        _store_record(code_ptr, gap_ptr, acc00, acc01, acc10, acc11, b, ph, pw, co_all,
+                      p_mask[:, None] & co_mask[None, :], G * CO, PH, PW, RELU, POOL)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -418,6 +429,7 @@ class _Options:
     bn: bool
     legacy: bool
     allow_tf32: bool
+    record: bool = True  # training forwards write the backward's record (else the backward recomputes the conv)
 
 
 @functools.lru_cache(maxsize=64)
@@ -438,23 +450,28 @@ def _stack_params(freq, theta, sigma, psi, dtype: torch.dtype) -> torch.Tensor:
 
 def _launch_forward(
     x: torch.Tensor, params: torch.Tensor, taps: torch.Tensor, alpha: torch.Tensor, scale, shift, geo: ConvGeometry,
-    opt: _Options,
-) -> torch.Tensor:  # fmt: skip
+    opt: _Options, record: bool = False,
+):  # fmt: skip
+    """``(out, code, gap)``: the layer's output and, with ``record``, the backward's record (else ``None``s)."""
     out = torch.empty(geo.out_shape, device=x.device, dtype=x.dtype)
+    code = gap = None
+    if record:
+        code = torch.empty(geo.out_shape, device=x.device, dtype=torch.uint8)
+        gap = torch.empty(geo.out_shape, device=x.device, dtype=compute_dtype(x.dtype))
     if out.numel() == 0:
-        return out
+        return out, code, gap
     check_int32_indexable("output", out)
     scale = alpha if scale is None else scale
     shift = alpha if shift is None else shift
     _gabor_conv_fwd[geo.grid](
-        x, params, taps, alpha, scale, shift, out,
+        x, params, taps, alpha, scale, shift, out, out if code is None else code, out if gap is None else gap,
         geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket, geo.groups,
         *x.stride(), *out.stride(),
         geo.stride, geo.padding, geo.dilation,
-        K=geo.K, LEGACY=opt.legacy, RELU=opt.relu, POOL=opt.pool, BN=opt.bn,
+        K=geo.K, LEGACY=opt.legacy, RELU=opt.relu, POOL=opt.pool, BN=opt.bn, RECORD=record,
         ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
     )  # fmt: skip
-    return out
+    return out, code, gap
 
 
 def _launch_backward(
@@ -523,9 +540,11 @@ def _launch_param_grad(
 class GaborConv2dFunction(torch.autograd.Function):
     """Fused Gabor conv (+ ReLU, + mixed pooling, + folded BN) with gradients for x, the four parameters, alpha.
 
-    Backward: the kernel recomputes the conv tile and writes ``dL/dz`` (no pre-pool activation is saved) and the
-    ``alpha`` partial sums; ``dL/dx`` and ``dL/dW`` come from :func:`conv_backward` (cuDNN on a GPU, at the precision
-    the forward resolved) on ``dL/dz`` and the materialised bank; ``dL/dW`` is pulled back to the four parameters by
+    Backward: with pooling or BN, ``dL/dz`` and the ``alpha`` partial sums come from the record the forward wrote
+    (:func:`~fusionkern.kernels._common.pool_record_backward`, an elementwise pass; no pre-pool activation is saved);
+    with ``pool_record=False`` the backward kernel recomputes the conv tile instead. ``dL/dx`` and ``dL/dW`` come
+    from :func:`conv_backward` (cuDNN on a GPU, at the precision the forward resolved) on ``dL/dz`` and the
+    materialised bank; ``dL/dW`` is pulled back to the four parameters by
     :func:`_gabor_param_grad_kernel`. Without pooling or BN, ``dL/dz`` is read off the saved output instead.
     """
 
@@ -535,9 +554,10 @@ class GaborConv2dFunction(torch.autograd.Function):
         params = _stack_params(freq, theta, sigma, psi, cdtype)
         taps = _tap_grid(opt.kernel_size, "legacy" if opt.legacy else "centered", x.device, cdtype)
         alpha_c = group_alpha(alpha, geo.groups, cdtype)
-        out = _launch_forward(x, params, taps, alpha_c, scale, shift, geo, opt)
+        record = opt.record and (opt.pool or opt.bn) and any(ctx.needs_input_grad[:6])
+        out, code, gap = _launch_forward(x, params, taps, alpha_c, scale, shift, geo, opt, record)
         saved_out = out if (opt.relu and not opt.pool and not opt.bn) else None
-        ctx.save_for_backward(x, params, taps, alpha_c, scale, saved_out)
+        ctx.save_for_backward(x, params, taps, alpha_c, scale, saved_out, code, gap)
         ctx.geo, ctx.opt = geo, opt
         ctx.param_dtypes = (freq.dtype, theta.dtype, sigma.dtype, psi.dtype)
         ctx.alpha_like = (alpha.shape, alpha.dtype)
@@ -545,14 +565,17 @@ class GaborConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, params, taps, alpha_c, scale, saved_out = ctx.saved_tensors
+        x, params, taps, alpha_c, scale, saved_out, code, gap = ctx.saved_tensors
         geo, opt = ctx.geo, ctx.opt
         need_x, *need_params, need_alpha = ctx.needs_input_grad[:6]
         grads: list = [None] * 10
         if not (need_x or any(need_params) or need_alpha):
             return tuple(grads)
 
-        if opt.pool or opt.bn:
+        if code is not None:
+            grad_z, grad_alpha, _ = pool_record_backward(code, gap, grad_out, alpha_c, scale, geo, opt.relu, False)
+            grad_alpha = grad_alpha if opt.pool else None
+        elif opt.pool or opt.bn:
             grad_z, grad_alpha = _launch_backward(x, params, taps, alpha_c, scale, grad_out, geo, opt)
         else:
             grad_z = torch.where(saved_out > 0, grad_out, 0) if opt.relu else grad_out
@@ -604,6 +627,7 @@ def gabor_conv2d(
     bn: tuple[torch.Tensor, torch.Tensor] | None = None,
     groups: int = 1,
     allow_tf32: bool | None = None,
+    pool_record: bool = True,
 ) -> torch.Tensor:
     """Gabor convolution with the bank generated in-kernel, optionally fused with ReLU, mixed pooling and BN.
 
@@ -625,6 +649,9 @@ def gabor_conv2d(
         allow_tf32: let float32 products (the forward kernel's dots and the backward) use TF32 tensor cores.
             ``None`` (default) does what PyTorch's own fp32 convolutions do (TF32 unless
             ``torch.backends.cudnn.conv.fp32_precision`` / ``allow_tf32`` say otherwise); ``False`` is IEEE fp32.
+        pool_record: when a gradient is needed, the forward writes a record for the backward (one byte per pooled
+            value and ``max - avg``) so that the backward need not recompute the convolution; ``False`` saves that
+            memory and recomputes.
 
     Returns:
         ``(B, C_out, OH // 2, OW // 2)`` with pooling, else ``(B, C_out, OH, OW)``, in ``x.dtype``.
@@ -651,7 +678,7 @@ def gabor_conv2d(
     scale, shift = check_bn(bn, CO, x)
     geo = conv_geometry(x, CO, k, stride, padding, dilation, alpha is not None, groups)
     opt = _Options(k, stride, padding, dilation, bool(relu), alpha is not None, scale is not None, grid == "legacy",
-                   resolve_allow_tf32(allow_tf32))  # fmt: skip
+                   resolve_allow_tf32(allow_tf32), bool(pool_record))  # fmt: skip
     if alpha is None:
         alpha = torch.ones((), device=x.device, dtype=compute_dtype(x.dtype))
     return GaborConv2dFunction.apply(x, freq, theta, sigma, psi, alpha, scale, shift, geo, opt)

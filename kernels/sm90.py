@@ -48,6 +48,7 @@ warps and 32 blocks per SM, registers allocated per warp in units of 256, 1 KiB 
 block."""
 
 _KERNEL_MODULES = (
+    "fusionkern.kernels._common",
     "fusionkern.kernels.gabor_conv",
     "fusionkern.kernels.conv_mixpool",
     "fusionkern.kernels.dilated",

@@ -184,7 +184,7 @@ def test_mixpool_ref_is_the_module():
 
 def check_gabor(
     c: Case, *, relu=True, alpha: float | None = 0.7, alpha_const=False, grid="centered", bn=False, tol="fp32",
-    channels_last=False, seed=0,
+    channels_last=False, seed=0, record=True,
 ) -> None:  # fmt: skip
     t = DTYPES[tol]
     params = gabor_params(c.CO, c.CI, c.k, grid, seed)
@@ -198,7 +198,7 @@ def check_gabor(
     ak = None if alpha is None else (alpha if alpha_const else torch.tensor(alpha, device=DEVICE, requires_grad=True))
     folded = None if bn_mod is None else tuple(v.to(DEVICE) for v in fold_bn(bn_mod))
     y = gabor_conv2d(xk, *pk, c.k, c.stride, c.padding, c.dilation, relu=relu, pool_alpha=ak, grid=grid, bn=folded,
-                     allow_tf32=t.allow_tf32)  # fmt: skip
+                     allow_tf32=t.allow_tf32, pool_record=record)  # fmt: skip
 
     # reference: fp32 math on the same (possibly 16-bit-rounded) values, the bank rounded like the kernel's
     xr = leaf(x, torch.float32)
@@ -231,7 +231,7 @@ def check_gabor(
 
 def check_conv(
     c: Case, *, relu=True, alpha: float | None = 0.6, alpha_const=False, bias=True, bn=False, tol="fp32",
-    channels_last=False, seed=0,
+    channels_last=False, seed=0, record=True,
 ) -> None:  # fmt: skip
     t = DTYPES[tol]
     torch.manual_seed(seed)
@@ -248,7 +248,7 @@ def check_conv(
     ak = None if alpha is None else (alpha if alpha_const else torch.tensor(alpha, device=DEVICE, requires_grad=True))
     folded = None if bn_mod is None else tuple(v.to(DEVICE) for v in fold_bn(bn_mod))
     y = conv2d_mixpool(xk, wk, bk, ak, stride=c.stride, padding=c.padding, dilation=c.dilation, relu=relu, bn=folded,
-                       allow_tf32=t.allow_tf32)  # fmt: skip
+                       allow_tf32=t.allow_tf32, pool_record=record)  # fmt: skip
 
     xr, wr = leaf(x, torch.float32), leaf(w, torch.float32)
     br = None if b is None else leaf(b, torch.float32)
@@ -303,10 +303,12 @@ def test_conv_mixpool(case):
     ],
     ids=["conv", "relu", "pool-no-relu", "maxpool", "pool-bn", "relu-bn", "alpha-out-of-range"],
 )
+@pytest.mark.parametrize("record", [True, False], ids=["record", "recompute"])
 @pytest.mark.parametrize("op", ["gabor", "conv"])
-def test_epilogue_modes(op, mode):
+def test_epilogue_modes(op, mode, record):
+    """Every epilogue, with the backward read off the forward's record (default) and recomputing the conv."""
     case = CASES["odd H and W"]
-    (check_gabor if op == "gabor" else check_conv)(case, **mode)
+    (check_gabor if op == "gabor" else check_conv)(case, **mode, record=record)
 
 
 def test_gabor_legacy_grid():
@@ -386,7 +388,9 @@ class LaunchSpy:
 
 
 def run_op_with_spies(op: str, monkeypatch, dtype=torch.float32, **kwargs) -> list[dict]:
-    """Forward and backward of a small pooled layer; the launch arguments of its forward and backward kernels."""
+    """Forward and backward of a small pooled layer; the launch arguments of its forward and backward kernels (the
+    backward that recomputes the conv, ``pool_record=False``: the one with dots whose precision matters)."""
+    kwargs.setdefault("pool_record", False)
     module, names = (gabor_conv, ("_gabor_conv_fwd", "_gabor_conv_bwd")) if op == "gabor" else (
         conv_mixpool, ("_conv_mixpool_fwd", "_conv_mixpool_bwd"))  # fmt: skip
     spies = [LaunchSpy(getattr(module, n)) for n in names]
@@ -517,13 +521,44 @@ def test_max_pool_ties_match_reference(op):
     assert_match("grad alpha", gk[1], gr[1], 1e-5, 1e-4)
 
 
-def test_backward_saves_no_prepool_activation():
+@pytest.mark.parametrize("record", [True, False], ids=["record", "recompute"])
+def test_backward_saves_no_prepool_activation(record):
     case = CASES["batch 1"]
     x = torch.randn(case.B, case.CI, case.H, case.W, device=DEVICE, requires_grad=True)
     w = torch.randn(case.CO, case.CI, 3, 3, device=DEVICE, requires_grad=True)
-    y = conv2d_mixpool(x, w, None, 0.5)
+    y = conv2d_mixpool(x, w, None, 0.5, pool_record=record)
     pre_pool = (case.B, case.CO, case.H, case.W)
-    assert all(tuple(t.shape) != pre_pool for t in y.grad_fn.saved_tensors if t is not None)
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert all(tuple(t.shape) != pre_pool for t in saved)
+    # the record: one byte and one accumulation-dtype value per pooled output value, nothing else of that size
+    assert sorted(str(t.dtype) for t in saved if t.shape == y.shape) == (
+        ["torch.float32", "torch.uint8"] if record else []
+    )
+
+
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_backward_reads_the_record_instead_of_recomputing(op, monkeypatch):
+    """With the record the backward never launches the recomputing kernel; without it, it does; no record is
+    written when no gradient is needed."""
+    module = gabor_conv if op == "gabor" else conv_mixpool
+    calls = []
+    real = module._launch_backward
+    monkeypatch.setattr(module, "_launch_backward", lambda *a: calls.append(1) or real(*a))
+    case = CASES["odd H and W"]
+    for record in (True, False):
+        calls.clear()
+        x = torch.randn(case.B, case.CI, case.H, case.W, device=DEVICE, requires_grad=True)
+        if op == "gabor":
+            params = [p.to(DEVICE).requires_grad_() for p in gabor_params(case.CO, case.CI, 3)]
+            y = gabor_conv2d(x, *params, 3, 1, 1, relu=True, pool_alpha=0.5, pool_record=record)
+        else:
+            w = torch.randn(case.CO, case.CI, 3, 3, device=DEVICE, requires_grad=True)
+            y = conv2d_mixpool(x, w, None, 0.5, pool_record=record)
+        y.backward(torch.randn_like(y))
+        assert len(calls) == (0 if record else 1), record
+    with torch.no_grad():
+        y = conv2d_mixpool(torch.randn(1, 3, 8, 8, device=DEVICE), torch.randn(4, 3, 3, 3, device=DEVICE), None, 0.5)
+    assert y.grad_fn is None
 
 
 @pytest.mark.parametrize("grid", ["centered", "legacy"])
@@ -820,7 +855,7 @@ def test_autotune_setup():
 def test_triton_config_exceptions(monkeypatch):
     """Each exception names a config its kernel holds and applies to its release, dtypes and precisions only: under
     triton 3.6 the Gabor layer's small tile is replaced (per dtype), the conv backward's 16 x 128 tile is dropped
-    for TF32 and the dilated weight gradient reduces over 32 pixels per step (16 in IEEE fp32); under triton 3.9
+    for fp32 and the dilated weight gradient reduces over 32 pixels per step (16 in IEEE fp32); under triton 3.9
     the conv backward's 16 x 128 tile is dropped for IEEE fp32 only, and every other list is the default."""
     from fusionkern.kernels import dilated
 
@@ -861,7 +896,7 @@ def test_triton_config_exceptions(monkeypatch):
     assert kept("_conv_mixpool_fwd_kernel", torch.float32, "tf32", 3, 32) == [small]  # other kernels: unchanged
     assert wide not in kept("_conv_mixpool_bwd_kernel", torch.float32, "tf32", 64, 128)
     assert small in kept("_conv_mixpool_bwd_kernel", torch.float32, "tf32", 64, 128)
-    assert wide in kept("_conv_mixpool_bwd_kernel", torch.float32, "ieee", 64, 128)
+    assert wide not in kept("_conv_mixpool_bwd_kernel", torch.float32, "ieee", 64, 128)
     assert wide in kept("_conv_mixpool_bwd_kernel", torch.bfloat16, "ieee", 64, 128)
     assert [wgrad(torch.float32, "tf32"), wgrad(torch.bfloat16, "ieee"), wgrad(torch.float32, "ieee")] == [32, 32, 16]
     assert dilated._wgrad_blocks(4096, 32, 64, torch.device("cuda"), torch.float32, "tf32")[0] == 64  # other tiles
@@ -1019,19 +1054,24 @@ def test_stage_forward_unsupported(stage, channels, exc, match):
 _COMPILE_TILE = dict(BLOCK_P=32, BLOCK_CO=32, BLOCK_R=16)
 _CONV_CONSTEXPRS = dict(K=3, RELU=True, POOL=True, BN=True, ACC_DTYPE="tl.float32", DOT_PRECISION="ieee")
 _DATA_PTRS = {"x_ptr", "out_ptr", "grad_out_ptr", "grad_z_ptr", "w_ptr", "bias_ptr", "grad_w_ptr"}
+_BYTE_PTRS = {"code_ptr"}  # the pooling record's byte per value
 
 KERNELS = {
     # (module, kernel name, constexprs, pointers that carry the data dtype)
-    "gabor_fwd": (gabor_conv, "_gabor_conv_fwd_kernel", {**_CONV_CONSTEXPRS, "LEGACY": False}, _DATA_PTRS),
+    "gabor_fwd": (gabor_conv, "_gabor_conv_fwd_kernel", {**_CONV_CONSTEXPRS, "LEGACY": False, "RECORD": True},
+                  _DATA_PTRS),
     "gabor_bwd": (gabor_conv, "_gabor_conv_bwd_kernel", {**_CONV_CONSTEXPRS, "LEGACY": False}, _DATA_PTRS),
     "gabor_bank": (gabor_conv, "_gabor_bank_kernel", dict(K=3, LEGACY=False, BLOCK_R=32, BLOCK_CO=32), _DATA_PTRS),
     "gabor_param_grad": (
         gabor_conv, "_gabor_param_grad_kernel", dict(K=3, LEGACY=False, BLOCK_N=64, BLOCK_T=16), _DATA_PTRS
     ),
-    "conv_mixpool_fwd": (conv_mixpool, "_conv_mixpool_fwd_kernel", {**_CONV_CONSTEXPRS, "HAS_BIAS": True},
-                         _DATA_PTRS),
+    "conv_mixpool_fwd": (conv_mixpool, "_conv_mixpool_fwd_kernel",
+                         {**_CONV_CONSTEXPRS, "HAS_BIAS": True, "RECORD": True}, _DATA_PTRS),
     "conv_mixpool_bwd": (conv_mixpool, "_conv_mixpool_bwd_kernel", {**_CONV_CONSTEXPRS, "HAS_BIAS": True},
                          _DATA_PTRS),
+    "pool_record_bwd": (_common, "_pool_record_bwd_kernel",
+                        dict(RELU=True, POOL=True, BN=True, HAS_BIAS=True, ACC_DTYPE="tl.float32", BLOCK_P=32,
+                             BLOCK_C=32), _DATA_PTRS),
 }  # fmt: skip
 
 
@@ -1039,10 +1079,11 @@ def kernel_spec(key: str, dtype: str, tile: dict | None = None, label: str | Non
     module, name, constexprs, data_ptrs = KERNELS[key]
     fn = getattr(module, name)
     constexprs = dict(constexprs)
-    if "BLOCK_P" in fn.arg_names:
+    if {"BLOCK_P", "BLOCK_R"} <= set(fn.arg_names):  # the convolutions' tile
         constexprs.update(tile or _COMPILE_TILE)
     signature = {
-        a: "constexpr" if a in constexprs else ("*" + (dtype if a in data_ptrs else "fp32")) if a.endswith("_ptr")
+        a: "constexpr" if a in constexprs
+        else ("*" + ("u8" if a in _BYTE_PTRS else dtype if a in data_ptrs else "fp32")) if a.endswith("_ptr")
         else "i32"
         for a in fn.arg_names
     }  # fmt: skip
