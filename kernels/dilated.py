@@ -81,21 +81,22 @@ __all__ = [
 
 @triton.jit
 def _dilated_conv_kernel(
-    x_ptr,  # input, (B, C_in, H, W), any strides
-    w_ptr,  # tap weights, (T, C_in, C_out): w[t, k, n] multiplies x[b, k, h + dh_t, w + dw_t] into y[b, n, h, w]
+    x_ptr,  # input, (B, G * C_in, H, W), any strides
+    w_ptr,  # tap weights, (G, T, C_in, C_out): w[g, t, k, n] multiplies x[b, g C_in + k, h + dh_t, w + dw_t] into
+    #         y[b, g C_out + n, h, w]
     off_ptr,  # tap offsets (dh_t, dw_t), (T, 2) int32, contiguous
-    bias_ptr,  # combined bias, (C_out,) fp32; read only if HAS_BIAS
-    scale_ptr,  # epilogue scale, (C_out,) fp32; read only if HAS_AFFINE
-    shift_ptr,  # epilogue shift, (C_out,) fp32; read only if HAS_AFFINE
-    y_ptr,  # output, (B, C_out, H, W), any strides
+    bias_ptr,  # combined bias, (G * C_out,) fp32; read only if HAS_BIAS
+    scale_ptr,  # epilogue scale, (G * C_out,) fp32; read only if HAS_AFFINE
+    shift_ptr,  # epilogue shift, (G * C_out,) fp32; read only if HAS_AFFINE
+    y_ptr,  # output, (B, G * C_out, H, W), any strides
     B,  # batch size, scalar
-    C_in,  # input channels, scalar
-    C_out,  # output channels, scalar
+    C_in,  # input channels per group, scalar
+    C_out,  # output channels per group, scalar
     H,  # map height, scalar
     W,  # map width, scalar
     T,  # number of taps, scalar
     stride_xb, stride_xc, stride_xh, stride_xw,  # strides of x, (4,)
-    stride_wt, stride_wk, stride_wn,  # strides of w over (T, C_in, C_out), (3,)
+    stride_wg, stride_wt, stride_wk, stride_wn,  # strides of w over (G, T, C_in, C_out), (4,)
     stride_yb, stride_yc, stride_yh, stride_yw,  # strides of y, (4,)
     HAS_BIAS: tl.constexpr,  # add bias_ptr before the affine
     HAS_AFFINE: tl.constexpr,  # apply scale_ptr / shift_ptr
@@ -118,9 +119,13 @@ def _dilated_conv_kernel(
     tap weights and the bias are ``_dilated_conv_wgrad_kernel``'s; those of the epilogue are
     ``g_z = g * [y > 0]``, ``g_H = g_z * scale``.
     """
-    # grid: (cdiv(B * H * W, BLOCK_M), cdiv(C_out, BLOCK_N)); one program: a BLOCK_M-pixel x BLOCK_N-channel tile of y
+    # grid: (cdiv(B * H * W, BLOCK_M), cdiv(C_out, BLOCK_N), G); one program: a BLOCK_M-pixel x BLOCK_N-channel
+    # tile of one group of y (the groups are independent blocks side by side: a FusionNet's five branches)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_g = tl.program_id(2)
+    x_ptr += pid_g * C_in * stride_xc  # the group's input channels and tap weights
+    w_ptr += pid_g * stride_wg
     HW = H * W
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # flattened pixel index b * H * W + h * W + w
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -159,19 +164,20 @@ def _dilated_conv_kernel(
             )  # (BLOCK_K, BLOCK_N)
             acc = tl.dot(a, wt, acc, input_precision=INPUT_PRECISION)
 
+    n_all = pid_g * C_out + offs_n  # the group's output channels as indices of the whole tensors
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        bias = tl.load(bias_ptr + n_all, mask=n_mask, other=0.0)
         acc += bias[None, :]
     if HAS_AFFINE:
-        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
-        shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
+        scale = tl.load(scale_ptr + n_all, mask=n_mask, other=0.0)
+        shift = tl.load(shift_ptr + n_all, mask=n_mask, other=0.0)
         acc = acc * scale[None, :] + shift[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
 
     y_pix = b.to(tl.int64) * stride_yb + oh * stride_yh + ow * stride_yw
     tl.store(
-        y_ptr + y_pix[:, None] + offs_n[None, :] * stride_yc,
+        y_ptr + y_pix[:, None] + n_all[None, :] * stride_yc,
         acc.to(y_ptr.dtype.element_ty),
         mask=m_mask[:, None] & n_mask[None, :],
     )
@@ -179,16 +185,17 @@ def _dilated_conv_kernel(
 
 @triton.jit
 def _dilated_conv_wgrad_kernel(
-    x_ptr,  # input of the forward pass, (B, C_in, H, W), any strides
-    g_ptr,  # gradient of the pre-epilogue output g_H, (B, C_out, H, W), any strides
+    x_ptr,  # input of the forward pass, (B, G * C_in, H, W), any strides
+    g_ptr,  # gradient of the pre-epilogue output g_H, (B, G * C_out, H, W), any strides
     off_ptr,  # tap offsets (dh_t, dw_t), (T, 2) int32, contiguous
-    gw_ptr,  # output: gradient of the tap weights, (T, C_in, C_out) fp32 (fp64 for fp64 inputs), contiguous
-    gb_ptr,  # output: column sums of g_H over (B, H, W), (C_out,) same dtype as gw; written only if HAS_BIAS
+    gw_ptr,  # output: gradient of the tap weights, (G, T, C_in, C_out) fp32 (fp64 for fp64 inputs), contiguous
+    gb_ptr,  # output: column sums of g_H over (B, H, W), (G * C_out,) same dtype as gw; written only if HAS_BIAS
     B,  # batch size, scalar
-    C_in,  # input channels, scalar
-    C_out,  # output channels, scalar
+    C_in,  # input channels per group, scalar
+    C_out,  # output channels per group, scalar
     H,  # map height, scalar
     W,  # map width, scalar
+    T,  # number of taps, scalar
     stride_xb, stride_xc, stride_xh, stride_xw,  # strides of x, (4,)
     stride_gb, stride_gc, stride_gh, stride_gw,  # strides of g, (4,)
     HAS_BIAS: tl.constexpr,  # also reduce g_H into gb_ptr
@@ -208,10 +215,15 @@ def _dilated_conv_wgrad_kernel(
     ``t`` the tap at offset ``((kh - 1) d_j, (kw - 1) d_j)`` (zero for dropped taps), and
     ``grad_b_0 = grad_bias``, ``grad_b_j = grad_bias / (n - 1)``.
     """
-    # grid: (T, cdiv(C_in, BLOCK_K), cdiv(C_out, BLOCK_N)); one program: a BLOCK_K x BLOCK_N tile of grad_w[t]
-    t = tl.program_id(0)
+    # grid: (G * T, cdiv(C_in, BLOCK_K), cdiv(C_out, BLOCK_N)); one program: a BLOCK_K x BLOCK_N tile of
+    # grad_w[g, t]
+    pid_gt = tl.program_id(0)
+    pid_g = pid_gt // T
+    t = pid_gt % T
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
+    x_ptr += pid_g * C_in * stride_xc  # the group's input and output channels
+    g_ptr += pid_g * C_out * stride_gc
     HW = H * W
     M = B * HW
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -250,12 +262,12 @@ def _dilated_conv_wgrad_kernel(
         if HAS_BIAS:
             col += tl.sum(gt.to(acc_dtype), axis=0)
 
-    gw_tile = gw_ptr + t.to(tl.int64) * C_in * C_out + offs_k[:, None] * C_out + offs_n[None, :]
+    gw_tile = gw_ptr + pid_gt.to(tl.int64) * C_in * C_out + offs_k[:, None] * C_out + offs_n[None, :]
     tl.store(gw_tile, acc, mask=k_mask[:, None] & n_mask[None, :])
     if HAS_BIAS:
         # Every program of a channel tile computes the same column sums; the first tap's first row tile writes them.
         n_limit = tl.where((t == 0) & (pid_k == 0), C_out, 0)
-        tl.store(gb_ptr + offs_n, col, mask=offs_n < n_limit)
+        tl.store(gb_ptr + pid_g * C_out + offs_n, col, mask=offs_n < n_limit)
 
 
 # ------------------------------------------------------------------------------------------------------- tap plan
@@ -391,21 +403,24 @@ def _wgrad_blocks(
 
 
 def dilated_conv_forward(
-    x: torch.Tensor,  # (B, C_in, H, W)
-    taps: torch.Tensor,  # (T, C_in, C_out), any strides
+    x: torch.Tensor,  # (B, G * C_in, H, W)
+    taps: torch.Tensor,  # (T, C_in, C_out) or (G, T, C_in, C_out), any strides
     offsets: torch.Tensor,  # (T, 2) int32, contiguous
-    bias: torch.Tensor | None = None,  # (C_out,) fp32 / fp64
-    scale: torch.Tensor | None = None,  # (C_out,) fp32 / fp64
-    shift: torch.Tensor | None = None,  # (C_out,) fp32 / fp64
+    bias: torch.Tensor | None = None,  # (G * C_out,) fp32 / fp64
+    scale: torch.Tensor | None = None,  # (G * C_out,) fp32 / fp64
+    shift: torch.Tensor | None = None,  # (G * C_out,) fp32 / fp64
     relu: bool = False,
     input_precision: str = "ieee",
-) -> torch.Tensor:  # (B, C_out, H, W) in x.dtype
-    """Launch ``_dilated_conv_kernel``: allocate ``y`` (x's memory format) and pick the tile sizes."""
-    bsz, c_in, h, w = x.shape
-    c_out = taps.shape[2]
+) -> torch.Tensor:  # (B, G * C_out, H, W) in x.dtype
+    """Launch ``_dilated_conv_kernel``: allocate ``y`` (x's memory format) and pick the tile sizes. With 4-D
+    ``taps`` the ``G`` groups (independent blocks side by side in the channels) run in one launch."""
+    if taps.dim() == 3:
+        taps = taps.unsqueeze(0)
+    groups, t_count, c_in, c_out = taps.shape
+    bsz, _, h, w = x.shape
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    y = torch.empty((bsz, c_out, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)
+    y = torch.empty((bsz, groups * c_out, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)
     m = bsz * h * w
     if y.numel() == 0:
         return y
@@ -413,14 +428,14 @@ def dilated_conv_forward(
         unsupported("taps", f"{tuple(taps.shape)} has 2**31 or more elements, beyond the kernel's 32-bit offsets")
     block_m, block_n, block_k, num_warps, num_stages = _conv_blocks(m, c_in, c_out, x.dtype, x.device)
     dummy = offsets  # never read when the matching flag is off
-    grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n), groups)
     _dilated_conv_kernel[grid](
         x, taps, offsets,
         bias if bias is not None else dummy,
         scale if scale is not None else dummy,
         shift if shift is not None else dummy,
         y,
-        bsz, c_in, c_out, h, w, taps.shape[0],
+        bsz, c_in, c_out, h, w, t_count,
         *x.stride(), *taps.stride(), *y.stride(),
         HAS_BIAS=bias is not None,
         HAS_AFFINE=scale is not None,
@@ -433,28 +448,30 @@ def dilated_conv_forward(
 
 
 def dilated_conv_weight_grad(
-    x: torch.Tensor,  # (B, C_in, H, W)
-    g: torch.Tensor,  # (B, C_out, H, W)
+    x: torch.Tensor,  # (B, G * C_in, H, W)
+    g: torch.Tensor,  # (B, G * C_out, H, W)
     offsets: torch.Tensor,  # (T, 2) int32, contiguous
     with_bias: bool = True,
     input_precision: str = "ieee",
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # (T, C_in, C_out), (C_out,) in fp32 (fp64 for fp64 inputs)
-    """Launch ``_dilated_conv_wgrad_kernel``: gradient of the tap weights and, optionally, of the combined bias."""
-    bsz, c_in, h, w = x.shape
-    c_out = g.shape[1]
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # (G, T, C_in, C_out), (G * C_out,) in fp32 (fp64 for fp64 inputs)
+    """Launch ``_dilated_conv_wgrad_kernel``: gradient of the tap weights and, optionally, of the combined bias,
+    every group in one launch."""
+    bsz, _, h, w = x.shape
+    c_in, c_out = x.shape[1] // groups, g.shape[1] // groups
     t = offsets.shape[0]
     acc_dtype = compute_dtype(x.dtype)
-    gw = torch.zeros((t, c_in, c_out), device=x.device, dtype=acc_dtype)
-    gb = torch.zeros((c_out,), device=x.device, dtype=acc_dtype) if with_bias else None
+    gw = torch.zeros((groups, t, c_in, c_out), device=x.device, dtype=acc_dtype)
+    gb = torch.zeros((groups * c_out,), device=x.device, dtype=acc_dtype) if with_bias else None
     m = bsz * h * w
     if m == 0 or c_in == 0 or c_out == 0:
         return gw, gb
     block_m, block_k, block_n, num_warps, num_stages = _wgrad_blocks(m, c_in, c_out, x.device, x.dtype,
                                                                      input_precision)  # fmt: skip
-    grid = (t, triton.cdiv(c_in, block_k), triton.cdiv(c_out, block_n))
+    grid = (groups * t, triton.cdiv(c_in, block_k), triton.cdiv(c_out, block_n))
     _dilated_conv_wgrad_kernel[grid](
         x, g, offsets, gw, gb if gb is not None else gw,
-        bsz, c_in, c_out, h, w,
+        bsz, c_in, c_out, h, w, t,
         *x.stride(), *g.stride(),
         HAS_BIAS=with_bias,
         INPUT_PRECISION=input_precision,
@@ -469,24 +486,35 @@ def dilated_conv_weight_grad(
 
 class DilatedAvgBlockFunction(torch.autograd.Function):
     """``y = act(scale * (sum_j s_j conv_{d_j}(x, w_j) + b_0 + mean(b_rest)) + shift)`` with gradients for ``x``,
-    every ``w_j`` and ``b_j``, and the epilogue's ``scale`` / ``shift``. First-order only."""
+    every ``w_j`` and ``b_j``, and the epilogue's ``scale`` / ``shift``. First-order only. With ``groups`` > 1,
+    ``groups`` independent blocks side by side in the channels (``w_j``: (G * C_out, C_in, 3, 3), group ``g`` the
+    rows ``g * C_out ...``), each launch covering every group."""
 
     @staticmethod
-    def forward(ctx, x, scale, shift, dilations, relu, precision, has_bias, *params):
+    def forward(ctx, x, scale, shift, dilations, relu, precision, has_bias, groups, *params):
         n = len(dilations)
         weights = params[:n]
         biases = params[n:] if has_bias else ()
-        bsz, c_in, h, w = x.shape
+        bsz, _, h, w = x.shape
+        c_out = weights[0].shape[0] // groups
         plan = tap_plan(dilations, h, w)
         off, neg_off, rounds, kept, kept_tap = _plan_tensors(plan, x.device)
         acc_dtype = compute_dtype(x.dtype)
-        taps = _combine_weights(weights, plan, rounds, x.dtype)
-        bias = _combine_bias(biases, acc_dtype) if has_bias else None
+
+        def rows(t: torch.Tensor, g: int) -> torch.Tensor:
+            return t[g * c_out : (g + 1) * c_out]
+
+        taps = torch.stack([_combine_weights([rows(wj, g) for wj in weights], plan, rounds, x.dtype)
+                            for g in range(groups)])  # (G, T, C_in, C_out)  # fmt: skip
+        bias = None
+        if has_bias:
+            bias = torch.cat([_combine_bias([rows(bj, g) for bj in biases], acc_dtype) for g in range(groups)])
         scale_a = scale.to(acc_dtype).contiguous() if scale is not None else None
         shift_a = shift.to(acc_dtype).contiguous() if shift is not None else None
         y = dilated_conv_forward(x, taps, off, bias, scale_a, shift_a, relu, precision)
 
         ctx.dilations, ctx.relu, ctx.precision, ctx.has_bias = dilations, relu, precision, has_bias
+        ctx.groups = groups
         ctx.has_affine = scale is not None
         ctx.weight_dtypes = [p.dtype for p in weights]
         ctx.bias_dtypes = [p.dtype for p in biases]
@@ -500,12 +528,15 @@ class DilatedAvgBlockFunction(torch.autograd.Function):
         x, taps, bias, scale_a, shift_a, y = ctx.saved_tensors
         dilations = ctx.dilations
         n = len(dilations)
+        groups = ctx.groups
+        first = 8  # the index of the first weight among forward's inputs
         needs = ctx.needs_input_grad
         need_x = needs[0]
         need_scale, need_shift = needs[1], needs[2]
-        need_w = any(needs[7 : 7 + n])
-        need_b = ctx.has_bias and any(needs[7 + n :])
-        bsz, c_in, h, w = x.shape
+        need_w = any(needs[first : first + n])
+        need_b = ctx.has_bias and any(needs[first + n :])
+        bsz, _, h, w = x.shape
+        c_in = taps.shape[2]
         plan = tap_plan(dilations, h, w)
         off, neg_off, _, kept, kept_tap = _plan_tensors(plan, x.device)
 
@@ -531,30 +562,31 @@ class DilatedAvgBlockFunction(torch.autograd.Function):
         grad_x = None
         if need_x:
             # grad_x = sum_j s_j conv_transpose_{d_j}(g_H, w_j): the forward kernel with mirrored taps and the
-            # tap weights read transposed (C_out -> C_in) through their strides.
-            grad_x = dilated_conv_forward(g_h, taps.transpose(1, 2), neg_off, None, None, None, False, ctx.precision)
+            # tap weights read transposed (C_out -> C_in) through their strides, every group in one launch.
+            grad_x = dilated_conv_forward(g_h, taps.transpose(2, 3), neg_off, None, None, None, False, ctx.precision)
 
         grad_ws = [None] * n
         grad_bs = [None] * len(ctx.bias_dtypes)
         if need_w or need_b:
             if need_w:
-                gw_taps, gb = dilated_conv_weight_grad(x, g_h, off, ctx.has_bias, ctx.precision)
+                gw_taps, gb = dilated_conv_weight_grad(x, g_h, off, ctx.has_bias, ctx.precision, groups)
             else:
                 gw_taps, gb = None, g_h.to(bias.dtype).sum((0, 2, 3))
             scales = _branch_scales(n)
             if need_w:
-                c_out = gw_taps.shape[2]
-                flat = gw_taps.new_zeros(n * 9, c_in, c_out)
-                flat.index_copy_(0, kept, gw_taps.index_select(0, kept_tap))
-                per_branch = flat.view(n, 3, 3, c_in, c_out).permute(0, 4, 3, 1, 2)  # (n, C_out, C_in, 3, 3)
+                c_out = gw_taps.shape[3]
+                flat = gw_taps.new_zeros(groups, n * 9, c_in, c_out)
+                flat.index_copy_(1, kept, gw_taps.index_select(1, kept_tap))
+                # (G, n, C_out, C_in, 3, 3) -> per dilation j: (G * C_out, C_in, 3, 3)
+                per_branch = flat.view(groups, n, 3, 3, c_in, c_out).permute(1, 0, 5, 4, 2, 3)
                 for j, dtype in enumerate(ctx.weight_dtypes):
-                    if needs[7 + j]:
-                        grad_ws[j] = (per_branch[j] * scales[j]).to(dtype).contiguous()
+                    if needs[first + j]:
+                        grad_ws[j] = (per_branch[j] * scales[j]).reshape(groups * c_out, c_in, 3, 3).to(dtype)
             if need_b:
                 for j, dtype in enumerate(ctx.bias_dtypes):
-                    if needs[7 + n + j]:
+                    if needs[first + n + j]:
                         grad_bs[j] = (gb * scales[j]).to(dtype)
-        return (grad_x, grad_scale, grad_shift, None, None, None, None, *grad_ws, *grad_bs)
+        return (grad_x, grad_scale, grad_shift, None, None, None, None, None, *grad_ws, *grad_bs)
 
 
 # ------------------------------------------------------------------------------------------------------- public API
@@ -584,6 +616,7 @@ def dilated_avg_block(
     bn: tuple[torch.Tensor, torch.Tensor] | nn.BatchNorm2d | None = None,
     relu: bool = True,
     allow_tf32: bool | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
     """``act(BN(H_0 + mean(H_1 .. H_{n-1})))`` with ``H_j = conv2d(x, w_j, b_j, padding=d_j, dilation=d_j)``.
 
@@ -600,6 +633,10 @@ def dilated_avg_block(
             A training-mode BatchNorm is refused: run the block with ``bn=None, relu=False`` and apply the torch
             BatchNorm and ReLU after it (as :func:`fusionkern.models.fused.block_forward` does).
         relu: apply ReLU last.
+        groups: ``groups`` independent blocks side by side, as ``F.conv2d(groups=G)`` splits channels: each
+            ``weights[j]`` is (G * C_out, C_in / G, 3, 3), each bias and BN vector (G * C_out,); group ``g`` reads
+            input channels ``g * C_in / G ...`` and writes output channels ``g * C_out ...``. One launch runs every
+            group (a FusionNet's five branches).
         allow_tf32: let fp32 products (forward and both gradients) use TF32 tensor cores; ignored for other
             dtypes. ``None`` (default) does what torch's own fp32 ``conv2d`` does (``torch.backends.cudnn.conv
             .fp32_precision`` / ``allow_tf32``: TF32 unless changed); ``False`` is IEEE fp32.
@@ -620,8 +657,12 @@ def dilated_avg_block(
     weights = list(weights)
     if len(weights) != len(dil):
         unsupported("weights", f"expected one weight per dilation ({len(dil)}), got {len(weights)}")
-    c_in = x.shape[1]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
+        unsupported("groups", f"must be a positive int dividing x's {x.shape[1]} channels, got {groups!r}")
+    c_in = x.shape[1] // groups
     c_out = weights[0].shape[0] if weights[0].dim() == 4 else -1
+    if c_out > 0 and c_out % groups:
+        unsupported("groups", f"{groups} groups must divide the weights' {c_out} output channels")
     for j, wj in enumerate(weights):
         if not isinstance(wj, torch.Tensor) or tuple(wj.shape) != (c_out, c_in, 3, 3):
             unsupported(f"weights[{j}]", f"expected shape ({c_out if c_out > 0 else 'C_out'}, {c_in}, 3, 3), "
@@ -665,4 +706,4 @@ def dilated_avg_block(
         out_shape = (x.shape[0], c_out, x.shape[2], x.shape[3])
         unsupported("weights", f"an output of shape {out_shape} exceeds the kernels' int32 indexing")
     precision = dot_precision(x.dtype, resolve_allow_tf32(allow_tf32))
-    return DilatedAvgBlockFunction.apply(x, scale, shift, dil, relu, precision, has_bias, *weights, *biases)
+    return DilatedAvgBlockFunction.apply(x, scale, shift, dil, relu, precision, has_bias, groups, *weights, *biases)

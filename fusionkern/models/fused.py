@@ -27,7 +27,8 @@ from fusionkern.kernels._common import square_int, unsupported
 from fusionkern.models.layers import GaborConv2d, MixPool2d
 from fusionkern.models.networks import ConvStage
 
-__all__ = ["attention_forward", "block_forward", "branches_forward", "can_group_stages", "stage_forward"]
+__all__ = ["attention_forward", "block_forward", "branches_forward", "can_group_stages", "grouped_blocks_forward",
+           "stage_forward"]
 
 _LAYER_NOTES: contextvars.ContextVar[list | None] = contextvars.ContextVar("fusionkern_layer_notes", default=None)
 
@@ -151,6 +152,17 @@ def block_forward(block: nn.Module, x: torch.Tensor, *, allow_tf32: bool | None 
             'same' padding equal to their dilation, stride 1, no groups, a BatchNorm2d), or ``x`` is not supported
             by the kernel.
     """
+    weights, biases, dilations, bn = _block_parts(block)
+    if bn.training or bn.running_mean is None:
+        h = dilated_avg_block(x, weights, biases, dilations, bn=None, relu=False, allow_tf32=allow_tf32)
+        return F.relu(bn(h))
+    return dilated_avg_block(
+        x, weights, biases, dilations, bn=fold_bn(bn, differentiable=True), relu=True, allow_tf32=allow_tf32
+    )
+
+
+def _block_parts(block: nn.Module) -> tuple[list, list | None, tuple, nn.BatchNorm2d]:
+    """``(weights, biases or None, dilations, bn)`` of a ``DilatedAvgBlock``-shaped module, checked."""
     convs = getattr(block, "convs", None)
     bn = getattr(block, "bn", None)
     dilations = getattr(block, "dilations", None)
@@ -179,13 +191,35 @@ def block_forward(block: nn.Module, x: torch.Tensor, *, allow_tf32: bool | None 
     if any(b is None for b in biases) and not all(b is None for b in biases):
         unsupported("block", "either every conv has a bias or none does")
     weights = [conv.weight for conv in convs]
-    biases = None if biases[0] is None else biases
-    if bn.training or bn.running_mean is None:
-        h = dilated_avg_block(x, weights, biases, dilations, bn=None, relu=False, allow_tf32=allow_tf32)
-        return F.relu(bn(h))
-    return dilated_avg_block(
-        x, weights, biases, dilations, bn=fold_bn(bn, differentiable=True), relu=True, allow_tf32=allow_tf32
-    )
+    return weights, (None if biases[0] is None else biases), tuple(dilations), bn
+
+
+def grouped_blocks_forward(
+    blocks: Sequence[nn.Module], x: torch.Tensor, *, allow_tf32: bool | None = None
+) -> torch.Tensor | None:
+    """Dilated blocks of several branches (same dilations and shapes) on ``x`` = their inputs concatenated along
+    channels, as one grouped launch; their outputs concatenated along channels, as
+    ``torch.cat([block_forward(b, x_g) ...], 1)``. ``None`` when the blocks differ and must run one by one."""
+    parts = [_block_parts(b) for b in blocks]
+    weights0, biases0, dilations0, bn0 = parts[0]
+    folded = not (bn0.training or bn0.running_mean is None)
+    for weights, biases, dilations, bn in parts[1:]:
+        if dilations != dilations0 or (biases is None) != (biases0 is None):
+            return None
+        if [tuple(w.shape) for w in weights] != [tuple(w.shape) for w in weights0]:
+            return None
+        if (not (bn.training or bn.running_mean is None)) != folded:
+            return None
+    G = len(blocks)
+    n = len(dilations0)
+    weights = [torch.cat([p[0][j] for p in parts]) for j in range(n)]
+    biases = None if biases0 is None else [torch.cat([p[1][j] for p in parts]) for j in range(n)]
+    if not folded:
+        h = dilated_avg_block(x, weights, biases, dilations0, bn=None, relu=False, allow_tf32=allow_tf32, groups=G)
+        return F.relu(_per_group([p[3] for p in parts], h))
+    pairs = [fold_bn(p[3], differentiable=True) for p in parts]
+    bn = (torch.cat([q[0] for q in pairs]), torch.cat([q[1] for q in pairs]))
+    return dilated_avg_block(x, weights, biases, dilations0, bn=bn, relu=True, allow_tf32=allow_tf32, groups=G)
 
 
 def attention_forward(att: nn.Module, f: torch.Tensor) -> torch.Tensor:
@@ -337,9 +371,9 @@ def branches_forward(
     """FusionNet's branches on the kernels: ``x`` (B, G, C, H, W), branch ``g`` reading ``x[:, g]`` -> their feature
     maps concatenated along channels, (B, G * C_out, h, w), as ``torch.cat([backbone_g(x[:, g]) ...], 1)``.
 
-    Each stage of all branches runs as one grouped launch (``groups`` = branches), so the launch grid holds every
-    branch's tiles instead of one branch's; stages that cannot be grouped (:func:`can_group_stages`) and the dilated
-    blocks run branch by branch on their channel slices.
+    Each stage of all branches, and their dilated blocks, run as one grouped launch each (``groups`` = branches), so
+    the launch grid holds every branch's tiles instead of one branch's; stages or blocks that cannot be grouped
+    (:func:`can_group_stages`, blocks of other shapes) run branch by branch on their channel slices.
     """
     G = len(backbones)
     B = x.shape[0]
@@ -351,6 +385,10 @@ def branches_forward(
         else:
             h = _per_group(stages, h)  # each stage module on its branch's channels (its own backend)
     blocks = [b.dilated for b in backbones]
-    if any(block is not None for block in blocks):
-        h = _per_group(blocks, h)
+    if all(block is not None for block in blocks):
+        _note("branches.dilated")
+        grouped = grouped_blocks_forward(blocks, h, allow_tf32=allow_tf32)
+        h = grouped if grouped is not None else _per_group(blocks, h)
+    elif any(block is not None for block in blocks):
+        h = _per_group([b if b is not None else nn.Identity() for b in blocks], h)
     return h
