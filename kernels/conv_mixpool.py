@@ -83,6 +83,8 @@ def _conv_windows(
     conv_stride,  # convolution stride (square)
     padding,  # zero padding (square)
     dilation,  # dilation (square)
+    r_begin,  # first reduction index (ci, kh, kw) of this program's share
+    r_end,  # one past its last
     K: tl.constexpr,  # kernel size (square)
     HAS_BIAS: tl.constexpr,  # add bias_ptr
     POOL: tl.constexpr,  # 2 x 2 windows
@@ -106,10 +108,9 @@ def _conv_windows(
         acc = tl.zeros((4 * BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
     else:
         acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    R = CI * K * K
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in range(r_begin, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
+        r_mask = offs_r < r_end
         ci = offs_r // (K * K)
         kh = (offs_r % (K * K)) // K
         kw = offs_r % K
@@ -149,7 +150,8 @@ def _conv_mixpool_fwd_kernel(
     PH,  # output rows: OH // 2 when POOL, else OH
     PW,  # output columns: OW // 2 when POOL, else OW
     M_BUCKET,  # B * PH * PW rounded up to a power of two: read by the autotune key only
-    G,  # groups: CI and CO are per group; program_id(2) is the group
+    G,  # groups: CI and CO are per group; program_id(2) is group * SPLIT_K + split
+    SPLIT_K,  # programs sharing one output tile's reduction; > 1: raw partial sums to out[split] (no epilogue)
     stride_xb,  # x stride along batch, in elements
     stride_xc,  # x stride along channel, in elements
     stride_xh,  # x stride along row, in elements
@@ -158,6 +160,7 @@ def _conv_mixpool_fwd_kernel(
     stride_wi,  # weight stride along in channel, in elements
     stride_wh,  # weight stride along row, in elements
     stride_ww,  # weight stride along column, in elements
+    stride_os,  # out stride along the split (SPLIT_K > 1: out is (SPLIT_K, B, G * CO, PH, PW)), in elements
     stride_ob,  # out stride along batch, in elements
     stride_oc,  # out stride along channel, in elements
     stride_oh,  # out stride along row, in elements
@@ -188,14 +191,19 @@ def _conv_mixpool_fwd_kernel(
     # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_CO), G); one program = BLOCK_P output pixels x BLOCK_CO
     # channels of one group
     pid_p = tl.program_id(0)
-    pid_g = tl.program_id(2)
+    pid_g = tl.program_id(2) // SPLIT_K
+    pid_s = tl.program_id(2) % SPLIT_K
     x_ptr += pid_g * CI * stride_xc
     w_ptr += pid_g * CO * stride_wo
     bias_ptr += pid_g * CO
+    out_ptr += pid_s * stride_os
+    R = CI * K * K
+    share = tl.cdiv(tl.cdiv(R, BLOCK_R), SPLIT_K) * BLOCK_R  # whole chunks per split
+    r_begin = pid_s * share
     acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow = _conv_windows(
         x_ptr, w_ptr, bias_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, PH, PW, stride_xb, stride_xc, stride_xh,
-        stride_xw, stride_wo, stride_wi, stride_wh, stride_ww, conv_stride, padding, dilation, K, HAS_BIAS, POOL,
-        ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_R,
+        stride_xw, stride_wo, stride_wi, stride_wh, stride_ww, conv_stride, padding, dilation, r_begin,
+        tl.minimum(R, r_begin + share), K, HAS_BIAS, POOL, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_R,
     )  # fmt: skip
     co_all = pid_g * CO + offs_co  # the group's output channels as indices of the whole (B, G * CO, ...) output
     y = _conv_fwd_epilogue(acc00, acc01, acc10, acc11, co_all, co_mask, alpha_ptr + pid_g, scale_ptr, shift_ptr,
@@ -274,8 +282,8 @@ def _conv_mixpool_bwd_kernel(
     bias_ptr += pid_g * CO
     acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow = _conv_windows(
         x_ptr, w_ptr, bias_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, PH, PW, stride_xb, stride_xc, stride_xh,
-        stride_xw, stride_wo, stride_wi, stride_wh, stride_ww, conv_stride, padding, dilation, K, HAS_BIAS, POOL,
-        ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_R,
+        stride_xw, stride_wo, stride_wi, stride_wh, stride_ww, conv_stride, padding, dilation, 0, CI * K * K, K,
+        HAS_BIAS, POOL, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_R,
     )  # fmt: skip
     # the group's output channels as indices of the whole (B, G * CO, ...) tensors
     co_all = pid_g * CO + offs_co
@@ -298,7 +306,7 @@ def _conv_mixpool_bwd_kernel(
         tl.store(bias_part_ptr + pid_p * (G * CO) + co_all, d_sum, mask=co_mask)
 
 
-_conv_mixpool_fwd = conv_autotune(_conv_mixpool_fwd_kernel, _AUTOTUNE_KEY)
+_conv_mixpool_fwd = conv_autotune(_conv_mixpool_fwd_kernel, [*_AUTOTUNE_KEY, "SPLIT_K"])
 _conv_mixpool_bwd = conv_autotune(
     _conv_mixpool_bwd_kernel, _AUTOTUNE_KEY, reset_to_zero=["alpha_part_ptr", "bias_part_ptr"]
 )
@@ -318,7 +326,28 @@ class _Options:
     bn: bool
     has_bias: bool
     allow_tf32: bool
-    record: bool = True  # training forwards write the backward's record (else the backward recomputes the conv)
+    record: bool = True  # a gradient is wanted and the forward writes the backward's record (else it recomputes)
+
+
+# Split-K: a layer whose output tiles fill less than a wave of an H100 (the head's layers on their 4 x 4 and smaller
+# maps) shares each tile's reduction among up to SPLIT_K_MAX programs.
+SPLIT_K_MAX = 8
+_WAVE_PROGRAMS = 2 * 132  # two resident 8-warp blocks per SM on 132 SMs
+_MIN_SPLIT_CHUNKS = 4  # each split keeps at least this many 32-wide reduction chunks
+
+
+def split_k(geo: ConvGeometry, device: torch.device, record: bool) -> int:
+    """How many programs share each output tile's reduction: 1 for pooled layers, for training forwards that write
+    a record and on the CPU interpreter; else doubled while the largest tiles (64 x 64) would not fill a wave and
+    every split keeps enough of the reduction."""
+    if geo.pool or record or device.type == "cpu":
+        return 1
+    tiles = triton.cdiv(geo.n_pixels, 64) * triton.cdiv(geo.CO, 64) * geo.groups
+    chunks = triton.cdiv(geo.CI * geo.K**2, 32)
+    s = 1
+    while s < SPLIT_K_MAX and tiles * s < _WAVE_PROGRAMS and chunks >= _MIN_SPLIT_CHUNKS * 2 * s:
+        s *= 2
+    return s
 
 
 def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options, record: bool = False):
@@ -332,16 +361,49 @@ def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt
         return out, code, gap
     check_int32_indexable("output", out)
     dummy = alpha  # stands in for absent optional tensors (never read)
+    splits = split_k(geo, x.device, record)
+    if splits > 1:
+        return _launch_split_forward(x, weight, bias, alpha, scale, shift, geo, opt, splits), None, None
     _conv_mixpool_fwd[geo.grid](
         x, weight, dummy if bias is None else bias, alpha, dummy if scale is None else scale,
         dummy if shift is None else shift, out, out if code is None else code, out if gap is None else gap,
-        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket, geo.groups,
-        *x.stride(), *weight.stride(), *out.stride(),
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket, geo.groups, 1,
+        *x.stride(), *weight.stride(), 0, *out.stride(),
         geo.stride, geo.padding, geo.dilation,
         K=geo.K, HAS_BIAS=opt.has_bias, RELU=opt.relu, POOL=opt.pool, BN=opt.bn, RECORD=record,
         ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
     )  # fmt: skip
     return out, code, gap
+
+
+def _launch_split_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options, splits: int):
+    """An unpooled layer with its reduction shared by ``splits`` programs per tile: each writes its raw partial sums
+    (accumulation dtype), then bias, ReLU and the affine run on their sum."""
+    cdtype = compute_dtype(x.dtype)
+    parts = torch.empty((splits, *geo.out_shape), device=x.device, dtype=cdtype)
+    check_int32_indexable("split partial sums", parts)
+    G = geo.groups
+
+    def grid(meta):  # the groups' axis carries the splits: program_id(2) = group * splits + split
+        p, c, _ = geo.grid(meta)
+        return (p, c, G * splits)
+
+    _conv_mixpool_fwd[grid](
+        x, weight, alpha, alpha, alpha, alpha, parts, parts, parts,
+        geo.B, geo.CI, geo.H, geo.W, geo.CO, geo.PH, geo.PW, geo.m_bucket, G, splits,
+        *x.stride(), *weight.stride(), parts.stride(0), *parts[0].stride(),
+        geo.stride, geo.padding, geo.dilation,
+        K=geo.K, HAS_BIAS=False, RELU=False, POOL=False, BN=False, RECORD=False,
+        ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
+    )  # fmt: skip
+    z = parts.sum(0)
+    if bias is not None:
+        z += bias.to(cdtype).view(1, -1, 1, 1)
+    if opt.relu:
+        z.clamp_(min=0)
+    if scale is not None:
+        z = z * scale.to(cdtype).view(1, -1, 1, 1) + shift.to(cdtype).view(1, -1, 1, 1)
+    return z.to(x.dtype)
 
 
 def _launch_backward(x, weight, bias, alpha, scale, grad_out, geo: ConvGeometry, opt: _Options):
@@ -393,7 +455,7 @@ class Conv2dMixPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options):
         alpha_c = group_alpha(alpha, geo.groups, compute_dtype(x.dtype))
-        record = opt.record and (opt.pool or opt.bn) and any(ctx.needs_input_grad[:4])
+        record = opt.record and (opt.pool or opt.bn)  # opt.record: a gradient is wanted (decided by the caller)
         out, code, gap = _launch_forward(x, weight, bias, alpha_c, scale, shift, geo, opt, record)
         saved_out = out if (opt.relu and not opt.pool and not opt.bn) else None
         ctx.save_for_backward(x, weight, bias, alpha_c, scale, saved_out, code, gap)
@@ -503,8 +565,11 @@ def conv2d_mixpool(
     if bias is not None:
         bias = bias.contiguous()
     geo = conv_geometry(x, CO, KH, stride, padding, dilation, alpha_t is not None, groups)
+    wants_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, bias, alpha_t)
+    )
     opt = _Options(bool(relu), alpha_t is not None, scale is not None, bias is not None,
-                   resolve_allow_tf32(allow_tf32), bool(pool_record))  # fmt: skip
+                   resolve_allow_tf32(allow_tf32), bool(pool_record) and wants_grad)  # fmt: skip
     if alpha_t is None:
         alpha_t = torch.ones((), device=x.device, dtype=compute_dtype(x.dtype))
     return Conv2dMixPoolFunction.apply(x, weight, bias, alpha_t, scale, shift, geo, opt)

@@ -429,7 +429,7 @@ class _Options:
     bn: bool
     legacy: bool
     allow_tf32: bool
-    record: bool = True  # training forwards write the backward's record (else the backward recomputes the conv)
+    record: bool = True  # a gradient is wanted and the forward writes the backward's record (else it recomputes)
 
 
 @functools.lru_cache(maxsize=64)
@@ -554,7 +554,7 @@ class GaborConv2dFunction(torch.autograd.Function):
         params = _stack_params(freq, theta, sigma, psi, cdtype)
         taps = _tap_grid(opt.kernel_size, "legacy" if opt.legacy else "centered", x.device, cdtype)
         alpha_c = group_alpha(alpha, geo.groups, cdtype)
-        record = opt.record and (opt.pool or opt.bn) and any(ctx.needs_input_grad[:6])
+        record = opt.record and (opt.pool or opt.bn)  # opt.record: a gradient is wanted (decided by the caller)
         out, code, gap = _launch_forward(x, params, taps, alpha_c, scale, shift, geo, opt, record)
         saved_out = out if (opt.relu and not opt.pool and not opt.bn) else None
         ctx.save_for_backward(x, params, taps, alpha_c, scale, saved_out, code, gap)
@@ -677,8 +677,11 @@ def gabor_conv2d(
     alpha = check_alpha(pool_alpha, x, "pool_alpha", groups)
     scale, shift = check_bn(bn, CO, x)
     geo = conv_geometry(x, CO, k, stride, padding, dilation, alpha is not None, groups)
+    wants_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, freq, theta, sigma, psi, alpha)
+    )
     opt = _Options(k, stride, padding, dilation, bool(relu), alpha is not None, scale is not None, grid == "legacy",
-                   resolve_allow_tf32(allow_tf32), bool(pool_record))  # fmt: skip
+                   resolve_allow_tf32(allow_tf32), bool(pool_record) and wants_grad)  # fmt: skip
     if alpha is None:
         alpha = torch.ones((), device=x.device, dtype=compute_dtype(x.dtype))
     return GaborConv2dFunction.apply(x, freq, theta, sigma, psi, alpha, scale, shift, geo, opt)

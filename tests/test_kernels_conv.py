@@ -831,6 +831,51 @@ def test_stages_that_differ_are_not_grouped():
         fused.grouped_stage_forward([a, wider], _x(1, 6, 6, 6))
 
 
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("mode", [dict(bias=True, bn=False), dict(bias=False, bn=True)], ids=["bias", "bn"])
+def test_split_k_matches_reference(splits, mode, monkeypatch):
+    """An unpooled layer with its reduction shared by several programs (uneven shares, empty ones at 8) equals the
+    reference, forward and (ReLU only) backward; groups included."""
+    monkeypatch.setattr(conv_mixpool, "split_k", lambda geo, device, record: splits)
+    torch.manual_seed(splits)
+    G, B, CI, CO, H, W = 2, 2, 19, 7, 5, 6  # R = 171: 11 chunks of 16
+    x = torch.randn(B, G * CI, H, W)
+    w = torch.randn(G * CO, CI, 3, 3) * 0.2
+    b = torch.randn(G * CO) if mode["bias"] else None
+    bn_mod = random_bn(G * CO) if mode["bn"] else None
+    folded = None if bn_mod is None else tuple(v.to(DEVICE) for v in fold_bn(bn_mod))
+    with torch.no_grad(), cudnn_fp32_precision(False):
+        y = conv2d_mixpool(x.to(DEVICE), w.to(DEVICE), None if b is None else b.to(DEVICE), None, groups=G, bn=folded,
+                           allow_tf32=False)  # fmt: skip
+        ref = F.relu(F.conv2d(x, w, b, padding=1, groups=G))
+        ref = bn_mod(ref) if bn_mod is not None else ref
+    assert_match("output", y, ref.to(DEVICE), 1e-5, 1e-4)
+    xk, wk, xr, wr = leaf(x), leaf(w), leaf(x), leaf(w)
+    yk = conv2d_mixpool(xk, wk, None, None, groups=G, allow_tf32=False)
+    with cudnn_fp32_precision(False):
+        yr = F.relu(F.conv2d(xr, wr, None, padding=1, groups=G))
+    go = torch.randn_like(yr)
+    for name, a, e in zip(["x", "weight"], grads_of(yk, [xk, wk], go), grads_of(yr, [xr, wr], go)):
+        assert_match(f"grad {name}", a, e, 1e-5, 1e-4, scaled=name != "x")
+
+
+def test_split_k_choice():
+    """Splits only unpooled layers whose tiles would not fill a wave, never on the interpreter or with a record."""
+    gpu = torch.device("meta")
+    head0 = _common.ConvGeometry(B=256, CI=1280, H=4, W=4, CO=32, K=3, stride=1, padding=1, dilation=1, pool=False)
+    assert conv_mixpool.split_k(head0, gpu, False) == conv_mixpool.SPLIT_K_MAX
+    assert conv_mixpool.split_k(head0, torch.device("cpu"), False) == 1
+    assert conv_mixpool.split_k(head0, gpu, True) == 1
+    pooled = _common.ConvGeometry(B=256, CI=1280, H=4, W=4, CO=32, K=3, stride=1, padding=1, dilation=1, pool=True)
+    assert conv_mixpool.split_k(pooled, gpu, False) == 1
+    head1 = _common.ConvGeometry(B=256, CI=32, H=2, W=2, CO=64, K=3, stride=1, padding=1, dilation=1, pool=False)
+    assert conv_mixpool.split_k(head1, gpu, False) == 2  # 9 chunks of 32: two shares of at least four
+    short = _common.ConvGeometry(B=256, CI=8, H=2, W=2, CO=64, K=3, stride=1, padding=1, dilation=1, pool=False)
+    assert conv_mixpool.split_k(short, gpu, False) == 1  # 3 chunks: too short a reduction to share
+    wide = _common.ConvGeometry(B=256, CI=64, H=17, W=17, CO=64, K=3, stride=1, padding=1, dilation=1, pool=False)
+    assert conv_mixpool.split_k(wide, gpu, False) == 1  # 1,156 tiles fill the GPU already
+
+
 def test_autotune_setup():
     """One deterministic config on the interpreter; on a GPU, pruning keeps tiles that fit the problem."""
     if interpreting():
@@ -923,7 +968,8 @@ def test_autotune_key_buckets_the_batch_and_keeps_the_flags(op, monkeypatch):
     module, fwd, bwd = (gabor_conv, "_gabor_conv_fwd", "_gabor_conv_bwd") if op == "gabor" else (
         conv_mixpool, "_conv_mixpool_fwd", "_conv_mixpool_bwd")  # fmt: skip
     tuner = getattr(module, fwd)
-    assert getattr(module, bwd).keys == tuner.keys  # the backward keys on the same arguments
+    # the backward keys on the same arguments (the conv forward adds its split-K count)
+    assert getattr(module, bwd).keys == [k for k in tuner.keys if k != "SPLIT_K"]
     too_wide = dict(BLOCK_P=16, BLOCK_CO=1024, BLOCK_R=16, num_warps=1, num_stages=1)  # pruned at 4 channels
     monkeypatch.setattr(tuner, "configs", _common.make_configs([_common.INTERPRETER_CONV_CONFIG, too_wide]))
     monkeypatch.setattr(tuner, "cache", {})
