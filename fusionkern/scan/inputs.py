@@ -11,7 +11,7 @@ how each band was calibrated.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -79,10 +79,10 @@ class ScanInputs:
 
 
 def _from_chip_inputs(inputs: ChipInputs, calibrate: bool) -> ScanInputs:
-    bands = {
-        branch: [BandInput(str(b.path), b.band, str(b.mtl) if b.mtl else None, b.label) for b in inputs.bands[branch]]
-        for branch in INPUT_BANDS
-    }
+    def as_strings(b: BandInput) -> BandInput:  # paths as strings: a scan's inputs travel to worker processes
+        return replace(b, path=str(b.path), mtl=str(b.mtl) if b.mtl else None)
+
+    bands = {branch: [as_strings(b) for b in inputs.bands[branch]] for branch in INPUT_BANDS}
     return ScanInputs(bands, [str(q) if q else None for q in inputs.qa], calibrate)
 
 
