@@ -394,7 +394,7 @@ _WGRAD_64 = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=3) 
 
 # Figures: triton 3.6.0's ptxas for sm_90, FusionNet launches at both presets (paper batch 64, native 256), occupancy
 # from the H100's limits (fusionkern.models.launches). Under 3.9 the replaced configs pass the gate as they are; the
-# one 3.9 entry is from 3.9's own full sweep (IEEE fp32 is not in the gated subset).
+# 3.9 entries are from 3.9's own full sweep (IEEE fp32 is not in the gated subset).
 TRITON_CONFIG_EXCEPTIONS: tuple[TritonConfigException, ...] = (
     TritonConfigException(
         "_gabor_conv_fwd_kernel", "3.6", _POOLED_SMALL,
@@ -421,6 +421,16 @@ TRITON_CONFIG_EXCEPTIONS: tuple[TritonConfigException, ...] = (
         "block per SM, 12.5 % occupancy; 2 or 4 stages change nothing (156). IEEE (FMA dots over the 64 window rows "
         "of the one-dot kernel): 128 registers with 4 B of spill stores. Dropped: the 16 x 64 and 16 x 32 tiles "
         "stay (117 and 64 registers, 25 % and 50 %, in TF32).",
+    ),
+    TritonConfigException(
+        "_conv_mixpool_fwd_kernel", "3.9", GPU_PLAIN_CONV_CONFIGS[0], None, _FP32, ("ieee",),
+        "64 px x 64 ch x 32 at 8 warps, IEEE fp32 (FMA dots): 128 registers with 4 B of spill stores in the head's "
+        "layers (full sweep, both presets). Dropped for IEEE: the other plain tiles stay (no spills).",
+    ),
+    TritonConfigException(
+        "_conv_mixpool_fwd_kernel", "3.6", GPU_PLAIN_CONV_CONFIGS[3], None, _FP32, ("ieee",),
+        "16 px x 128 ch x 32 at 8 warps, IEEE fp32 (FMA dots): 16 B of spill stores and 12 B of loads in the head's "
+        "last layer (full sweep). Dropped for IEEE: the other plain tiles stay (no spills).",
     ),
     TritonConfigException(
         "_conv_mixpool_bwd_kernel", "3.9", GPU_POOLED_CONV_CONFIGS[1], None, _FP32, ("ieee",),
