@@ -966,6 +966,13 @@ def _pool_record(
 
 
 @triton.jit
+def _record_offsets(b, ph, pw, c_all, C_TOTAL, PH, PW):
+    """Offsets of the (BLOCK_P, BLOCK_CO) tile of pixels ``(b, ph, pw)`` and channels ``c_all`` in a contiguous
+    (B, C_TOTAL, PH, PW) record: the one layout the forward writes and the backward reads."""
+    return (b * (C_TOTAL * PH * PW) + ph * PW + pw)[:, None] + (c_all * (PH * PW))[None, :]
+
+
+@triton.jit
 def _store_record(
     code_ptr,  # (B, C_TOTAL, PH, PW) uint8, contiguous
     gap_ptr,  # (B, C_TOTAL, PH, PW), contiguous
@@ -986,7 +993,7 @@ def _store_record(
 ):
     """Write the :func:`_pool_record` of a forward tile."""
     code, gap = _pool_record(acc00, acc01, acc10, acc11, RELU, POOL)
-    rec = (b * (C_TOTAL * PH * PW) + ph * PW + pw)[:, None] + (c_all * (PH * PW))[None, :]
+    rec = _record_offsets(b, ph, pw, c_all, C_TOTAL, PH, PW)
     tl.store(code_ptr + rec, code, mask=mask)
     tl.store(gap_ptr + rec, gap.to(gap_ptr.dtype.element_ty), mask=mask)
 
@@ -1028,16 +1035,15 @@ def _pool_record_bwd_kernel(
     # grid: (cdiv(B * PH * PW, BLOCK_P), cdiv(CO, BLOCK_C), G)
     pid_p = tl.program_id(0)
     pid_g = tl.program_id(2)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    # the record's pixels and, as the "first tap" of a stride-1 window over grad_z, their window's top-left in it
+    p_mask, b, ph, pw, _, _, _, _, z_row = _window_pixels(
+        pid_p, B, PH, PW, 1, 0, stride_zb, stride_zh, stride_zw, POOL, BLOCK_P
+    )
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = offs_p < B * PH * PW
     c_mask = offs_c < CO
     mask = p_mask[:, None] & c_mask[None, :]
-    pw = offs_p % PW
-    ph = (offs_p // PW) % PH
-    b = offs_p // (PW * PH)
     c_all = pid_g * CO + offs_c  # channels of the whole (B, G * CO, ...) tensors
-    rec = (b * (G * CO * PH * PW) + ph * PW + pw)[:, None] + (c_all * (PH * PW))[None, :]
+    rec = _record_offsets(b, ph, pw, c_all, G * CO, PH, PW)
     code = tl.load(code_ptr + rec, mask=mask, other=0).to(tl.int32)
     g_off = (b * stride_gb + ph * stride_gh + pw * stride_gw)[:, None] + (c_all * stride_gc)[None, :]
     g = tl.load(grad_out_ptr + g_off, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -1064,10 +1070,6 @@ def _pool_record_bwd_kernel(
         d01 = tl.where((code & 8) != 0, d01, 0.0)
         d10 = tl.where((code & 16) != 0, d10, 0.0)
         d11 = tl.where((code & 32) != 0, d11, 0.0)
-    if POOL:
-        z_row = b * stride_zb + (2 * ph) * stride_zh + (2 * pw) * stride_zw
-    else:
-        z_row = b * stride_zb + ph * stride_zh + pw * stride_zw
     _store_grad_z(grad_z_ptr, z_row, c_all * stride_zc, stride_zh, stride_zw, d00, d01, d10, d11, mask, POOL)
     if HAS_BIAS:
         if POOL:
@@ -1083,9 +1085,7 @@ def pool_record_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dL/dz, dL/dalpha per group (G,), dL/dbias (G * CO,))`` from the forward's record (:func:`_pool_record`):
     an elementwise pass over the pooled output instead of recomputing the convolution."""
-    odd = geo.pool and (geo.OH % 2 or geo.OW % 2)
-    alloc = torch.zeros if odd else torch.empty
-    grad_z = alloc(geo.grad_z_shape, device=grad_out.device, dtype=grad_out.dtype)
+    grad_z = geo.new_grad_z(grad_out.device, grad_out.dtype)
     G, CO = geo.groups, geo.CO
     block_p, block_c = 32, pow2_block(CO, 16, 32)  # 32 x 64 tiles took 126-156 registers for this elementwise pass
     rows = triton.cdiv(geo.n_pixels, block_p)
@@ -1154,6 +1154,12 @@ class ConvGeometry:
     @property
     def grad_z_shape(self) -> tuple[int, int, int, int]:  # dL/d(conv output), every group
         return (self.B, self.groups * self.CO, self.OH, self.OW)
+
+    def new_grad_z(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The backward's dL/dz buffer: zeroed when pooling drops an odd conv output's last row or column (the
+        kernels never write those), else uninitialised (every value is written)."""
+        odd = self.pool and (self.OH % 2 or self.OW % 2)
+        return (torch.zeros if odd else torch.empty)(self.grad_z_shape, device=device, dtype=dtype)
 
     @property
     def n_pixels(self) -> int:  # output pixels (pooled when pooling), the GEMM's M

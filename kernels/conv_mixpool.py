@@ -18,6 +18,7 @@ kernels take tensors and plain parameters only; running a reference ``ConvStage`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -352,6 +353,9 @@ def split_k(geo: ConvGeometry, device: torch.device, record: bool) -> int:
 
 def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options, record: bool = False):
     """``(out, code, gap)``: the layer's output and, with ``record``, the backward's record (else ``None``s)."""
+    splits = split_k(geo, x.device, record)
+    if splits > 1 and math.prod(geo.out_shape):  # never with a record
+        return _launch_split_forward(x, weight, bias, alpha, scale, shift, geo, opt, splits), None, None
     out = torch.empty(geo.out_shape, device=x.device, dtype=x.dtype)
     code = gap = None
     if record:
@@ -361,9 +365,6 @@ def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt
         return out, code, gap
     check_int32_indexable("output", out)
     dummy = alpha  # stands in for absent optional tensors (never read)
-    splits = split_k(geo, x.device, record)
-    if splits > 1:
-        return _launch_split_forward(x, weight, bias, alpha, scale, shift, geo, opt, splits), None, None
     _conv_mixpool_fwd[geo.grid](
         x, weight, dummy if bias is None else bias, alpha, dummy if scale is None else scale,
         dummy if shift is None else shift, out, out if code is None else code, out if gap is None else gap,
@@ -408,9 +409,7 @@ def _launch_split_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometr
 
 def _launch_backward(x, weight, bias, alpha, scale, grad_out, geo: ConvGeometry, opt: _Options):
     """``(dL/dz, dL/dalpha, dL/dbias)``: ``dL/dz`` of the conv output's shape, a (G,) and a (G * CO,) tensor."""
-    odd = geo.pool and (geo.OH % 2 or geo.OW % 2)
-    alloc = torch.zeros if odd else torch.empty
-    grad_z = alloc(geo.grad_z_shape, device=x.device, dtype=x.dtype)
+    grad_z = geo.new_grad_z(x.device, x.dtype)
     cdtype = compute_dtype(x.dtype)
     G = geo.groups
     alpha_part = torch.zeros((geo.partial_rows if geo.pool else 1, G * geo.CO), device=x.device, dtype=cdtype)
@@ -481,8 +480,6 @@ class Conv2dMixPoolFunction(torch.autograd.Function):
             grad_z = torch.where(saved_out > 0, grad_out, 0) if opt.relu else grad_out
             grad_alpha = None
             grad_bias = grad_z.sum((0, 2, 3), dtype=compute_dtype(x.dtype)) if need_b else None
-        if not opt.pool:
-            grad_alpha = None
         if need_alpha and grad_alpha is not None:
             grads[3] = alpha_grad(grad_alpha, ctx.alpha_like)
         if need_b:

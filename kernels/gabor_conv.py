@@ -479,9 +479,7 @@ def _launch_backward(
     geo: ConvGeometry, opt: _Options,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dL/dz, dL/dalpha)``; ``dL/dz`` has the conv output's shape, ``dL/dalpha`` is ``(G,)``."""
-    odd = geo.pool and (geo.OH % 2 or geo.OW % 2)
-    alloc = torch.zeros if odd else torch.empty
-    grad_z = alloc(geo.grad_z_shape, device=x.device, dtype=x.dtype)
+    grad_z = geo.new_grad_z(x.device, x.dtype)
     cdtype = compute_dtype(x.dtype)
     G = geo.groups
     alpha_part = torch.zeros((geo.partial_rows if geo.pool else 1, G * geo.CO), device=x.device, dtype=cdtype)
@@ -574,7 +572,6 @@ class GaborConv2dFunction(torch.autograd.Function):
 
         if code is not None:
             grad_z, grad_alpha, _ = pool_record_backward(code, gap, grad_out, alpha_c, scale, geo, opt.relu, False)
-            grad_alpha = grad_alpha if opt.pool else None
         elif opt.pool or opt.bn:
             grad_z, grad_alpha = _launch_backward(x, params, taps, alpha_c, scale, grad_out, geo, opt)
         else:

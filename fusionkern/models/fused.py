@@ -122,12 +122,7 @@ def stage_forward(stage: nn.Module, x: torch.Tensor, *, allow_tf32: bool | None 
         unsupported("stage.bn", f"expected a BatchNorm module or None, got {type(bn_mod).__name__}")
     # Eval-mode BN folds into the epilogue unless its affine parameters need gradients (fine-tuning with frozen
     # statistics): then it runs as a torch op on the running statistics, which gives the same values.
-    fold = (
-        bn_mod is not None
-        and not bn_mod.training
-        and bn_mod.track_running_stats
-        and not (torch.is_grad_enabled() and any(p.requires_grad for p in bn_mod.parameters()))
-    )
+    fold = _fold_decision(bn_mod)
     folded = fold_bn(bn_mod) if fold else None
     bn_between = stage.order == "bn_pool" and bn_mod is not None and alpha is not None
     if not bn_between:
@@ -153,12 +148,17 @@ def block_forward(block: nn.Module, x: torch.Tensor, *, allow_tf32: bool | None 
             by the kernel.
     """
     weights, biases, dilations, bn = _block_parts(block)
-    if bn.training or bn.running_mean is None:
+    if not _block_folds(bn):
         h = dilated_avg_block(x, weights, biases, dilations, bn=None, relu=False, allow_tf32=allow_tf32)
         return F.relu(bn(h))
     return dilated_avg_block(
         x, weights, biases, dilations, bn=fold_bn(bn, differentiable=True), relu=True, allow_tf32=allow_tf32
     )
+
+
+def _block_folds(bn: nn.BatchNorm2d) -> bool:
+    """Whether a dilated block's BatchNorm folds into the kernel's epilogue (eval mode with running statistics)."""
+    return not (bn.training or bn.running_mean is None)
 
 
 def _block_parts(block: nn.Module) -> tuple[list, list | None, tuple, nn.BatchNorm2d]:
@@ -202,13 +202,13 @@ def grouped_blocks_forward(
     ``torch.cat([block_forward(b, x_g) ...], 1)``. ``None`` when the blocks differ and must run one by one."""
     parts = [_block_parts(b) for b in blocks]
     weights0, biases0, dilations0, bn0 = parts[0]
-    folded = not (bn0.training or bn0.running_mean is None)
+    folded = _block_folds(bn0)
     for weights, biases, dilations, bn in parts[1:]:
         if dilations != dilations0 or (biases is None) != (biases0 is None):
             return None
         if [tuple(w.shape) for w in weights] != [tuple(w.shape) for w in weights0]:
             return None
-        if (not (bn.training or bn.running_mean is None)) != folded:
+        if _block_folds(bn) != folded:
             return None
     G = len(blocks)
     n = len(dilations0)
@@ -258,7 +258,7 @@ def _same(values: Sequence) -> bool:
 
 
 def _fold_decision(bn_mod: nn.Module | None) -> bool:
-    """Whether :func:`stage_forward` folds this BatchNorm into the kernel (same rule)."""
+    """Whether a stage's BatchNorm folds into the kernel's epilogue (:func:`stage_forward`, grouped stages)."""
     return (
         bn_mod is not None
         and not bn_mod.training
