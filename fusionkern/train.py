@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from fusionkern import BRANCHES, CLASSES
+from fusionkern.data.transforms import SCALINGS, scaling_name
 from fusionkern.devices import resolve_device  # noqa: F401  (re-exported: the trainer's callers import it here)
 from fusionkern.errors import ConfigError, FusionkernError
 from fusionkern.files import write_text_atomic
@@ -64,6 +65,7 @@ class TrainConfig:
     backend: str = "torch"  # torch (reference) or triton (fused kernels, CUDA)
     workers: int = 0
     progress: bool = True
+    scaling: str = "minmax"  # minmax (the paper's, what the scanner cuts) or physical (a verifier's inputs)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +81,7 @@ class TrainConfig:
         get_preset(self.preset)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: unknown {self.backend!r}; choose one of {list(BACKENDS)}")
+        scaling_name(self.scaling)
         if self.branch not in BRANCHES:
             raise ConfigError(f"branch: unknown {self.branch!r}; choose one of {list(BRANCHES)}")
         for name in ("epochs", "batch_size", "splits"):
@@ -308,7 +311,7 @@ def markdown_report(cfg: TrainConfig, runs: list[dict], summary: dict) -> str:
     names = {"accuracy": "accuracy", "cement_accuracy": "cement acc.", "landcover_accuracy": "landcover acc.",
              "cement_recall": "cement recall", "cement_precision": "cement precision", "f1": "F1"}  # fmt: skip
     lines = [
-        f"# Training report: {what}, preset {cfg.preset}, width {cfg.width}",
+        f"# Training report: {what}, preset {cfg.preset}, width {cfg.width}, {scaling_name(cfg.scaling)} scaling",
         "",
         f"Data `{cfg.data}`; {cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr}, "
         f"class weights {cfg.class_weights}, {len(runs)} split(s), seed {cfg.seed}. Test-set figures in %.",
@@ -342,7 +345,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     preset = get_preset(cfg.preset)
     branches = dataset_branches(cfg)
     augment = SiteAugment(seed=cfg.seed) if cfg.augment else None
-    train_ds = SiteDataset(sites, chip_size=preset.chip_px, augment=augment, branches=branches)
+    train_ds = SiteDataset(sites, chip_size=preset.chip_px, augment=augment, branches=branches, scaling=cfg.scaling)
     eval_ds = train_ds.with_augment(None)  # shares the decoded-chip cache
     labels = np.asarray(train_ds.labels)
     splits = stratified_splits(labels, cfg.splits, cfg.test_fraction, cfg.val_fraction, cfg.seed)
@@ -358,7 +361,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         split_dir = out / f"split_{index}"
         split_dir.mkdir(exist_ok=True)
         run = train_split(cfg, train_ds, eval_ds, split, index, split_dir, device, log,
-                          checkpoint_data={"dataset": cfg.data_folders}, origin=origin)  # fmt: skip
+                          checkpoint_data={"dataset": cfg.data_folders, "scaling": SCALINGS[scaling_name(cfg.scaling)]},
+                          origin=origin)  # fmt: skip
         t = run["test"]
         log(f"split {index}: test accuracy {_fmt(t['accuracy'])} %, cement recall {_fmt(t['cement_recall'])} %"
             f" (best epoch {run['best_epoch']}, {run['checkpoint']})")  # fmt: skip

@@ -18,6 +18,7 @@ from fusionkern.data import (
     load_sites,
     make_synthetic_sites,
     minmax_scale,
+    physical_scale,
     read_authors_layout,
     read_image,
     read_site_layout,
@@ -234,6 +235,48 @@ def test_minmax_scale_each_channel_spans_unit_interval():
     out = minmax_scale(x)
     np.testing.assert_allclose(out.min(axis=(1, 2)), 0.0)
     np.testing.assert_allclose(out.max(axis=(1, 2)), 1.0)
+
+
+def test_physical_scale_explicit_values():
+    thermal = np.array([
+        [[300.0, 302.0, 310.0], [301.0, 299.0, 303.0]],  # median 301.5: kelvin above it, over 5 K
+        [[np.nan, 290.0, 291.0], [292.0, np.inf, 295.0]],  # median of the finite pixels (291.5); others 0
+        [[np.nan, np.nan, np.nan], [np.nan, np.nan, np.nan]],  # nothing valid: all zero
+    ])  # fmt: skip
+    out = physical_scale(thermal, "b10")
+    np.testing.assert_allclose(out[0], (thermal[0] - 301.5) / 5.0, rtol=1e-6)
+    np.testing.assert_allclose(out[1], [[0.0, -0.3, -0.1], [0.1, 0.0, 0.7]], atol=1e-6)
+    np.testing.assert_array_equal(out[2], 0.0)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    np.testing.assert_allclose(physical_scale(np.array([[0.25, 0.35], [0.15, np.nan]]), "b7"),
+                               [[0.0, 1.0], [-1.0, 0.0]], atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(physical_scale(np.array([[0.7, 0.95]]), "b76"), [[0.0, 1.0]], atol=1e-6)
+    with pytest.raises(ConfigError, match="b12"):
+        physical_scale(thermal, "b12")
+
+
+def test_physical_scaling_keeps_the_magnitude_minmax_drops():
+    """A 3 K and a 9 K hot spot on the same background: min-max scaling makes them one chip, physical does not."""
+    rng = np.random.default_rng(1)
+    background = 290.0 + rng.normal(0.0, 0.3, (3, S, S))
+    spot = np.zeros((S, S))
+    spot[S // 2, S // 2] = 1.0
+    weak, strong = background + 3.0 * spot, background + 9.0 * spot
+    assert np.abs(minmax_scale(weak) - minmax_scale(strong)).max() < 0.5  # only the background's share moves
+    weak_p, strong_p = physical_scale(weak, "b10"), physical_scale(strong, "b10")
+    np.testing.assert_allclose(strong_p[:, S // 2, S // 2] - weak_p[:, S // 2, S // 2], 6.0 / 5.0, rtol=1e-4)
+
+
+def test_dataset_scales_as_asked(site_root):
+    sites = read_site_layout(site_root)
+    x, _ = SiteDataset(sites, scaling="physical")[1]
+    raw = {b: read_image(sites[1].paths[b]) for b in BRANCHES[:4]}
+    for i, branch in enumerate(BRANCHES[:4]):
+        np.testing.assert_allclose(x[i].numpy(), physical_scale(raw[branch], branch), atol=1e-5)
+    np.testing.assert_allclose(x[4].numpy(), physical_scale(raw["b7"] / raw["b6"], "b76"), atol=1e-5)
+    assert SiteDataset(sites, scaling="physical").single_branch("b7").scaling == "physical"
+    with pytest.raises(ConfigError, match="scaling"):
+        SiteDataset(sites, scaling="zscore")
 
 
 # ------------------------------------------------------------------------------------------------------------------

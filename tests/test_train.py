@@ -63,6 +63,27 @@ def test_train_single_input_model_from_yaml_config_with_flag_override(tiny_data,
     assert isinstance(model, DGCNN) and model.checkpoint["data"]["branch"] == "b7"
 
 
+def test_train_on_physical_units_records_it_and_the_scan_refuses_it_as_first_pass(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--preset", "native", "--width", "0.25",
+                 "--epochs", "1", "--batch-size", "16", "--splits", "1", "--scaling", "physical",
+                 "--no-progress"]) == 0  # fmt: skip
+    model = load_checkpoint(out / "split_0" / "best.pt", expect=FusionNet)
+    assert model.checkpoint["data"]["scaling"] == "physical-units"
+    assert json.loads((out / "metrics.json").read_text())["config"]["scaling"] == "physical"
+    assert "physical scaling" in (out / "report.md").read_text()
+    capsys.readouterr()
+    code = main(["scan", str(out / "split_0" / "best.pt"), "--scenes", "a", "b", "c", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "physical-units" in err[0] and "--verify" in err[0]
+    assert not (tmp_path / "s").exists()
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {tiny_data}\nscaling: zscore\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown scaling 'zscore'" in err[0]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("torch", "triton"),
                    help="torch (reference, default) or triton (fused kernels; needs a CUDA device)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
+    p.add_argument("--scaling", choices=("minmax", "physical"),
+                   help="chip scaling: minmax (default; each chip channel to its own min..max, the paper's and the "
+                   "scanner's) or physical (bands in physical units: a verifier for fusionkern scan --verify)")
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="turn augmentation off")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
 
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "data", "out", "model", "backbone", "preset", "width", "branch", "epochs", "batch_size", "lr", "splits",
-        "seed", "device", "backend", "workers", "augment", "progress")}  # fmt: skip
+        "seed", "device", "backend", "workers", "augment", "progress", "scaling")}  # fmt: skip
     overrides["alphas"] = parse_alphas(args.alphas)
     cfg = TrainConfig.from_sources(args.config, **overrides)
     result = run_training(cfg)

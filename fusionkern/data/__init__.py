@@ -8,10 +8,11 @@ from fusionkern.data.dataset import SiteDataset, read_image
 from fusionkern.data.layouts import JoinReport, Site, load_many, load_sites, read_authors_layout, read_site_layout
 from fusionkern.data.splits import CLASS_WEIGHTS, Split, stratified_splits
 from fusionkern.data.synthetic import make_synthetic_sites
-from fusionkern.data.transforms import AugmentParams, SiteAugment, minmax_scale
+from fusionkern.data.transforms import SCALINGS, AugmentParams, SiteAugment, minmax_scale, physical_scale
 
 __all__ = [
     "CLASS_WEIGHTS",
+    "SCALINGS",
     "AugmentParams",
     "JoinReport",
     "Site",
@@ -22,6 +23,7 @@ __all__ = [
     "load_sites",
     "make_synthetic_sites",
     "minmax_scale",
+    "physical_scale",
     "read_authors_layout",
     "read_image",
     "read_site_layout",

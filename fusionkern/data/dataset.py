@@ -9,7 +9,8 @@ channel per date, stacked in branch order. The steps, per site:
 3. derive b76 = b7 / b6 on the raw values where its file is absent (:func:`fusionkern.landsat.band_ratio`:
    NaN where b6 <= 0 or either band is NaN);
 4. scale each channel of each input to its own min..max (:func:`~fusionkern.data.transforms.minmax_scale`),
-   NaN pixels becoming 0;
+   NaN pixels becoming 0; or, with ``scaling="physical"``, to physical units by a fixed map per band
+   (:func:`~fusionkern.data.transforms.physical_scale`);
 5. apply the rotation and flips, one draw for all inputs.
 """
 
@@ -25,7 +26,7 @@ from torch.utils.data import Dataset
 
 from fusionkern import BRANCHES
 from fusionkern.data.layouts import DERIVED_BRANCH, Site
-from fusionkern.data.transforms import AugmentParams, minmax_scale
+from fusionkern.data.transforms import AugmentParams, scale_chip, scaling_name
 from fusionkern.errors import ConfigError, InputError, MissingDependencyError
 from fusionkern.landsat import band_ratio
 
@@ -123,7 +124,7 @@ def centre_crop(image: np.ndarray, size: int, path: Path) -> np.ndarray:
 class SiteDataset(Dataset):
     """Sites as tensors: item ``i`` is ``(x, y)`` with ``x`` of shape (len(branches), 3, chip_size, chip_size).
 
-    ``x`` is float32 in [0, 1], branches in the order given (default b10, b11, b7, b6, b76), channels in date
+    ``x`` is float32 in [0, 1] (``scaling="minmax"``) or in physical units (``"physical"``), branches in the order given (default b10, b11, b7, b6, b76), channels in date
     order; ``y`` is the class index (0 cement, 1 landcover). With a single branch, e.g. ``branches=("b76",)``,
     ``x`` is (1, 3, S, S): single-input models squeeze the first axis.
 
@@ -136,6 +137,8 @@ class SiteDataset(Dataset):
         cache: Keep each decoded, cropped file in memory after its first read. The cache is per process: each
             DataLoader worker fills its own copy, so call :meth:`preload` first when workers are not persistent.
             Views made by :meth:`single_branch` share it.
+        scaling: ``minmax`` (default: each chip channel to its own min..max, the paper's) or ``physical``
+            (:func:`~fusionkern.data.transforms.physical_scale`).
 
     Raises:
         ConfigError: ``chip_size`` or ``branches`` is invalid.
@@ -148,8 +151,10 @@ class SiteDataset(Dataset):
         augment: Callable[[np.ndarray], np.ndarray] | None = None,
         branches: Sequence[str] = BRANCHES,
         cache: bool = True,
+        scaling: str = "minmax",
     ):
         self.sites = list(sites)
+        self.scaling = scaling_name(scaling)
         self.chip_size = _check_chip_size(chip_size)
         self.branches = _check_branches(branches)
         self.augment = augment
@@ -185,7 +190,7 @@ class SiteDataset(Dataset):
         return self._view(augment, self.branches)
 
     def _view(self, augment: Callable[[np.ndarray], np.ndarray] | None, branches: Sequence[str]) -> SiteDataset:
-        view = SiteDataset(self.sites, self.chip_size, augment, branches, self.cache)
+        view = SiteDataset(self.sites, self.chip_size, augment, branches, self.cache, self.scaling)
         view._cache = self._cache
         return view
 
@@ -249,7 +254,7 @@ class SiteDataset(Dataset):
                 f"site {site.key}: {branch} ({source}) has no valid pixel in date channel {int(empty[0]) + 1}"
                 f" of its central {self.chip_size} x {self.chip_size} chip"
             )
-        return minmax_scale(chip)
+        return scale_chip(chip, branch, self.scaling)
 
 
 def _check_chip_size(chip_size: int) -> int:

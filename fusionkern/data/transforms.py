@@ -1,4 +1,14 @@
-"""Per-chip scaling and the paper's geometric augmentation, applied to all inputs of a site at once."""
+"""Per-chip scaling and the paper's geometric augmentation, applied to all inputs of a site at once.
+
+Two scalings bring a chip's bands to the model's input range:
+
+* ``minmax`` (:func:`minmax_scale`; the paper's, and the scanner's): each channel of each chip to its own
+  min..max. Shapes survive, magnitudes do not: a 3 K hot spot on a calm background looks like a 9 K one.
+* ``physical`` (:func:`physical_scale`): the bands in their physical units by a fixed affine map per band, the
+  thermal bands relative to the chip's median. A model trained on it can tell a kiln's heat in kelvin and a dust
+  halo's reflectance, which separate cement works from other heavy industry; it serves as a verifier of the
+  scanner's candidates (:mod:`fusionkern.scan.decide`).
+"""
 
 from __future__ import annotations
 
@@ -39,6 +49,72 @@ def minmax_scale(x: np.ndarray) -> np.ndarray:
     span = np.where(usable, span, 1.0)
     scaled = np.where(finite & usable, (np.where(finite, x, 0.0) - lo) / span, 0.0)
     return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+
+
+SCALINGS = {"minmax": "minmax-per-chip-channel", "physical": "physical-units"}
+"""Scaling name (``fusionkern train --scaling``) -> what a checkpoint records as ``data.scaling``."""
+
+PHYSICAL_UNITS = {"b10": 5.0, "b11": 5.0, "b7": 0.1, "b6": 0.1, "b76": 0.25}
+""":func:`physical_scale`: one input unit per band (kelvin for the thermal bands, reflectance, the b7/b6 ratio)."""
+
+PHYSICAL_CENTRES = {"b7": 0.25, "b6": 0.25, "b76": 0.7}
+""":func:`physical_scale`: the value mapped to 0 for the reflective bands and the ratio (thermal bands: the
+chip's median in each date)."""
+
+
+def physical_scale(x: np.ndarray, branch: str) -> np.ndarray:
+    """One branch of a chip in physical units, brought near the unit range by a fixed map.
+
+    Thermal bands (b10, b11; brightness temperature, K) become kelvin above each (H, W) plane's median over its
+    finite pixels, divided by :data:`PHYSICAL_UNITS`; b7, b6 (TOA reflectance) and b76 (their ratio) become
+    ``(x - centre) / unit`` (:data:`PHYSICAL_CENTRES`). Non-finite pixels, and planes without any, become 0.
+
+    Args:
+        x: Array of shape (..., H, W) of one branch, calibrated (``fusionkern chips`` and the scanner convert DN
+            with the MTL unless told ``--no-calibrate``).
+        branch: Its name, one of :data:`fusionkern.BRANCHES`.
+
+    Returns:
+        float32 array of the same shape.
+    """
+    if branch not in PHYSICAL_UNITS:
+        raise ConfigError(f"no physical scaling for branch {branch!r}; expected one of {', '.join(PHYSICAL_UNITS)}")
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim < 2:
+        raise ValueError(f"physical_scale needs an array of shape (..., H, W), got shape {x.shape}")
+    finite = np.isfinite(x)
+    if branch in PHYSICAL_CENTRES:
+        centre: np.ndarray | float = PHYSICAL_CENTRES[branch]
+    else:
+        flat = np.where(finite, x, np.nan).reshape(*x.shape[:-2], -1)
+        if finite.all():
+            median = np.median(flat, axis=-1)
+        else:
+            median = _nanmedian(flat, finite.reshape(flat.shape).any(axis=-1))
+        centre = median[..., None, None]
+    out = np.where(finite, (np.where(finite, x, 0.0) - centre) / np.float32(PHYSICAL_UNITS[branch]), 0.0)
+    return out.astype(np.float32)
+
+
+def _nanmedian(flat: np.ndarray, has_data: np.ndarray) -> np.ndarray:
+    """Median over the last axis ignoring NaN, 0 where a row has no finite value (without numpy's warning)."""
+    out = np.zeros(flat.shape[:-1], dtype=np.float32)
+    out[has_data] = np.nanmedian(flat[has_data], axis=-1)
+    return out
+
+
+def scale_chip(x: np.ndarray, branch: str, scaling: str) -> np.ndarray:
+    """One branch of a chip, (..., H, W), scaled by ``scaling`` (a key or a value of :data:`SCALINGS`)."""
+    name = scaling_name(scaling)
+    return minmax_scale(x) if name == "minmax" else physical_scale(x, branch)
+
+
+def scaling_name(scaling: str | None) -> str:
+    """``minmax`` or ``physical`` from a name or a checkpoint's ``data.scaling``; ConfigError otherwise."""
+    for name, recorded in SCALINGS.items():
+        if scaling in (name, recorded):
+            return name
+    raise ConfigError(f"unknown scaling {scaling!r}: expected one of {', '.join(SCALINGS)}")
 
 
 @dataclass(frozen=True)
