@@ -1,6 +1,7 @@
 """Detection quality on regions nobody tuned on: a trained, mined and calibrated checkpoint scans regions drawn by
 ``make_demo_region`` with other seeds, sizes and look-alike densities, with and without the verifier, and each is
-evaluated against its planted truth next to the oracle's precision ceiling.
+evaluated against its planted truth next to the oracle's precision ceiling. ``verified`` scans with the verifier
+the checkpoint was calibrated with (``make demo``: the physical-units verifier), ``plain`` without one.
 
 Usage (after ``make demo``, whose checkpoint is mined and calibrated)::
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = out / f"seed{seed}-{size}px-{lookalikes}la-{mode}"
             t0 = time.perf_counter()
             summary = run_scan_demo(folder, args.checkpoint, size_px=size, n_plants=args.plants,
-                                    n_confusers=lookalikes, seed=seed, verify="auto" if mode == "verified" else "none",
+                                    n_confusers=lookalikes, seed=seed, verify=_verify(args.checkpoint, mode),
                                     progress=False, log=lambda line: None)  # fmt: skip
             truth = folder / "region" / "truth.geojson"
             ceiling = region_ceiling(truth)
@@ -64,6 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     (out / "detection.md").write_text(_table(rows), encoding="utf-8")
     print(_table(rows))
     return 0
+
+
+def _verify(checkpoint: str, mode: str) -> str | None:
+    """``--verify`` of a mode: ``none`` for plain; for verified, the verifier the calibration recorded (None: the
+    scan's default) where it verified, else the split ensemble."""
+    from fusionkern.models.checkpoint import read_checkpoint
+
+    if mode == "plain":
+        return "none"
+    calibration = (read_checkpoint(checkpoint, mmap=True).get("metadata") or {}).get("calibration") or {}
+    return None if calibration.get("verified") else "auto"
 
 
 def _pct(value: float | None) -> str:

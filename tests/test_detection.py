@@ -153,6 +153,26 @@ def test_synthetic_sites_carry_context(tmp_path):
         make_synthetic_sites(tmp_path / "bad", n_cement=1, n_landcover=1, context_px=18)
 
 
+def test_a_register_of_other_industry_draws_a_works_at_every_landcover_site(tmp_path):
+    """``landcover="industry"``: each landcover site holds a works of other heavy industry (kiln heat in every
+    date); cement sites are drawn as by default, and the default draws stay what they were."""
+    from fusionkern.data.dataset import read_image
+    from fusionkern.data.synthetic import make_synthetic_sites
+
+    def sustained_heat(site) -> float:  # the b10 peak over the median in the coolest date
+        b10 = read_image(site.paths["b10"])
+        return float((b10.max(axis=(1, 2)) - np.median(b10, axis=(1, 2))).min())
+
+    mixed = make_synthetic_sites(tmp_path / "mixed", n_cement=2, n_landcover=12, seed=4)
+    works = make_synthetic_sites(tmp_path / "works", n_cement=2, n_landcover=12, seed=4, landcover="industry")
+    for a, b in zip(mixed[:2], works[:2]):
+        np.testing.assert_array_equal(read_image(a.paths["b10"]), read_image(b.paths["b10"]))
+    lift_mixed, lift_works = ([sustained_heat(s) for s in sites[2:]] for sites in (mixed, works))
+    assert np.mean(lift_works) > np.mean(lift_mixed) + 1.5 and min(lift_works) > 3.0
+    with pytest.raises(ConfigError, match="landcover"):
+        make_synthetic_sites(tmp_path / "bad", n_cement=1, n_landcover=1, landcover="towns")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Prior shift and decisions
 # --------------------------------------------------------------------------------------------------------------
@@ -410,7 +430,7 @@ class _Inverse(HotMean):
 def test_verifier_scores_recentred_chips_under_rotations(trained, region):
     from fusionkern.scan.grid import make_grid
     from fusionkern.scan.inputs import load_inputs
-    from fusionkern.scan.tiles import StackReader
+    from fusionkern.scan.tiles import StackReader, scale_chips
 
     model = load_checkpoint(trained / "split_0" / "best.pt")
     verifier = decide.Verifier(sorted(trained.glob("split_*/best.pt")), model)
@@ -419,10 +439,12 @@ def test_verifier_scores_recentred_chips_under_rotations(trained, region):
     layout = ChipLayout(CHIP, 17, 18, 18)
     x0, y0 = grid.affine * (100.5, 100.5)
     with StackReader(inputs, grid, layout) as reader:
-        chips, valid = decide.recentred_chips(reader, grid, CHIP, [(x0, y0), grid.affine * (2, 2)])
+        raw, valid = decide.recentred_chips(reader, grid, CHIP, [(x0, y0), grid.affine * (2, 2)], scale=False)
+        chips, _ = decide.recentred_chips(reader, grid, CHIP, [(x0, y0)])
     assert valid.tolist() == [True, False]  # a chip leaving the region cannot be verified
-    odds = verifier.log_odds(chips[valid])
+    odds = verifier.log_odds(raw[valid])
     # by hand: both members, four quarter turns each, cement minus landcover logits, averaged
+    np.testing.assert_array_equal(scale_chips(raw[:1]), chips)  # the members scale as the scan does
     x = torch.from_numpy(chips[:1])
     total = 0.0
     for path in sorted(trained.glob("split_*/best.pt")):
@@ -432,6 +454,75 @@ def test_verifier_scores_recentred_chips_under_rotations(trained, region):
             logits = torch.cat([member(member.prepare(v)) for v in views]).double()
         total += float((logits[:, 0] - logits[:, 1]).mean())
     assert odds[0] == pytest.approx(total / 2, rel=1e-5)
+
+
+def _physical_checkpoint(folder: Path, seed: int = 5) -> Path:
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"prior": {"cement": 0.3}, "scaling": "physical-units"}
+    return save_checkpoint(FusionNet(preset="native", width=0.25), folder / "best.pt", data=data)
+
+
+def test_a_physical_units_member_scores_the_bands_in_their_units(tmp_path, trained, region):
+    """A member trained with --scaling physical verifies on the calibrated bands scaled by physical_scale, beside
+    a min-max member on the same chips; the scan itself refuses it, saying where it belongs."""
+    from fusionkern.data.transforms import physical_scale
+    from fusionkern.scan.backends import load_scan_model
+    from fusionkern.scan.grid import make_grid
+    from fusionkern.scan.inputs import load_inputs
+    from fusionkern.scan.tiles import StackReader, scale_chips
+
+    physical = _physical_checkpoint(tmp_path / "verifier")
+    with pytest.raises(CheckpointError, match="physical-units.*--verify"):
+        load_scan_model(physical)
+    reference = load_checkpoint(trained / "split_0" / "best.pt")
+    verifier = decide.Verifier([trained / "split_0" / "best.pt", physical], reference)
+    assert verifier.scalings == ["minmax", "physical"]
+    assert verifier.offsets[1] == pytest.approx(decide.logit(0.6) - decide.logit(0.3))
+    inputs = load_inputs(manifest=str(region.manifest))
+    grid = make_grid(inputs.reference)
+    points = [grid.affine * (60.5, 80.5), grid.affine * (200.5, 150.5)]
+    with StackReader(inputs, grid, ChipLayout(CHIP, 17, 18, 18)) as reader:
+        raw, valid = decide.recentred_chips(reader, grid, CHIP, points, scale=False)
+    assert valid.all() and np.isfinite(raw).all()
+    odds = verifier.log_odds(raw)
+
+    def by_hand(path: Path, chips: np.ndarray) -> np.ndarray:
+        member = load_checkpoint(path)
+        x = torch.from_numpy(chips)
+        with torch.no_grad():
+            logits = torch.stack([member(member.prepare(torch.rot90(x, k, (-2, -1)))) for k in range(4)]).double()
+        return (logits[..., 0] - logits[..., 1]).mean(0).numpy()
+
+    scaled = np.stack([physical_scale(raw[:, k], b) for k, b in enumerate(("b10", "b11", "b7", "b6", "b76"))], 1)
+    assert scaled[:, :2].min() < 0.0 < scaled[:, :2].max()  # kelvin about the median, not squeezed into [0, 1]
+    want = (by_hand(trained / "split_0" / "best.pt", scale_chips(raw)) + by_hand(physical, scaled)
+            + verifier.offsets[1]) / 2  # fmt: skip
+    np.testing.assert_allclose(odds, want, rtol=1e-5, atol=1e-6)
+    assert [c["scaling"] for c in verifier.describe()["checkpoints"]] == ["minmax", "physical"]
+
+
+def test_scan_uses_the_verifier_the_calibration_recorded(tmp_path, trained):
+    from fusionkern.scan.calibrate import store_calibration
+
+    folder = tmp_path / "run" / "split_0"
+    folder.mkdir(parents=True)
+    path = folder / "best.pt"
+    path.write_bytes((trained / "split_0" / "best.pt").read_bytes())
+    physical = _physical_checkpoint(tmp_path / "verifier")
+    store_calibration(path, {"prior": 0.01, "fp_per_1000km2": 1.0, "plain": {"threshold": 0.4},
+                             "verified": {"threshold": 0.2, "checkpoints": [str(physical)]}})  # fmt: skip
+    model = load_checkpoint(path)
+    decision = decide.resolve_decision(model, path)
+    assert decision.verify == [physical] and decision.threshold == 0.2
+    physical.unlink()  # gone: its threshold would not hold for another verifier
+    with pytest.raises(InputError, match="gone"):
+        decide.resolve_decision(model, path)
+    assert decide.resolve_decision(model, path, verify="none").threshold == 0.4
+    # a training folder moved whole: the split checkpoints it recorded are found beside the checkpoint
+    store_calibration(path, {"prior": 0.01, "fp_per_1000km2": 1.0, "plain": {"threshold": 0.4},
+                             "verified": {"threshold": 0.2, "checkpoints": ["/elsewhere/split_0/best.pt"]}})
+    assert decide.resolve_decision(load_checkpoint(path), path).verify == [path.resolve()]
 
 
 def test_recentred_chips_come_back_in_the_order_asked_whatever_the_threads(region):
@@ -471,8 +562,8 @@ def test_verifier_removes_candidates_it_rejects(tmp_path, region, trained, monke
 
     original = decide.read_recentred
 
-    def recentred(inputs, grid_, layout, points, threads=2):
-        chips, valid = original(inputs, grid_, layout, points, threads)
+    def recentred(inputs, grid_, layout, points, threads=2, scale=True):
+        chips, valid = original(inputs, grid_, layout, points, threads, scale)
         near = [min(math.hypot(x - px, y - py) for px, py in zip(xs, ys)) < 600 for x, y in points]
         decide.Verifier._near = [n for n, v in zip(near, valid) if v]
         return chips, valid

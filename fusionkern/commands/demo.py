@@ -8,10 +8,15 @@ chip), then runs what a user of the scanner does, on synthetic regions that neve
 2. mines hard negatives and random background from a region with it (``fusionkern mine``) and trains again on the
    sites and the mined chips (round 1; ``--mine-rounds 2`` mines another region with that model and trains again):
    the held-out figures of the original sites are printed for every round;
-3. calibrates the final checkpoint on two other regions together (24 plants, about 7300 km²) at a budget of false
-   detections per 1000 km² (``fusionkern calibrate``);
-4. scans a last region with the calibrated threshold and the split ensemble as verifier, and evaluates the
-   detections against the planted plants (``fusionkern evaluate``).
+3. with ``--register-works N``, trains a verifier: the same network on the bands in physical units (``fusionkern
+   train --scaling physical``) on the sites, the mined chips and a register of known works (sites of known cement
+   plants and of N works of other heavy industry: power, steel and lime works, whose heat and dust overlap
+   cement's), so that it sees what the scan's min-max scaled chips hide, the kiln's heat in kelvin and the dust's
+   reflectance; by default the split checkpoints verify;
+4. calibrates the final checkpoint with the verifier on two other regions together (24 plants, about 7300 km²) at
+   a budget of false detections per 1000 km² (``fusionkern calibrate``);
+5. scans a last region with the calibrated thresholds and the verifier, and evaluates the detections against the
+   planted plants (``fusionkern evaluate``).
 """
 
 from __future__ import annotations
@@ -49,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random background chips mined in the first round (default 300)")
     p.add_argument("--mine-rounds", type=int, default=1,
                    help="mining rounds, each on its own region with the model of the round before (default 1)")
+    p.add_argument("--register-works", type=int, default=0,
+                   help="train a verifier on the bands in physical units with a register of this many known works of "
+                   "other heavy industry, and verify with it (default 0: verify with the split checkpoints, which "
+                   "did as well on the regions measured)")
+    p.add_argument("--register-plants", type=int, default=400,
+                   help="known cement plants added to that verifier's training sites (default 400)")
     p.add_argument("--fp-budget", type=float, default=0.5,
                    help="false detections allowed per 1000 km² when calibrating (default 0.5)")
     p.add_argument("--calibration-regions", type=int, default=2,
@@ -59,18 +70,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _train(args: argparse.Namespace, data: list[str], out: Path, label: str) -> dict:
+def _train(args: argparse.Namespace, data: list[str], out: Path, label: str, scaling: str = "minmax",
+           splits: int | None = None) -> dict:
     from fusionkern.train import TrainConfig, run_training
 
+    splits = args.splits if splits is None else splits
     cfg = TrainConfig(
         data=data, out=str(out), model="fusionnet", backbone="dgcnn", preset="native", width=args.width,
-        epochs=args.epochs, batch_size=32, lr=args.lr, splits=args.splits, seed=args.seed, device=args.device,
-        progress=args.progress,
+        epochs=args.epochs, batch_size=32, lr=args.lr, splits=splits, seed=args.seed, device=args.device,
+        progress=args.progress, scaling=scaling,
     )  # fmt: skip
     t0 = time.perf_counter()
     result = run_training(cfg, log=lambda line: None if not args.progress else print(line))
     s = (result.get("summary_by_data") or {}).get(data[0]) or result["summary"]
-    print(f"{label}: FusionNet (native preset, width {args.width}), {args.splits} split(s) x {args.epochs} epochs in "
+    print(f"{label}: FusionNet (native preset, width {args.width}), {splits} split(s) x {args.epochs} epochs in "
           f"{time.perf_counter() - t0:.0f} s; held-out sites of {data[0]}:")  # fmt: skip
     for key, name in (("accuracy", "accuracy"), ("cement_recall", "cement recall"),
                       ("cement_precision", "cement precision"), ("f1", "F1")):  # fmt: skip
@@ -86,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
     from fusionkern.data.synthetic import make_synthetic_sites
     from fusionkern.errors import ConfigError
 
+    if args.mine_rounds < 1:
+        raise ConfigError(f"--mine-rounds must be at least 1, got {args.mine_rounds}")
+    if args.register_works < 0 or (args.register_works > 0 and args.register_plants < 1):
+        raise ConfigError(f"--register-works must be 0 or more and --register-plants at least 1, got "
+                          f"{args.register_works} and {args.register_plants}")  # fmt: skip
     out = Path(args.out)
     data = out / "data"
     t0 = time.perf_counter()
@@ -100,8 +118,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"report: {out / 'train' / 'report.md'}; checkpoints: {', '.join(r['checkpoint'] for r in result['splits'])}")
         print(f"done in {time.perf_counter() - t0:.0f} s")
         return 0
-    if args.mine_rounds < 1:
-        raise ConfigError(f"--mine-rounds must be at least 1, got {args.mine_rounds}")
     folders = [str(data)]
     result = _train(args, folders, out / "train-r0", "round 0 (synthetic sites only)")
     for k in range(1, args.mine_rounds + 1):
@@ -110,13 +126,17 @@ def run(args: argparse.Namespace) -> int:
         result = _train(args, folders, out / ("train" if last else f"train-r{k}"),
                         f"round {k} (with {k} round(s) of mined chips)")  # fmt: skip
     checkpoint = _best(result)
-    _calibrate(args, out, checkpoint)
+    verify, verifier = "auto", "the split ensemble"
+    if args.register_works > 0:
+        verify = str(_train_verifier(args, out, folders))
+        verifier = f"the physical-units verifier ({verify})"
+    _calibrate(args, out, checkpoint, verify)
     from fusionkern.scan_demo import run_scan_demo
 
     print(f"\nscanning the evaluation region (seed {args.seed}, never mined nor calibrated on) with {checkpoint}, "
-          "verified by the split ensemble:")  # fmt: skip
+          f"verified by {verifier}:")  # fmt: skip
     run_scan_demo(out / "scan-demo", checkpoint, size_px=args.region_px, n_plants=args.plants, seed=args.seed,
-                  verify="auto", progress=args.progress)  # fmt: skip
+                  verify=verify, progress=args.progress)  # fmt: skip
     print(f"outputs: {out / 'scan-demo' / 'scan'} (scores.tif, detections.geojson, quicklook.png, scan.json), "
           f"{out / 'scan-demo' / 'evaluation'} (evaluation.json, pr_curve.png, missed.geojson)")  # fmt: skip
     print(f"done in {time.perf_counter() - t0:.0f} s")
@@ -149,7 +169,25 @@ def _mine(args: argparse.Namespace, out: Path, checkpoint: str, round_: int) -> 
     return target
 
 
-def _calibrate(args: argparse.Namespace, out: Path, checkpoint: str) -> None:
+def _train_verifier(args: argparse.Namespace, out: Path, folders: list[str]) -> Path:
+    """The register (known cement plants and works of other heavy industry, seed seed+404) and the verifier trained
+    on it with the sites and mined chips, bands in physical units, one split; returns its checkpoint."""
+    from fusionkern.data.synthetic import make_synthetic_sites
+
+    register = out / "register"
+    if register.exists():
+        shutil.rmtree(register)
+    t0 = time.perf_counter()
+    make_synthetic_sites(register, n_cement=args.register_plants, n_landcover=args.register_works,
+                         seed=args.seed + 404, context_px=args.context_px, landcover="industry")  # fmt: skip
+    print(f"\nregister of known works: {args.register_plants} cement plants, {args.register_works} works of other "
+          f"heavy industry written to {register} ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    result = _train(args, [*folders, str(register)], out / "train-verifier",
+                    "verifier (bands in physical units, with the register)", scaling="physical", splits=1)  # fmt: skip
+    return Path(_best(result))
+
+
+def _calibrate(args: argparse.Namespace, out: Path, checkpoint: str, verify: str) -> None:
     from fusionkern.errors import ConfigError, InputError
     from fusionkern.scan.calibrate import CalibrateOptions, calibrate
     from fusionkern.scan_demo import region_truth
@@ -162,7 +200,7 @@ def _calibrate(args: argparse.Namespace, out: Path, checkpoint: str) -> None:
                enumerate(seeds)]  # fmt: skip
     options = CalibrateOptions(
         checkpoint=checkpoint, out=str(out / "calibration"), plants=[p for r in regions for p in region_truth(r)],
-        budget=args.fp_budget, manifest=[str(r.manifest) for r in regions], verify="auto", overwrite=True,
+        budget=args.fp_budget, manifest=[str(r.manifest) for r in regions], verify=verify, overwrite=True,
         progress=args.progress,
     )  # fmt: skip
     which = f"calibration regions (seeds {', '.join(map(str, seeds))})"

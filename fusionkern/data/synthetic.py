@@ -62,6 +62,7 @@ def make_synthetic_sites(
     dates: Sequence[str] = ("2018-01", "2017-01", "2017-04"),
     write_b76: bool = True,
     context_px: int = 0,
+    landcover: str = "mixed",
 ) -> list[Site]:
     """Write a synthetic dataset in the site layout and return its sites.
 
@@ -75,6 +76,10 @@ def make_synthetic_sites(
         write_b76: Also write ``b76.tif``; when False, readers derive it from b7 and b6.
         context_px: Pixels of context around every chip (as ``fusionkern chips --context-px``), at most half
             the chip: the files hold ``chip_px + 2 * context_px`` pixels a side.
+        landcover: ``mixed`` (default): landcover with the look-alikes a region holds, each drawn by chance
+            (one-date heat, dry fields, towns, now and then other heavy industry); ``industry``: every landcover
+            site is a works of other heavy industry (a power, steel or lime works), as cut from a register of known
+            works to teach a model what separates them from cement.
 
     Returns:
         The sites, cement first, each sorted by name, with longitude and latitude.
@@ -85,6 +90,9 @@ def make_synthetic_sites(
         MissingDependencyError: rasterio is not installed.
     """
     months = _check_args(n_cement, n_landcover, chip_px, dates)
+    if landcover not in ("mixed", "industry"):
+        raise ConfigError(f"landcover must be 'mixed' or 'industry', got {landcover!r}")
+    industry = landcover == "industry"
     if not 0 <= context_px <= chip_px // 2:
         raise ConfigError(f"context_px must be within 0..{chip_px // 2} for {chip_px} px chips, got {context_px}")
     root = Path(root)
@@ -97,7 +105,8 @@ def make_synthetic_sites(
     for label, locations in enumerate((plants, landcover)):
         for i, (lon, lat) in enumerate(locations):
             rng = site_rngs[i if label == 0 else n_cement + i]
-            scene = _make_scene(rng, chip_px, months, lat, cement=label == 0, context_px=context_px)
+            scene = _make_scene(rng, chip_px, months, lat, cement=label == 0, context_px=context_px,
+                                industry=industry)  # fmt: skip
             name = f"{CLASSES[label]}_{i:04d}"
             paths = _write_site(root / CLASSES[label] / name, scene, lon, lat, dates, write_b76)
             sites.append(Site(name, label, paths, float(lon), float(lat)))
@@ -224,10 +233,11 @@ class _Surface:
 
 
 def _make_scene(
-    rng: np.random.Generator, chip_px: int, months: Sequence[int], lat: float, cement: bool, context_px: int = 0
+    rng: np.random.Generator, chip_px: int, months: Sequence[int], lat: float, cement: bool, context_px: int = 0,
+    industry: bool = False,
 ) -> _Scene:
-    """Draw one site: the landcover background, then a plant or (sometimes) a confuser on top; the chip and
-    ``context_px`` pixels around it are kept."""
+    """Draw one site: the landcover background, then a plant, (sometimes) a confuser, or with ``industry`` a works
+    of other heavy industry on top; the chip and ``context_px`` pixels around it are kept."""
     size = 2 * chip_px
     centre = np.array([size / 2.0 - 0.5, size / 2.0 - 0.5])
     veg, moist = _land_surface(rng, size, months)
@@ -235,6 +245,8 @@ def _make_scene(
     surface = _Surface(veg, moist, zeros.copy(), zeros.copy(), zeros.copy())
     if cement:
         _add_plant(rng, size, centre, surface)
+    elif industry:
+        _add_other_industry(rng, size, centre, surface)
     else:
         _add_confusers(rng, size, centre, surface)
     b6, b7 = _reflectance(rng, surface)
@@ -301,8 +313,14 @@ def _add_confusers(rng: np.random.Generator, size: int, centre: np.ndarray, surf
         surface.heat += rng.uniform(1.5, 4.0) * town
         surface.build(town, 0.04, 0.03)
     if rng.random() < 0.08:  # other heavy industry (a power plant, a steel or lime works): looks like a plant
-        site = centre + rng.uniform(-6.0, 6.0, 2)
-        _add_works(rng, size, site, surface, kiln_k=rng.uniform(3.0, 9.0), dust=rng.uniform(0.2, 0.7))
+        _add_other_industry(rng, size, centre, surface)
+
+
+def _add_other_industry(rng: np.random.Generator, size: int, centre: np.ndarray, surface: _Surface) -> None:
+    """A works of other heavy industry near ``centre``: drawn as a cement works is, with its own kiln heat and
+    dust, which overlap cement's (3-9 K against 5-15 K, hard plants 2.5-5 K; dust 0.2-0.7 against 0.5-1.0)."""
+    site = centre + rng.uniform(-6.0, 6.0, 2)
+    _add_works(rng, size, site, surface, kiln_k=rng.uniform(3.0, 9.0), dust=rng.uniform(0.2, 0.7))
 
 
 def _hot_spot(size: int, centre: np.ndarray, sigma: float) -> np.ndarray:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from fusionkern import BRANCHES
+from fusionkern.data.transforms import SCALINGS
 from fusionkern.errors import CheckpointError, ConfigError, InputError, MissingDependencyError
 from fusionkern.files import sha256_file
 from fusionkern.models import FusionNet, load_checkpoint
@@ -139,7 +140,7 @@ def load_exported(path: str | os.PathLike, backend: str | None = None) -> Export
 
 
 def load_scan_model(
-    path: str | os.PathLike, preset: str | None = None, backend: str | None = None
+    path: str | os.PathLike, preset: str | None = None, backend: str | None = None, verifier: bool = False
 ) -> FusionNet | ExportedModel:
     """Loads a FusionNet checkpoint, or an exported one with its sidecar, and checks that it takes what the scan
     cuts.
@@ -148,6 +149,8 @@ def load_scan_model(
         path: The checkpoint (``.pt``), or an ``.onnx`` file or TensorRT engine written by ``fusionkern export``.
         preset: The preset the scan expects (None: any).
         backend: The backend that will run it (None: do not check); an exported model runs only on its own.
+        verifier: The model verifies candidates (:class:`~fusionkern.scan.decide.Verifier`), which scales the
+            chips it reads by each member's own scaling: a checkpoint trained on physical units is allowed too.
 
     Returns:
         The model, on the CPU, in eval mode, with ``model.checkpoint`` attached; or an :class:`ExportedModel`.
@@ -164,9 +167,12 @@ def load_scan_model(
     data = model.checkpoint["data"]
     if preset is not None and model.preset.name != preset:
         raise CheckpointError(f"{path} holds a FusionNet of the '{model.preset.name}' preset, not '{preset}'")
-    if data.get("scaling") != SCALING:
+    if data.get("scaling") != SCALING and not (verifier and data.get("scaling") == SCALINGS["physical"]):
+        hint = ("; use it as a verifier of a min-max checkpoint's candidates (fusionkern scan CHECKPOINT --verify "
+                "PATH, fusionkern calibrate CHECKPOINT --verify PATH)" if data.get("scaling") == SCALINGS["physical"]
+                else "")  # fmt: skip
         raise CheckpointError(
-            f"{path} was trained on chips scaled by {data.get('scaling')!r}, the scan gives {SCALING!r}"
+            f"{path} was trained on chips scaled by {data.get('scaling')!r}, the scan gives {SCALING!r}{hint}"
         )
     if list(data.get("branches") or []) != list(BRANCHES):
         raise CheckpointError(f"{path} takes branches {data.get('branches')}, the scan gives {list(BRANCHES)}")

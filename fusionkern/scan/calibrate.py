@@ -292,7 +292,7 @@ def _calibrate_verified(options, model, scans, near, site_scores, allowed, n_pla
     return {**pick, "candidate_threshold": candidate_threshold, "candidates": len(chosen),
             "candidate_recall": len(candidate_found) / n_plants if n_plants else None,
             "false_per_1000km2": round(1000.0 * pick["false"] / area_km2, 4),
-            "checkpoints": [str(p) for p in paths]}  # fmt: skip
+            "checkpoints": [str(Path(p).resolve()) for p in paths]}  # fmt: skip
 
 
 def _regions(options: CalibrateOptions) -> list[tuple[Sequence[str] | None, str | None]]:

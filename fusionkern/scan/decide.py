@@ -13,7 +13,9 @@ a scan's detections mean what they say at that base rate:
 * **A verifier.** Sites above a low candidate threshold are scored again on chips re-centred on their peak, by an
   ensemble of checkpoints (by default the split checkpoints that ``fusionkern train`` wrote beside the one
   scanning) under the four quarter turns of the chip; their log-odds are averaged. Only the few candidates are
-  verified, so it costs little next to the scan.
+  verified, so it costs little next to the scan. Each member scales the chips as it was trained: a checkpoint
+  trained on physical units (``fusionkern train --scaling physical``) sees the kiln's heat in kelvin and the dust's
+  reflectance, which the scan's min-max scaled chips do not keep.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from fusionkern.data.transforms import scaling_name
 from fusionkern.errors import CheckpointError, ConfigError, InputError
 
 DEFAULT_THRESHOLD = 0.5
@@ -195,10 +198,13 @@ def resolve_decision(
     elif train_prior is not None:
         prior = train_prior
     shift = float(logit(prior) - logit(train_prior)) if prior is not None and train_prior is not None else 0.0
+    paths: list[Path] = []
     if verify is None and (calibration or {}).get("verified"):
-        verify = "auto"  # calibrated with the verifier: scan as calibrated unless told --verify none
-        notes.append("verifying with the split checkpoints, as the calibration did (--verify none turns it off)")
-    paths = resolve_verifier(verify, checkpoint) if verify not in (None, "none") else []
+        # calibrated with a verifier: scan with the same one unless told --verify none
+        paths = calibrated_verifier(calibration["verified"], checkpoint)
+        notes.append("verifying with the checkpoints the calibration verified with (--verify none turns it off)")
+    elif verify not in (None, "none"):
+        paths = resolve_verifier(verify, checkpoint)
     mode = "verified" if paths else "plain"
     source = "option"
     if threshold is None:
@@ -266,6 +272,24 @@ def resolve_verifier(spec: str, checkpoint: str | os.PathLike) -> list[Path]:
     return listed
 
 
+def calibrated_verifier(verified: dict[str, Any], checkpoint: str | os.PathLike) -> list[Path]:
+    """The verifier a calibration was made with: the checkpoints it recorded where they all still exist, else the
+    split checkpoints beside ``checkpoint`` if that is what it recorded (a training folder moved as a whole).
+
+    Raises:
+        InputError: The recorded verifier is gone and was not the split checkpoints: its threshold would not
+            apply to another one.
+    """
+    recorded = [Path(p) for p in verified.get("checkpoints") or []]
+    if recorded and all(p.is_file() for p in recorded):
+        return recorded
+    if all(p.name == "best.pt" and p.parent.name.startswith("split_") for p in recorded):
+        return resolve_verifier("auto", checkpoint)
+    missing = ", ".join(str(p) for p in recorded if not p.is_file())
+    raise InputError(f"{checkpoint} was calibrated with verifier checkpoints that are gone ({missing}); pass "
+                     "--verify PATH with them, --verify none, or calibrate again")  # fmt: skip
+
+
 DIHEDRAL = tuple((k, flip) for k in range(4) for flip in (False, True))
 """The eight symmetries of the square: quarter turns, each with and without a left-right flip."""
 
@@ -286,7 +310,8 @@ class Verifier:
             (default) or :data:`DIHEDRAL`.
 
     Raises:
-        CheckpointError: A member that is not a FusionNet of the scan model's chip size and scaling.
+        CheckpointError: A member that is not a FusionNet of the scan model's chip size, or scaled otherwise than
+            min-max per chip or in physical units.
     """
 
     def __init__(
@@ -304,10 +329,12 @@ class Verifier:
         self.batch_size = int(batch_size)
         self.paths = [Path(p) for p in paths]
         self.models = []
+        self.scalings = []  # each member's chip scaling (minmax or physical)
         self.offsets = []  # log-odds moving each member to the reference's training prior
         base = training_prior(reference)
         for path in self.paths:
-            member = load_scan_model(path)
+            member = load_scan_model(path, verifier=True)
+            self.scalings.append(scaling_name(member.checkpoint["data"].get("scaling")))
             if int(member.checkpoint["data"]["chip_px"]) != int(reference.checkpoint["data"]["chip_px"]):
                 raise CheckpointError(f"verifier {path} takes {member.checkpoint['data']['chip_px']} px chips, "
                                       f"the scan model {reference.checkpoint['data']['chip_px']} px")  # fmt: skip
@@ -317,27 +344,32 @@ class Verifier:
 
     @torch.inference_mode()
     def log_odds(self, chips: np.ndarray) -> np.ndarray:
-        """Mean cement log-odds (at the reference's training prior) of scaled chips (N, 5, 3, S, S).
+        """Mean cement log-odds (at the reference's training prior) of raw chips (N, 5, 3, S, S): calibrated
+        bands in ``BRANCHES`` order, as :func:`recentred_chips` reads them with ``scale=False``.
 
-        Each chip is scored by every member under every view; the N means come back as float64.
+        Each member scores the chips scaled as it was trained, under every view; the N means come back as float64.
         """
         if not len(chips):
             return np.zeros(0, dtype=np.float64)
+        stacks = {name: self._views(scale_verifier_chips(chips, name)) for name in sorted(set(self.scalings))}
+        total = torch.zeros(len(chips), dtype=torch.float64)
+        for model, offset, scaling in zip(self.models, self.offsets, self.scalings):
+            stack, margins = stacks[scaling], []
+            for start in range(0, len(stack), self.batch_size):
+                batch = stack[start : start + self.batch_size].to(self.device)
+                logits = model(model.prepare(batch)).double().cpu()
+                margins.append(logits[:, 0] - logits[:, 1])  # cement minus landcover: the log-odds
+            total += torch.cat(margins).reshape(len(chips), len(self.views)).mean(dim=1) + offset
+        return (total / len(self.models)).numpy()
+
+    def _views(self, chips: np.ndarray) -> torch.Tensor:
+        """(N, 5, 3, S, S) scaled chips -> (N * views, 5, 3, S, S), each chip's views together."""
         x = torch.from_numpy(np.ascontiguousarray(chips, dtype=np.float32))
         views = []
         for k, flip in self.views:
             view = torch.rot90(x, k, dims=(-2, -1)) if k else x
             views.append(torch.flip(view, dims=(-1,)) if flip else view)
-        stack = torch.stack(views, dim=1).reshape(-1, *x.shape[1:])  # (N * 8, 5, 3, S, S)
-        total = torch.zeros(len(x), dtype=torch.float64)
-        for model, offset in zip(self.models, self.offsets):
-            margins = []
-            for start in range(0, len(stack), self.batch_size):
-                batch = stack[start : start + self.batch_size].to(self.device)
-                logits = model(model.prepare(batch)).double().cpu()
-                margins.append(logits[:, 0] - logits[:, 1])  # cement minus landcover: the log-odds
-            total += torch.cat(margins).reshape(len(x), len(self.views)).mean(dim=1) + offset
-        return (total / len(self.models)).numpy()
+        return torch.stack(views, dim=1).reshape(-1, *x.shape[1:])
 
     def score(
         self, inputs: Any, grid: Any, layout: Any, points: Sequence[tuple[float, float]], shift: float = 0.0
@@ -354,7 +386,7 @@ class Verifier:
         Returns:
             (N,) float64 probabilities, NaN where no whole chip could be read, and the bool mask of those read.
         """
-        chips, valid = read_recentred(inputs, grid, layout, points)
+        chips, valid = read_recentred(inputs, grid, layout, points, scale=False)
         probabilities = np.full(len(points), np.nan)
         probabilities[valid] = sigmoid(self.log_odds(chips[valid]) + shift)
         return probabilities, valid
@@ -363,24 +395,39 @@ class Verifier:
         """The ensemble, for ``scan.json``."""
         from fusionkern.files import sha256_file
 
-        return {"checkpoints": [{"path": str(p), "sha256": sha256_file(p)} for p in self.paths],
+        return {"checkpoints": [{"path": str(p), "sha256": sha256_file(p), "scaling": s}
+                                for p, s in zip(self.paths, self.scalings)],
                 "views": len(self.views)}  # fmt: skip
 
 
+def scale_verifier_chips(chips: np.ndarray, scaling: str) -> np.ndarray:
+    """Raw chips (N, 5, 3, S, S) in ``BRANCHES`` order scaled as a member trained with ``scaling`` expects:
+    ``minmax`` bit for bit as the scan (:func:`~fusionkern.scan.tiles.scale_chips`), ``physical`` by
+    :func:`~fusionkern.data.transforms.physical_scale` per branch."""
+    from fusionkern import BRANCHES
+    from fusionkern.data.transforms import physical_scale
+    from fusionkern.scan.tiles import scale_chips
+
+    if scaling_name(scaling) == "minmax":
+        return scale_chips(chips)
+    return np.stack([physical_scale(chips[:, k], branch) for k, branch in enumerate(BRANCHES)], axis=1)
+
+
 def recentred_chips(
-    reader: Any, grid: Any, chip_px: int, points: Sequence[tuple[float, float]]
+    reader: Any, grid: Any, chip_px: int, points: Sequence[tuple[float, float]], scale: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scaled chips centred on grid-CRS points, read with the scan's own reader; and which could be read whole.
+    """Chips centred on grid-CRS points, read with the scan's own reader; and which could be read whole.
 
     Args:
         reader: An open :class:`~fusionkern.scan.tiles.StackReader`.
         grid: The scan grid.
         chip_px: Chip side in pixels.
         points: Grid-CRS (x, y) centres.
+        scale: Min-max scale them as the scan does; False: the calibrated bands as read.
 
     Returns:
-        float32 (N, 5, 3, S, S) chips scaled as in training (zeros where unreadable) and a bool (N,) mask of the
-        chips without nodata or cloud.
+        float32 (N, 5, 3, S, S) chips, scaled as in training unless ``scale`` is False (zeros where unreadable),
+        and a bool (N,) mask of the chips without nodata or cloud.
     """
     from fusionkern.scan.tiles import scale_chips
 
@@ -395,13 +442,13 @@ def recentred_chips(
         data = reader.read(top, left, chip_px, chip_px)
         if data.nodata.any() or data.cloud.any():
             continue
-        chips[index] = scale_chips(data.stack)
+        chips[index] = scale_chips(data.stack) if scale else data.stack
         valid[index] = True
     return chips, valid
 
 
 def read_recentred(
-    inputs: Any, grid: Any, layout: Any, points: Sequence[tuple[float, float]], threads: int = 2
+    inputs: Any, grid: Any, layout: Any, points: Sequence[tuple[float, float]], threads: int = 2, scale: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`recentred_chips` read by a few threads, each with its own rasters (GDAL releases the GIL), each
     thread one band of the region; chips come back in the order of ``points``."""
@@ -411,7 +458,7 @@ def read_recentred(
 
     def read(part: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
         with StackReader(inputs, grid, layout) as reader:
-            return recentred_chips(reader, grid, layout.chip_px, part)
+            return recentred_chips(reader, grid, layout.chip_px, part, scale)
 
     points = list(points)
     # Each thread takes one band of the region, north to south, so that a compressed block the rasters hold is
