@@ -34,7 +34,9 @@ from fusionkern.devices import resolve_device  # noqa: F401  (re-exported: the t
 from fusionkern.errors import ConfigError, FusionkernError
 from fusionkern.files import write_text_atomic
 from fusionkern.metrics import SUMMARY_KEYS, classification_metrics, summarise
-from fusionkern.models import FusionNet, SINGLE_INPUT_MODELS, build_model, get_preset, save_checkpoint
+from fusionkern.models import FIVE_INPUT_MODELS, SINGLE_INPUT_MODELS, build_model, get_preset, save_checkpoint
+
+FIVE_INPUT = tuple(FIVE_INPUT_MODELS.values())
 from fusionkern.models.layers import BACKENDS
 from fusionkern.models.networks import check_backend_available
 
@@ -45,7 +47,7 @@ class TrainConfig:
 
     data: str | list[str] = ""  # dataset folder(s) (site layout or the authors' layout), merged when several
     out: str = "runs/train"
-    model: str = "fusionnet"  # fusionnet, or a single-input model: cnn5, mpcnn5, gcnn5, dcnn5, dgcnn
+    model: str = "fusionnet"  # fusionnet, physicsnet (a verifier), or a single-input model: cnn5, ..., dgcnn
     backbone: str = "dgcnn"  # FusionNet branches: dgcnn or cnn5
     preset: str = "native"  # native (35 px chips, the scanner's) or paper (256 px input, as published)
     width: float = 1.0
@@ -76,8 +78,9 @@ class TrainConfig:
         return [self.data] if isinstance(self.data, str) else [str(d) for d in self.data]
 
     def validate(self) -> None:
-        if self.model.lower() != "fusionnet" and self.model.lower() not in SINGLE_INPUT_MODELS:
-            raise ConfigError(f"model: unknown {self.model!r}; choose fusionnet or one of {sorted(SINGLE_INPUT_MODELS)}")
+        if self.model.lower() not in FIVE_INPUT_MODELS and self.model.lower() not in SINGLE_INPUT_MODELS:
+            raise ConfigError(f"model: unknown {self.model!r}; choose fusionnet, physicsnet or one of "
+                              f"{sorted(SINGLE_INPUT_MODELS)}")  # fmt: skip
         get_preset(self.preset)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: unknown {self.backend!r}; choose one of {list(BACKENDS)}")
@@ -123,6 +126,8 @@ def load_yaml_config(path: str | os.PathLike, cls: type = TrainConfig) -> dict[s
 
 
 def build_from_config(cfg: TrainConfig) -> nn.Module:
+    if cfg.model.lower() == "physicsnet":
+        return build_model(cfg.model, preset=cfg.preset, width=cfg.width)
     kwargs: dict[str, Any] = dict(preset=cfg.preset, width=cfg.width, alphas=cfg.alphas)
     if cfg.model.lower() == "fusionnet":
         kwargs["backbone"] = cfg.backbone
@@ -132,16 +137,16 @@ def build_from_config(cfg: TrainConfig) -> nn.Module:
 def model_inputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Dataset batch (B, N, 3, S, S) -> what ``model`` takes, resized to its input size on the batch's device.
 
-    FusionNet takes all five branches; a single-input model's dataset holds its one branch (N = 1).
+    FusionNet and PhysicsNet take all five branches; a single-input model's dataset holds its one branch (N = 1).
     """
-    if not isinstance(model, FusionNet):
+    if not isinstance(model, FIVE_INPUT):
         x = x[:, 0]
     return model.prepare(x)
 
 
 def dataset_branches(cfg: "TrainConfig") -> tuple[str, ...]:
     """The branches a dataset must read for ``cfg``'s model: all five, or the single-input model's one."""
-    return BRANCHES if cfg.model.lower() == "fusionnet" else (cfg.branch,)
+    return BRANCHES if cfg.model.lower() in FIVE_INPUT_MODELS else (cfg.branch,)
 
 
 @torch.no_grad()
@@ -271,7 +276,7 @@ def train_split(
     prior = {"cement": effective_prior(n_cement, n_landcover, cfg.class_weights), "train_sites": [n_cement, n_landcover],
              "class_weights": list(cfg.class_weights),
              "note": "cement share of the training sites, weighted by the loss's class weights"}  # fmt: skip
-    data = dict(checkpoint_data or {}, branch=None if isinstance(model, FusionNet) else cfg.branch, prior=prior)
+    data = dict(checkpoint_data or {}, branch=None if isinstance(model, FIVE_INPUT) else cfg.branch, prior=prior)
 
     def save_best(epoch: int, val: dict) -> None:
         save_checkpoint(model, best_path, data=data, epoch=epoch, split=index, split_seed=split.seed, val=val,
@@ -307,7 +312,8 @@ def _fmt(x: float) -> str:
 
 
 def markdown_report(cfg: TrainConfig, runs: list[dict], summary: dict) -> str:
-    what = f"FusionNet ({cfg.backbone} branches)" if cfg.model.lower() == "fusionnet" else f"{cfg.model.upper()} on {cfg.branch}"
+    what = {"fusionnet": f"FusionNet ({cfg.backbone} branches)", "physicsnet": "PhysicsNet (verifier)"}.get(
+        cfg.model.lower(), f"{cfg.model.upper()} on {cfg.branch}")
     names = {"accuracy": "accuracy", "cement_accuracy": "cement acc.", "landcover_accuracy": "landcover acc.",
              "cement_recall": "cement recall", "cement_precision": "cement precision", "f1": "F1"}  # fmt: skip
     lines = [

@@ -13,6 +13,7 @@ import pytest
 import rasterio
 import torch
 
+from fusionkern import BRANCHES
 from fusionkern.cli import main
 from fusionkern.data import AugmentParams, SiteAugment, SiteDataset, load_many, read_site_layout
 from fusionkern.data.chips import read_plants
@@ -96,7 +97,7 @@ def _site_with_context(root: Path, context: int, size: int = 11) -> None:
     folder.mkdir(parents=True)
     profile = {"driver": "GTiff", "dtype": "float32", "count": 3, "height": side, "width": side,
                "crs": "EPSG:32650", "transform": from_origin(0, 0, 30, 30)}  # fmt: skip
-    for k, branch in enumerate(("b10", "b11", "b7", "b6", "b76")):
+    for k, branch in enumerate(BRANCHES):
         with rasterio.open(folder / f"{branch}.tif", "w", **profile) as dst:
             dst.write(base * (k + 1) + 10.0 * k + 1.0)  # min-max scaling maps every branch to the same chip
 
@@ -494,12 +495,38 @@ def test_a_physical_units_member_scores_the_bands_in_their_units(tmp_path, train
             logits = torch.stack([member(member.prepare(torch.rot90(x, k, (-2, -1)))) for k in range(4)]).double()
         return (logits[..., 0] - logits[..., 1]).mean(0).numpy()
 
-    scaled = np.stack([physical_scale(raw[:, k], b) for k, b in enumerate(("b10", "b11", "b7", "b6", "b76"))], 1)
+    scaled = np.stack([physical_scale(raw[:, k], b) for k, b in enumerate(BRANCHES)], 1)
     assert scaled[:, :2].min() < 0.0 < scaled[:, :2].max()  # kelvin about the median, not squeezed into [0, 1]
     want = (by_hand(trained / "split_0" / "best.pt", scale_chips(raw)) + by_hand(physical, scaled)
             + verifier.offsets[1]) / 2  # fmt: skip
     np.testing.assert_allclose(odds, want, rtol=1e-5, atol=1e-6)
     assert [c["scaling"] for c in verifier.describe()["checkpoints"]] == ["minmax", "physical"]
+
+
+def test_a_physicsnet_member_verifies_but_does_not_scan(tmp_path, trained, region):
+    from fusionkern.data.transforms import physical_scale
+    from fusionkern.models import PhysicsNet
+    from fusionkern.scan.backends import load_scan_model
+    from fusionkern.scan.grid import make_grid
+    from fusionkern.scan.inputs import load_inputs
+    from fusionkern.scan.tiles import StackReader
+
+    torch.manual_seed(3)
+    path = save_checkpoint(PhysicsNet(width=0.25), tmp_path / "physics.pt",
+                           data={"scaling": "physical-units", "prior": {"cement": 0.5}})  # fmt: skip
+    with pytest.raises(CheckpointError, match="expected a FusionNet"):
+        load_scan_model(path)
+    verifier = decide.Verifier([path], load_checkpoint(trained / "split_0" / "best.pt"))
+    inputs = load_inputs(manifest=str(region.manifest))
+    grid = make_grid(inputs.reference)
+    with StackReader(inputs, grid, ChipLayout(CHIP, 17, 18, 18)) as reader:
+        raw, valid = decide.recentred_chips(reader, grid, CHIP, [grid.affine * (150.5, 90.5)], scale=False)
+    member = load_checkpoint(path)
+    x = torch.from_numpy(np.stack([physical_scale(raw[:, k], b) for k, b in enumerate(BRANCHES)], 1))
+    with torch.no_grad():
+        logits = torch.stack([member(torch.rot90(x, k, (-2, -1))) for k in range(4)]).double()
+    want = (logits[..., 0] - logits[..., 1]).mean(0).numpy() + decide.logit(0.6) - decide.logit(0.5)
+    np.testing.assert_allclose(verifier.log_odds(raw), want, rtol=1e-5, atol=1e-6)
 
 
 def test_scan_uses_the_verifier_the_calibration_recorded(tmp_path, trained):

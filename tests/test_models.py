@@ -22,6 +22,7 @@ from fusionkern.models import (
     FusionNet,
     GaborConv2d,
     MixPool2d,
+    PhysicsNet,
     count_parameters,
     flops_per_site,
     gabor_bank,
@@ -293,6 +294,27 @@ def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
     x = torch.randn(2, 5, 3, 35, 35)
     torch.testing.assert_close(loaded(x), model(x))
     assert not list(tmp_path.glob(".*.tmp*"))  # no temporary file left behind (fusionkern.files naming)
+
+
+def test_physicsnet_is_a_global_max_over_conv_features_and_checkpoints(tmp_path):
+    """The verifier network: fifteen channels together, conv -> ReLU -> BN (two max-pools), global maximum,
+    Linear; its checkpoint rebuilds it and records the five branches."""
+    torch.manual_seed(0)
+    model = PhysicsNet(width=0.5).eval()
+    x = torch.randn(3, 5, 3, 35, 35) * 2.0
+    features = model.features(x.reshape(3, 15, 35, 35))
+    assert features.shape == (3, 32, 8, 8)  # 35 -> 17 -> 8
+    torch.testing.assert_close(model(x), model.fc(features.amax(dim=(2, 3))))
+    path = save_checkpoint(model, tmp_path / "v.pt", data={"scaling": "physical-units"})
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded, PhysicsNet) and loaded.checkpoint["data"]["branches"] == list(BRANCHES)
+    torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(InputError, match="PhysicsNet takes"):
+        model(x[:, 0])
+    with pytest.raises(ConfigError, match="preset native"):
+        PhysicsNet(preset="paper")
+    with pytest.raises(ConfigError, match="torch backend only"):
+        model.to_backend("triton")
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):

@@ -84,6 +84,17 @@ def test_train_on_physical_units_records_it_and_the_scan_refuses_it_as_first_pas
     assert len(err) == 1 and "unknown scaling 'zscore'" in err[0]
 
 
+def test_train_physicsnet_verifier(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--model", "physicsnet", "--scaling", "physical",
+                 "--preset", "native", "--width", "0.25", "--epochs", "1", "--batch-size", "16", "--splits", "1",
+                 "--no-progress"]) == 0  # fmt: skip
+    model = load_checkpoint(out / "split_0" / "best.pt", expect="PhysicsNet")
+    assert model.checkpoint["data"]["scaling"] == "physical-units" and model.checkpoint["data"]["branch"] is None
+    assert model(torch.rand(2, 5, 3, 35, 35)).shape == (2, 2)
+    assert "PhysicsNet (verifier)" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

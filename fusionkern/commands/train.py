@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dataset folder(s): the site layout or the authors' per-band folders; several are merged, "
                    "e.g. a training set and the hard negatives of fusionkern mine")  # fmt: skip
     p.add_argument("--out", help="output folder (default runs/train)")
-    p.add_argument("--model", help="fusionnet (default), cnn5, mpcnn5, gcnn5, dcnn5 or dgcnn")
+    p.add_argument("--model", help="fusionnet (default), physicsnet (a verifier, with --scaling physical), cnn5, "
+                   "mpcnn5, gcnn5, dcnn5 or dgcnn")
     p.add_argument("--backbone", choices=("dgcnn", "cnn5"), help="FusionNet branch network (default dgcnn)")
     p.add_argument("--preset", choices=("paper", "native"),
                    help="native (default): 35 px chips as the scanner cuts them; paper: 256 px input, as published")

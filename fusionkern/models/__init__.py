@@ -16,10 +16,12 @@ from fusionkern.models.networks import (
     DGCNN,
     GCNN5,
     MPCNN5,
+    FIVE_INPUT_MODELS,
     SINGLE_INPUT_MODELS,
     Backbone,
     ConvStage,
     FusionNet,
+    PhysicsNet,
     build_model,
     resize_chips,
 )
@@ -27,8 +29,9 @@ from fusionkern.models.presets import ALPHAS, PRESETS, Preset, get_preset
 from fusionkern.models.profile import count_parameters, flops_per_site, profile
 
 __all__ = [
-    "ALPHAS", "BRANCHES", "CNN5", "DCNN5", "DGCNN", "GCNN5", "MPCNN5", "PRESETS", "SINGLE_INPUT_MODELS",
+    "ALPHAS", "BRANCHES", "CNN5", "DCNN5", "DGCNN", "FIVE_INPUT_MODELS", "GCNN5", "MPCNN5", "PRESETS",
+    "SINGLE_INPUT_MODELS",
     "Backbone", "ChannelAttention", "ConvStage", "DilatedAvgBlock", "FusionNet", "GaborConv2d", "MixPool2d",
-    "Preset", "build_model", "count_parameters", "flops_per_site", "gabor_bank", "gabor_grid", "get_preset",
+    "PhysicsNet", "Preset", "build_model", "count_parameters", "flops_per_site", "gabor_bank", "gabor_grid", "get_preset",
     "load_checkpoint", "profile", "read_checkpoint", "resize_chips", "save_checkpoint",
 ]  # fmt: skip

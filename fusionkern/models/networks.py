@@ -357,8 +357,66 @@ class FusionNet(BackendMixin, nn.Module):
         return self.fc(self.forward_features(x))
 
 
+class PhysicsNet(nn.Module):
+    """A small verifier on the bands in physical units: the five inputs' fifteen channels together, three conv
+    layers (conv -> ReLU -> BN, the first two max-pooled), global max pooling, Linear.
+
+    The scanner's FusionNet sees each chip channel stretched to its own min..max; this network is meant to be
+    trained on :func:`~fusionkern.data.transforms.physical_scale` chips (``fusionkern train --model physicsnet
+    --scaling physical``), with works of other heavy industry among its negatives, and used only as a verifier of
+    candidates (``fusionkern scan --verify``). The global maximum asks "is there such a works anywhere in the
+    chip", which suits chips re-centred on a candidate's peak. It runs on torch only (no fused kernels).
+
+    Args:
+        preset: ``native`` (35 px chips; the only one: the scan's chips at 30 m).
+        width: Channel multiplier (32, 64, 64 at 1.0).
+        num_classes: Output classes.
+    """
+
+    backend = "torch"
+
+    def __init__(self, preset: str = "native", width: float = 1.0, num_classes: int = 2):
+        super().__init__()
+        if preset != "native":
+            raise ConfigError(f"PhysicsNet takes the scan's 35 px chips (preset native), not preset {preset!r}")
+        self.config = dict(preset=preset, width=width, num_classes=num_classes)
+        self.preset = get_preset(preset)
+        c1, c2, c3 = (max(4, int(round(c * width))) for c in (32, 64, 64))
+        channels = len(BRANCHES) * 3
+
+        def block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
+            layers = [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(cout)]
+            return layers + [nn.MaxPool2d(2)] if pool else layers
+
+        self.features = nn.Sequential(*block(channels, c1, True), *block(c1, c2, True), *block(c2, c3, False))
+        self.fc = nn.Linear(c3, num_classes)
+
+    @property
+    def input_size(self) -> int:
+        return self.preset.input_size
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 5, 3, h, w) chips at the preset's input size (35 px chips pass unchanged)."""
+        return resize_chips(x, self.input_size)
+
+    def to_backend(self, backend: str) -> "PhysicsNet":
+        if backend != "torch":
+            raise ConfigError(f"PhysicsNet runs on the torch backend only, not {backend!r}")
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 5, 3, H, W) -> (B, num_classes)
+        if x.dim() != 5 or x.shape[1:3] != (len(BRANCHES), 3):
+            raise InputError(f"PhysicsNet takes (B, {len(BRANCHES)}, 3, H, W) chips, got shape {tuple(x.shape)}")
+        features = self.features(x.flatten(1, 2))
+        return self.fc(torch.amax(features, dim=(2, 3)))
+
+
+FIVE_INPUT_MODELS = {"fusionnet": FusionNet, "physicsnet": PhysicsNet}
+"""Models that take all five inputs, (B, 5, 3, H, W), by ``fusionkern train --model`` name."""
+
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "FusionNet": FusionNet,
+    "PhysicsNet": PhysicsNet,
     **{cls.__name__: cls for cls in SINGLE_INPUT_MODELS.values()},
 }
 
@@ -366,8 +424,8 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build a model by name: ``fusionnet`` or one of the single-input models (case-insensitive)."""
     key = name.lower()
-    if key == "fusionnet":
-        return FusionNet(**kwargs)
+    if key in FIVE_INPUT_MODELS:
+        return FIVE_INPUT_MODELS[key](**kwargs)
     if key in SINGLE_INPUT_MODELS:
         return SINGLE_INPUT_MODELS[key](**kwargs)
-    raise ConfigError(f"unknown model {name!r}; choose fusionnet or one of {sorted(SINGLE_INPUT_MODELS)}")
+    raise ConfigError(f"unknown model {name!r}; choose fusionnet, physicsnet or one of {sorted(SINGLE_INPUT_MODELS)}")

@@ -35,7 +35,7 @@ from fusionkern import BRANCHES
 from fusionkern.data.transforms import SCALINGS
 from fusionkern.errors import CheckpointError, ConfigError, InputError, MissingDependencyError
 from fusionkern.files import sha256_file
-from fusionkern.models import FusionNet, load_checkpoint
+from fusionkern.models import FusionNet, PhysicsNet, load_checkpoint
 from fusionkern.models.checkpoint import SCALING
 
 BACKENDS = ("torch", "triton", "onnxruntime", "tensorrt")
@@ -150,7 +150,8 @@ def load_scan_model(
         preset: The preset the scan expects (None: any).
         backend: The backend that will run it (None: do not check); an exported model runs only on its own.
         verifier: The model verifies candidates (:class:`~fusionkern.scan.decide.Verifier`), which scales the
-            chips it reads by each member's own scaling: a checkpoint trained on physical units is allowed too.
+            chips it reads by each member's own scaling: a checkpoint trained on physical units, and a
+            :class:`~fusionkern.models.PhysicsNet`, are allowed too.
 
     Returns:
         The model, on the CPU, in eval mode, with ``model.checkpoint`` attached; or an :class:`ExportedModel`.
@@ -163,7 +164,9 @@ def load_scan_model(
     if Path(path).suffix.lower() in EXPORTED_SUFFIXES:
         model: Any = load_exported(path, backend)
     else:
-        model = load_checkpoint(path, expect=FusionNet)
+        model = load_checkpoint(path, expect=None if verifier else FusionNet)
+        if not isinstance(model, (FusionNet, PhysicsNet)):
+            raise CheckpointError(f"{path} holds a {type(model).__name__}, expected a FusionNet or a PhysicsNet")
     data = model.checkpoint["data"]
     if preset is not None and model.preset.name != preset:
         raise CheckpointError(f"{path} holds a FusionNet of the '{model.preset.name}' preset, not '{preset}'")
