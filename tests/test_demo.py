@@ -13,7 +13,7 @@ def test_demo_trains_and_scans_a_region(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--cement", "10", "--landcover", "20", "--epochs", "1", "--splits", "2",
                  "--region-px", "384", "--plants", "2", "--mine-px", "384", "--mine-top", "6", "--mine-random", "4",
-                 "--mine-rounds", "2", "--register-works", "8", "--register-plants", "4",
+                 "--mine-rounds", "2", "--register-works", "8", "--register-plants", "4", "--verifier-epochs", "1",
                  "--no-progress"])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
@@ -32,7 +32,7 @@ def test_demo_trains_and_scans_a_region(tmp_path, capsys):
     verifier = out / "train-verifier" / "split_0" / "best.pt"
     assert summary["region"]["size_px"] == 384 and summary["scan"]["decision"]["verify"] == [str(verifier)]
     raw = torch.load(verifier, weights_only=True)
-    assert raw["data"]["scaling"] == "physical-units"
+    assert raw["data"]["scaling"] == "physical-units" and raw["model"]["class"] == "PhysicsNet"
     register = json.loads((out / "train-verifier" / "metrics.json").read_text())
     assert register["sites"] == {"cement": 10 + 4, "landcover": 20 + sum(mined) + 8}
     assert {"recall", "precision", "false_per_1000km2"} <= set(summary["match"])

@@ -25,6 +25,7 @@ import argparse
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 NAME = "demo"
 HELP = "Generate a synthetic dataset, train a small FusionNet on it (CPU, a few minutes) and report the metrics."
@@ -54,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random background chips mined in the first round (default 300)")
     p.add_argument("--mine-rounds", type=int, default=1,
                    help="mining rounds, each on its own region with the model of the round before (default 1)")
+    p.add_argument("--verifier-model", choices=("physicsnet", "fusionnet"), default="physicsnet",
+                   help="network of the physical-units verifier (default physicsnet: three conv layers and a global "
+                   "maximum; fusionnet: the scan's network)")
+    p.add_argument("--verifier-epochs", type=int, default=40, help="epochs of the verifier's training (default 40)")
     p.add_argument("--register-works", type=int, default=0,
                    help="train a verifier on the bands in physical units with a register of this many known works of "
                    "other heavy industry, and verify with it (default 0: verify with the split checkpoints, which "
@@ -70,20 +75,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _train(args: argparse.Namespace, data: list[str], out: Path, label: str, scaling: str = "minmax",
-           splits: int | None = None) -> dict:
+def _train(args: argparse.Namespace, data: list[str], out: Path, label: str, **verifier: Any) -> dict:
+    """One training run with the demo's settings; ``verifier`` overrides some (model, width, epochs, splits,
+    scaling, class_weights)."""
     from fusionkern.train import TrainConfig, run_training
 
-    splits = args.splits if splits is None else splits
+    settings = dict(model="fusionnet", width=args.width, epochs=args.epochs, splits=args.splits, scaling="minmax")
+    settings.update(verifier)
     cfg = TrainConfig(
-        data=data, out=str(out), model="fusionnet", backbone="dgcnn", preset="native", width=args.width,
-        epochs=args.epochs, batch_size=32, lr=args.lr, splits=splits, seed=args.seed, device=args.device,
-        progress=args.progress, scaling=scaling,
+        data=data, out=str(out), backbone="dgcnn", preset="native", batch_size=32, lr=args.lr, seed=args.seed,
+        device=args.device, progress=args.progress, **settings,
     )  # fmt: skip
     t0 = time.perf_counter()
     result = run_training(cfg, log=lambda line: None if not args.progress else print(line))
     s = (result.get("summary_by_data") or {}).get(data[0]) or result["summary"]
-    print(f"{label}: FusionNet (native preset, width {args.width}), {splits} split(s) x {args.epochs} epochs in "
+    name = "FusionNet" if cfg.model == "fusionnet" else "PhysicsNet"
+    print(f"{label}: {name} (native preset, width {cfg.width}), {cfg.splits} split(s) x {cfg.epochs} epochs in "
           f"{time.perf_counter() - t0:.0f} s; held-out sites of {data[0]}:")  # fmt: skip
     for key, name in (("accuracy", "accuracy"), ("cement_recall", "cement recall"),
                       ("cement_precision", "cement precision"), ("f1", "F1")):  # fmt: skip
@@ -182,8 +189,16 @@ def _train_verifier(args: argparse.Namespace, out: Path, folders: list[str]) -> 
                          seed=args.seed + 404, context_px=args.context_px, landcover="industry")  # fmt: skip
     print(f"\nregister of known works: {args.register_plants} cement plants, {args.register_works} works of other "
           f"heavy industry written to {register} ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    from fusionkern.data import load_many
+
+    sites = load_many([*folders, str(register)])[0]
+    n_cement = sum(1 for s in sites if s.label == 0)
+    weights = [(len(sites) - n_cement) / n_cement, 1.0]  # the classes weigh the same in the loss
+    model = args.verifier_model
     result = _train(args, [*folders, str(register)], out / "train-verifier",
-                    "verifier (bands in physical units, with the register)", scaling="physical", splits=1)  # fmt: skip
+                    "verifier (bands in physical units, with the register)", model=model, scaling="physical",
+                    splits=1, epochs=args.verifier_epochs, class_weights=weights,
+                    width=1.0 if model == "physicsnet" else args.width)  # fmt: skip
     return Path(_best(result))
 
 
