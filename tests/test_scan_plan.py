@@ -313,7 +313,6 @@ def test_time_comes_from_the_newest_matching_record(checkpoint, tmp_path, capsys
     estimate = plan["estimate"]
     assert estimate["record"]["record"] == str(newest)
     assert estimate["chips_per_s"] == pytest.approx(rate, abs=0.05)
-    assert estimate["seconds"] == pytest.approx(plan["chips"]["count"] / rate, abs=0.06)  # rounded to 0.1 s
     assert "bench record new" in captured.out
 
 
