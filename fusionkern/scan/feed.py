@@ -113,15 +113,19 @@ class ChipFeed:
         index = np.asarray(index, dtype=np.int64)
         c = self.chip_px
         x = torch.empty((len(index), tile.views.shape[2], c, c), dtype=torch.float32, device=self.device)
-        done = 0
-        for row, first, count in _runs(index, cols):  # a few runs of neighbouring chips per batch: plain copies
-            x[done : done + count].copy_(tile.views[row, first : first + count])
-            done += count
         flat = torch.from_numpy(index).to(self.device, non_blocking=True)
         rows, columns = flat // cols, flat % cols
         lo, span = tile.lo[rows, columns], tile.span[rows, columns]
+        done = 0
+        for row, first, count in _runs(index, cols):  # a few runs of neighbouring chips per batch
+            part = slice(done, done + count)
+            if tile.finite:  # cut and subtract in one pass over the chips
+                torch.sub(tile.views[row, first : first + count], lo[part], out=x[part])
+            else:
+                x[part].copy_(tile.views[row, first : first + count])
+            done += count
         if tile.finite:  # lo <= x <= lo + span, so (x - lo) / span lies in [0, 1]; constant planes give 0
-            out = x.sub_(lo).div_(span)
+            out = x.div_(span)
         else:
             valid = torch.isfinite(x) & tile.usable[rows, columns]
             out = torch.where(valid, (torch.where(valid, x, lo) - lo) / span, 0.0).clamp_(0.0, 1.0)
