@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "that hold a known plant)")  # fmt: skip
     parser.add_argument("--verify", default="auto", metavar="auto|FILE|none",
                         help="verifier to calibrate too: auto (the split checkpoints beside CHECKPOINT), a "
-                        "checkpoint, a training folder, a list file, or none (default: auto)")  # fmt: skip
+                        "checkpoint, a training folder, a list file, or none (default: auto); recorded with the "
+                        "threshold, and the scan's default verifier")  # fmt: skip
     parser.add_argument("--match-m", type=float, default=600.0,
                         help="a site is right when a chip of it lies within this many metres of a known plant "
                         "(default: %(default)s)")  # fmt: skip

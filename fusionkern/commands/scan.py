@@ -71,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     decide.add_argument(
         "--verify", metavar="auto|FILE",
         help="verify candidate sites with an ensemble: auto (the split checkpoints beside CHECKPOINT), a "
-        "checkpoint, a training folder, a file listing checkpoints, or none; default: auto where the checkpoint "
-        "was calibrated with a verifier, else none",
+        "checkpoint, a training folder, a file listing checkpoints, or none; default: the checkpoints the "
+        "calibration verified with, where it did, else none",
     )
     decide.add_argument(
         "--candidate-threshold", type=float,
