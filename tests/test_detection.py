@@ -210,6 +210,12 @@ def test_decision_defaults_and_refusals(tmp_path, trained):
         decide.resolve_decision(model, "x.pt", prior=1.0)
     with pytest.raises(InputError, match="--verify"):
         decide.resolve_decision(model, "x.pt", verify=str(tmp_path / "nothing"))
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07\xff\xfe onnx")
+    with pytest.raises(InputError, match="exported model"):
+        decide.resolve_decision(model, "x.pt", verify=str(tmp_path / "model.onnx"))
+    (tmp_path / "weights.bin").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(InputError, match="neither a checkpoint"):
+        decide.resolve_decision(model, "x.pt", verify=str(tmp_path / "weights.bin"))
 
 
 def test_scan_prior_without_recorded_prior_is_one_error_line(tmp_path, region, capsys):

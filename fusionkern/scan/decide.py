@@ -263,7 +263,16 @@ def resolve_verifier(spec: str, checkpoint: str | os.PathLike) -> list[Path]:
         raise InputError(f"--verify {spec}: no such checkpoint, training folder or list file")
     if path.suffix == ".pt":
         return [path]
-    listed = [Path(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from fusionkern.scan.backends import EXPORTED_SUFFIXES
+
+    if path.suffix.lower() in EXPORTED_SUFFIXES:
+        raise InputError(f"--verify {spec}: an exported model; the verifier runs checkpoints (.pt) in torch, give "
+                         "the checkpoint it was exported from")  # fmt: skip
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"--verify {spec}: neither a checkpoint (.pt) nor a text file listing checkpoints") from None
+    listed = [Path(line.strip()) for line in text.splitlines() if line.strip()]
     listed = [p if p.is_absolute() else path.parent / p for p in listed]
     missing = [str(p) for p in listed if not p.is_file()]
     if not listed or missing:
