@@ -213,6 +213,10 @@ def test_decision_defaults_and_refusals(tmp_path, trained):
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07\xff\xfe onnx")
     with pytest.raises(InputError, match="exported model"):
         decide.resolve_decision(model, "x.pt", verify=str(tmp_path / "model.onnx"))
+    listing = tmp_path / "members.txt"
+    listing.write_text("model.onnx\n")  # an exported model named in a list: refused when the verifier loads it
+    with pytest.raises(CheckpointError, match="exported model|sidecar"):
+        decide.Verifier(decide.resolve_verifier(str(listing), "x.pt"), model)
     (tmp_path / "weights.bin").write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(InputError, match="neither a checkpoint"):
         decide.resolve_decision(model, "x.pt", verify=str(tmp_path / "weights.bin"))

@@ -343,6 +343,8 @@ class Verifier:
         base = training_prior(reference)
         for path in self.paths:
             member = load_scan_model(path, verifier=True)
+            if not isinstance(member, torch.nn.Module):
+                raise CheckpointError(f"verifier {path} is an exported model; the verifier runs checkpoints (.pt)")
             self.scalings.append(scaling_name(member.checkpoint["data"].get("scaling")))
             if int(member.checkpoint["data"]["chip_px"]) != int(reference.checkpoint["data"]["chip_px"]):
                 raise CheckpointError(f"verifier {path} takes {member.checkpoint['data']['chip_px']} px chips, "
