@@ -267,6 +267,12 @@ def resolve_allow_tf32(allow_tf32: bool | None) -> bool:
     return allow_tf32
 
 
+def wants_grad(*tensors: Any) -> bool:
+    """Whether a call's backward can run: grad mode on and one of ``tensors`` (None allowed) requires grad. The
+    caller decides it, outside ``autograd.Function.forward``, where grad mode always reads as off."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     """``tl.dot``'s ``input_precision``: ``"tf32"`` only for float32 inputs with ``allow_tf32``.
 

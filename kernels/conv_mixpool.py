@@ -54,6 +54,7 @@ from fusionkern.kernels._common import (
     square_int,
     tl_acc_dtype,
     unsupported,
+    wants_grad,
 )
 
 _AUTOTUNE_KEY = [*CONV_TUNE_KEY, "HAS_BIAS"]
@@ -562,11 +563,9 @@ def conv2d_mixpool(
     if bias is not None:
         bias = bias.contiguous()
     geo = conv_geometry(x, CO, KH, stride, padding, dilation, alpha_t is not None, groups)
-    wants_grad = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, bias, alpha_t)
-    )
+    record = bool(pool_record) and wants_grad(x, weight, bias, alpha_t)
     opt = _Options(bool(relu), alpha_t is not None, scale is not None, bias is not None,
-                   resolve_allow_tf32(allow_tf32), bool(pool_record) and wants_grad)  # fmt: skip
+                   resolve_allow_tf32(allow_tf32), record)  # fmt: skip
     if alpha_t is None:
         alpha_t = torch.ones((), device=x.device, dtype=compute_dtype(x.dtype))
     return Conv2dMixPoolFunction.apply(x, weight, bias, alpha_t, scale, shift, geo, opt)

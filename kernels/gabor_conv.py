@@ -63,6 +63,7 @@ from fusionkern.kernels._common import (
     square_int,
     tl_acc_dtype,
     unsupported,
+    wants_grad,
 )
 
 _SIGMA_EPS = tl.constexpr(LEGACY_SIGMA_EPS)
@@ -674,11 +675,9 @@ def gabor_conv2d(
     alpha = check_alpha(pool_alpha, x, "pool_alpha", groups)
     scale, shift = check_bn(bn, CO, x)
     geo = conv_geometry(x, CO, k, stride, padding, dilation, alpha is not None, groups)
-    wants_grad = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, freq, theta, sigma, psi, alpha)
-    )
+    record = bool(pool_record) and wants_grad(x, freq, theta, sigma, psi, alpha)
     opt = _Options(k, stride, padding, dilation, bool(relu), alpha is not None, scale is not None, grid == "legacy",
-                   resolve_allow_tf32(allow_tf32), bool(pool_record) and wants_grad)  # fmt: skip
+                   resolve_allow_tf32(allow_tf32), record)  # fmt: skip
     if alpha is None:
         alpha = torch.ones((), device=x.device, dtype=compute_dtype(x.dtype))
     return GaborConv2dFunction.apply(x, freq, theta, sigma, psi, alpha, scale, shift, geo, opt)
