@@ -35,10 +35,8 @@ from fusionkern.errors import ConfigError, FusionkernError
 from fusionkern.files import write_text_atomic
 from fusionkern.metrics import SUMMARY_KEYS, classification_metrics, summarise
 from fusionkern.models import FIVE_INPUT_MODELS, SINGLE_INPUT_MODELS, build_model, get_preset, save_checkpoint
-
-FIVE_INPUT = tuple(FIVE_INPUT_MODELS.values())
 from fusionkern.models.layers import BACKENDS
-from fusionkern.models.networks import check_backend_available
+from fusionkern.models.networks import check_backend_available, takes_all_branches
 
 
 @dataclass
@@ -139,7 +137,7 @@ def model_inputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     FusionNet and PhysicsNet take all five branches; a single-input model's dataset holds its one branch (N = 1).
     """
-    if not isinstance(model, FIVE_INPUT):
+    if not takes_all_branches(model):
         x = x[:, 0]
     return model.prepare(x)
 
@@ -276,7 +274,7 @@ def train_split(
     prior = {"cement": effective_prior(n_cement, n_landcover, cfg.class_weights), "train_sites": [n_cement, n_landcover],
              "class_weights": list(cfg.class_weights),
              "note": "cement share of the training sites, weighted by the loss's class weights"}  # fmt: skip
-    data = dict(checkpoint_data or {}, branch=None if isinstance(model, FIVE_INPUT) else cfg.branch, prior=prior)
+    data = dict(checkpoint_data or {}, branch=None if takes_all_branches(model) else cfg.branch, prior=prior)
 
     def save_best(epoch: int, val: dict) -> None:
         save_checkpoint(model, best_path, data=data, epoch=epoch, split=index, split_seed=split.seed, val=val,

@@ -75,13 +75,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def _train(args: argparse.Namespace, data: list[str], out: Path, label: str, **verifier: Any) -> dict:
-    """One training run with the demo's settings; ``verifier`` overrides some (model, width, epochs, splits,
-    scaling, class_weights)."""
+def _train(args: argparse.Namespace, data: list[str], out: Path, label: str, **overrides: Any) -> dict:
+    """One training run with the demo's settings; ``overrides`` replaces some (the verifier's model, width, epochs,
+    splits, scaling, class_weights)."""
     from fusionkern.train import TrainConfig, run_training
 
     settings = dict(model="fusionnet", width=args.width, epochs=args.epochs, splits=args.splits, scaling="minmax")
-    settings.update(verifier)
+    settings.update(overrides)
     cfg = TrainConfig(
         data=data, out=str(out), backbone="dgcnn", preset="native", batch_size=32, lr=args.lr, seed=args.seed,
         device=args.device, progress=args.progress, **settings,

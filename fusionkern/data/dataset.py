@@ -124,9 +124,10 @@ def centre_crop(image: np.ndarray, size: int, path: Path) -> np.ndarray:
 class SiteDataset(Dataset):
     """Sites as tensors: item ``i`` is ``(x, y)`` with ``x`` of shape (len(branches), 3, chip_size, chip_size).
 
-    ``x`` is float32 in [0, 1] (``scaling="minmax"``) or in physical units (``"physical"``), branches in the order given (default b10, b11, b7, b6, b76), channels in date
-    order; ``y`` is the class index (0 cement, 1 landcover). With a single branch, e.g. ``branches=("b76",)``,
-    ``x`` is (1, 3, S, S): single-input models squeeze the first axis.
+    ``x`` is float32 in [0, 1] (``scaling="minmax"``) or in physical units (``"physical"``), branches in the order
+    given (default b10, b11, b7, b6, b76), channels in date order; ``y`` is the class index (0 cement, 1
+    landcover). With a single branch, e.g. ``branches=("b76",)``, ``x`` is (1, 3, S, S): single-input models squeeze
+    the first axis.
 
     Args:
         sites: The sites, as read by :func:`~fusionkern.data.layouts.load_sites`.

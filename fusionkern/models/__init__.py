@@ -32,6 +32,6 @@ __all__ = [
     "ALPHAS", "BRANCHES", "CNN5", "DCNN5", "DGCNN", "FIVE_INPUT_MODELS", "GCNN5", "MPCNN5", "PRESETS",
     "SINGLE_INPUT_MODELS",
     "Backbone", "ChannelAttention", "ConvStage", "DilatedAvgBlock", "FusionNet", "GaborConv2d", "MixPool2d",
-    "PhysicsNet", "Preset", "build_model", "count_parameters", "flops_per_site", "gabor_bank", "gabor_grid", "get_preset",
-    "load_checkpoint", "profile", "read_checkpoint", "resize_chips", "save_checkpoint",
+    "PhysicsNet", "Preset", "build_model", "count_parameters", "flops_per_site", "gabor_bank", "gabor_grid",
+    "get_preset", "load_checkpoint", "profile", "read_checkpoint", "resize_chips", "save_checkpoint",
 ]  # fmt: skip

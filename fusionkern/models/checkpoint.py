@@ -28,7 +28,7 @@ from torch import nn
 from fusionkern import BRANCHES
 from fusionkern.errors import CheckpointError
 from fusionkern.files import atomic_output
-from fusionkern.models.networks import FIVE_INPUT_MODELS, MODEL_CLASSES
+from fusionkern.models.networks import MODEL_CLASSES, takes_all_branches
 
 FORMAT = "fusionkern-checkpoint"
 VERSION = 1
@@ -62,7 +62,7 @@ def data_spec(model: nn.Module) -> dict[str, Any]:
         "input_size": preset.input_size,
         "resolution_m": 30.0,
         "scaling": SCALING,
-        "branches": list(BRANCHES) if isinstance(model, tuple(FIVE_INPUT_MODELS.values())) else None,
+        "branches": list(BRANCHES) if takes_all_branches(model) else None,
     }
 
 

@@ -414,6 +414,11 @@ class PhysicsNet(nn.Module):
 FIVE_INPUT_MODELS = {"fusionnet": FusionNet, "physicsnet": PhysicsNet}
 """Models that take all five inputs, (B, 5, 3, H, W), by ``fusionkern train --model`` name."""
 
+
+def takes_all_branches(model: nn.Module) -> bool:
+    """Whether ``model`` takes all five inputs (a :data:`FIVE_INPUT_MODELS` class), not one branch."""
+    return isinstance(model, tuple(FIVE_INPUT_MODELS.values()))
+
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "FusionNet": FusionNet,
     "PhysicsNet": PhysicsNet,

@@ -170,7 +170,7 @@ def load_scan_model(
     data = model.checkpoint["data"]
     if preset is not None and model.preset.name != preset:
         raise CheckpointError(f"{path} holds a FusionNet of the '{model.preset.name}' preset, not '{preset}'")
-    if data.get("scaling") != SCALING and not (verifier and data.get("scaling") == SCALINGS["physical"]):
+    if data.get("scaling") not in ({SCALING, SCALINGS["physical"]} if verifier else {SCALING}):
         hint = ("; use it as a verifier of a min-max checkpoint's candidates (fusionkern scan CHECKPOINT --verify "
                 "PATH, fusionkern calibrate CHECKPOINT --verify PATH)" if data.get("scaling") == SCALINGS["physical"]
                 else "")  # fmt: skip
