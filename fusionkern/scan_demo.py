@@ -324,16 +324,42 @@ INDUSTRY_RATE = 0.08
 """Chance that a look-alike window of :func:`fusionkern.data.synthetic._add_confusers` holds other heavy industry."""
 
 
+WORKS_DRAWS = {
+    "cement_hot": ((5.0, 15.0), (0.5, 1.0)),
+    "cement_cool": ((2.5, 5.0), (0.2, 0.45)),
+    "industry": ((3.0, 9.0), (0.2, 0.7)),
+}
+"""(kiln K, dust) ranges the generator draws uniformly: :func:`fusionkern.data.synthetic._add_plant` (hot, or cool
+with :data:`COOL_SHARE`) and ``_add_other_industry``."""
+
+COOL_SHARE = 0.2
+"""Share of cement plants the generator draws cool, with little dust."""
+
+
 def _works_density(kiln: np.ndarray, dust: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Densities of (kiln K, dust) for cement works and for other heavy industry, as the generator draws them
     (:func:`fusionkern.data.synthetic._add_plant` and ``_add_confusers``)."""
 
-    def box(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-        return ((x >= lo) & (x <= hi)) / (hi - lo)
+    def box(x: np.ndarray, dust_x: np.ndarray, kind: str) -> np.ndarray:
+        ((k0, k1), (d0, d1)) = WORKS_DRAWS[kind]
+        return ((x >= k0) & (x <= k1)) / (k1 - k0) * ((dust_x >= d0) & (dust_x <= d1)) / (d1 - d0)
 
-    cement = 0.8 * box(kiln, 5.0, 15.0) * box(dust, 0.5, 1.0) + 0.2 * box(kiln, 2.5, 5.0) * box(dust, 0.2, 0.45)
-    industry = box(kiln, 3.0, 9.0) * box(dust, 0.2, 0.7)
-    return cement, industry
+    cement = (1.0 - COOL_SHARE) * box(kiln, dust, "cement_hot") + COOL_SHARE * box(kiln, dust, "cement_cool")
+    return cement, box(kiln, dust, "industry")
+
+
+def _draw_works(rng: np.random.Generator, shape: tuple[int, ...], cement: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(kiln K, dust) of ``shape`` works drawn as the generator draws cement plants or other heavy industry."""
+
+    def uniform(kind: str) -> tuple[np.ndarray, np.ndarray]:
+        (k0, k1), (d0, d1) = WORKS_DRAWS[kind]
+        return rng.uniform(k0, k1, shape), rng.uniform(d0, d1, shape)
+
+    if not cement:
+        return uniform("industry")
+    cool = rng.random(shape) < COOL_SHARE
+    (hot_k, hot_d), (cool_k, cool_d) = uniform("cement_hot"), uniform("cement_cool")
+    return np.where(cool, cool_k, hot_k), np.where(cool, cool_d, hot_d)
 
 
 def oracle_score(kiln: np.ndarray, dust: np.ndarray) -> np.ndarray:
@@ -391,3 +417,84 @@ def region_ceiling(truth: str | Path, recall: float = 0.9) -> dict[str, Any]:
     false = int(np.sum(np.asarray(i_scores) >= weakest))
     return {"plants": len(plants), "industry": len(industry), "oracle_precision": need / (need + false),
             "oracle_false": false}  # fmt: skip
+
+
+GOALS = {"recall": 0.9, "precision": 0.8}
+"""The detection goals a region is held to (both at once, at one threshold)."""
+
+
+def meets_goals(found: np.ndarray, false: np.ndarray, plants: int, recall: float = GOALS["recall"],
+                precision: float = GOALS["precision"]) -> np.ndarray:  # fmt: skip
+    """Whether ``found`` of ``plants`` plants and ``false`` false detections meet both goals (elementwise)."""
+    found, false = np.asarray(found), np.asarray(false)
+    need = int(np.ceil(recall * plants - 1e-9))
+    return (found >= max(need, 1)) & (found >= precision * (found + false) - 1e-9)
+
+
+def goal_odds(
+    n_plants: int, n_confusers: int, recall: float = GOALS["recall"], precision: float = GOALS["precision"],
+    regions: int = 20000, seed: int = 0,
+) -> dict[str, float]:
+    """How often the oracle meets both goals on regions drawn as :func:`make_demo_region` draws them: the region
+    level ceiling, where :func:`expected_ceiling` gives the expected precision.
+
+    Each simulated region holds ``n_plants`` plants and, per look-alike window, other heavy industry with chance
+    :data:`INDUSTRY_RATE`, their kiln heat and dust drawn as the generator draws them; the oracle
+    (:func:`oracle_score`) finds a plant or passes a works when its score reaches the threshold. Other look-alikes
+    are taken as rejected, so these odds bound any detector from above.
+
+    Args:
+        n_plants: Plants per region (at least 1).
+        n_confusers: Look-alike windows per region.
+        recall: Recall goal.
+        precision: Precision goal.
+        regions: Regions simulated.
+        seed: Seed of the simulation.
+
+    Returns:
+        ``{"threshold", "odds_fixed", "odds_any", "industry_expected", "regions"}``: the one oracle threshold that
+        meets both goals on the most regions and the share it meets them on, and the share of regions where some
+        threshold of their own would (a bound that no threshold set beforehand reaches).
+
+    Raises:
+        ConfigError: No plants, negative windows or fewer than 100 regions.
+    """
+    if n_plants < 1 or n_confusers < 0 or regions < 100:
+        raise ConfigError(f"goal_odds needs n_plants >= 1, n_confusers >= 0 and regions >= 100, got {n_plants}, "
+                          f"{n_confusers}, {regions}")  # fmt: skip
+    rng = np.random.default_rng(seed)
+    plants = oracle_score(*_draw_works(rng, (regions, n_plants), cement=True))
+    counts = rng.binomial(n_confusers, INDUSTRY_RATE, regions)
+    width = max(int(counts.max()), 1)
+    industry = oracle_score(*_draw_works(rng, (regions, width), cement=False))
+    industry = np.where(np.arange(width) < counts[:, None], industry, -np.inf)
+
+    def meets(thresholds: np.ndarray) -> np.ndarray:
+        """Per region, whether both goals are met at that region's threshold."""
+        t = thresholds[:, None]
+        return meets_goals((plants >= t).sum(1), (industry >= t).sum(1), n_plants, recall, precision)
+
+    candidates = np.unique(np.quantile(plants, np.linspace(0.0, 1.0, 201)))
+    fixed = np.array([meets(np.full(regions, t)).mean() for t in candidates])
+    best = int(np.argmax(fixed))
+    ranked = -np.sort(-plants, axis=1)
+    own = np.zeros(regions, dtype=bool)
+    for kept in range(int(np.ceil(recall * n_plants - 1e-9)), n_plants + 1):
+        own |= meets(ranked[:, max(kept, 1) - 1])
+    return {"threshold": float(candidates[best]), "odds_fixed": float(fixed[best]), "odds_any": float(own.mean()),
+            "industry_expected": n_confusers * INDUSTRY_RATE, "regions": regions}  # fmt: skip
+
+
+def region_meets_goals(truth: str | Path, threshold: float) -> dict[str, Any]:
+    """The oracle at one fixed ``threshold`` (e.g. :func:`goal_odds`'s) on one written region's own draws.
+
+    Returns:
+        ``{"plants", "found", "false", "meets"}``.
+    """
+    features = json.loads(Path(truth).read_text(encoding="utf-8"))["features"]
+    plants = [f["properties"] for f in features if f["properties"]["kind"] == "cement"]
+    industry = [f["properties"] for f in features if f["properties"].get("industry")]
+    found = int(np.sum(oracle_score([p["kiln_k"] for p in plants], [p["dust"] for p in plants]) >= threshold))
+    false = int(np.sum(oracle_score([i["kiln_k"] for i in industry], [i["dust"] for i in industry]) >= threshold))
+    return {"plants": len(plants), "found": found, "false": false,
+            "meets": bool(meets_goals(found, false, len(plants)))}  # fmt: skip

@@ -25,7 +25,10 @@ from fusionkern.scan import decide
 from fusionkern.scan.calibrate import pick_threshold
 from fusionkern.scan.grid import ChipLayout
 from fusionkern.scan.outputs import group_sites
-from fusionkern.scan_demo import expected_ceiling, make_demo_region, oracle_score, region_ceiling
+from fusionkern.scan_demo import (
+    WORKS_DRAWS, expected_ceiling, goal_odds, make_demo_region, meets_goals, oracle_score, region_ceiling,
+    region_meets_goals,
+)
 
 REGION_PX, CHIP = 320, 35
 
@@ -710,6 +713,62 @@ def test_oracle_ceiling_from_the_generator(region):
     assert 0.2 < ceiling["industry_pass_rate"] < 0.25 and 0.9 < ceiling["precision"] < 0.97
     assert expected_ceiling(12, 96)["precision"] < ceiling["precision"]
     assert region_ceiling(region.manifest.parent / "truth.geojson")["plants"] == len(plants)
+
+
+def test_works_draws_follow_the_generator():
+    from fusionkern.data import synthetic
+
+    rng = np.random.default_rng(5)
+    drawn = {"cement": [], "industry": []}
+    for _ in range(300):
+        for kind, add in (("cement", synthetic._add_plant), ("industry", synthetic._add_other_industry)):
+            surface = synthetic._Surface(*(np.zeros((1, 24, 24)) for _ in range(5)), works=[])
+            add(rng, 24, np.array([11.5, 11.5]), surface)
+            drawn[kind].append(surface.works[0])
+    (k0, k1), (d0, d1) = WORKS_DRAWS["industry"]
+    kiln, dust = np.array(drawn["industry"]).T
+    assert k0 <= kiln.min() < k0 + 0.2 and k1 - 0.2 < kiln.max() <= k1 and d0 <= dust.min() and dust.max() <= d1
+    kiln, dust = np.array(drawn["cement"]).T
+    cool = kiln < WORKS_DRAWS["cement_hot"][0][0]
+    for kind, mask in (("cement_cool", cool), ("cement_hot", ~cool)):
+        (k0, k1), (d0, d1) = WORKS_DRAWS[kind]
+        assert np.all((kiln[mask] >= k0) & (kiln[mask] <= k1) & (dust[mask] >= d0) & (dust[mask] <= d1)), kind
+    assert 0.12 < cool.mean() < 0.28
+
+
+def test_goals_by_hand():
+    # 12 plants: 11 found is 92 % recall; 11 of 14 detections is 79 % precision, 12 of 15 is 80 %
+    found, false = np.array([12, 11, 11, 12, 10, 0]), np.array([3, 2, 3, 4, 0, 0])
+    assert meets_goals(found, false, 12).tolist() == [True, True, False, False, False, False]
+    assert meets_goals(1, 0, 1) and not meets_goals(0, 0, 1)
+
+
+def test_goal_odds_fall_with_look_alike_density():
+    free = goal_odds(12, 0, regions=500)
+    assert free["odds_fixed"] == 1.0 and free["odds_any"] == 1.0  # nothing to pass: keep every plant
+    sparse, dense = goal_odds(12, 16, regions=2000), goal_odds(12, 96, regions=2000)
+    assert dense["odds_fixed"] < sparse["odds_fixed"] and dense["odds_any"] < sparse["odds_any"]
+    for odds in (sparse, dense):
+        assert odds["odds_fixed"] <= odds["odds_any"]  # a threshold set beforehand never beats each region's own
+    assert 0.5 < dense["odds_fixed"] < 0.7 and dense["industry_expected"] == pytest.approx(96 * 0.08)
+    assert goal_odds(12, 96, regions=2000, seed=3) != dense  # drawn, not a fixed answer
+    with pytest.raises(ConfigError, match="n_plants"):
+        goal_odds(0, 32)
+
+
+def test_region_meets_goals_counts_its_own_draws(tmp_path):
+    features = [{"type": "Feature", "geometry": None, "properties": props} for props in (
+        [{"kind": "cement", "kiln_k": 12.0, "dust": 0.9}] * 4
+        + [{"kind": "cement", "kiln_k": 3.0, "dust": 0.3}]  # cool plant: scores below a hot one
+        + [{"kind": "lookalike", "industry": True, "kiln_k": 8.0, "dust": 0.65},
+           {"kind": "lookalike", "industry": True, "kiln_k": 4.0, "dust": 0.6}])]  # fmt: skip
+    truth = tmp_path / "truth.geojson"
+    truth.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    cool, overlap = float(oracle_score(3.0, 0.3)), float(oracle_score(8.0, 0.65))
+    assert oracle_score(4.0, 0.6) < 1e-6 and overlap < cool  # the second works lies outside cement's draws
+    assert region_meets_goals(truth, cool + 1e-9) == {"plants": 5, "found": 4, "false": 0, "meets": False}
+    assert region_meets_goals(truth, cool) == {"plants": 5, "found": 5, "false": 0, "meets": True}
+    assert region_meets_goals(truth, overlap) == {"plants": 5, "found": 5, "false": 1, "meets": True}
 
 
 def test_candidates_reach_below_every_plant_within_a_cap():
