@@ -434,6 +434,7 @@ def meets_goals(found: np.ndarray, false: np.ndarray, plants: int, recall: float
 def goal_odds(
     n_plants: int, n_confusers: int, recall: float = GOALS["recall"], precision: float = GOALS["precision"],
     regions: int = 20000, seed: int = 0,
+    scorer: Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray] | None = None,
 ) -> dict[str, float]:
     """How often the oracle meets both goals on regions drawn as :func:`make_demo_region` draws them: the region
     level ceiling, where :func:`expected_ceiling` gives the expected precision.
@@ -450,6 +451,8 @@ def goal_odds(
         precision: Precision goal.
         regions: Regions simulated.
         seed: Seed of the simulation.
+        scorer: ``scorer(kiln, dust, rng)`` scores works from their drawn kiln heat and dust instead of the
+            oracle, e.g. an oracle that measures them with noise (None: :func:`oracle_score`).
 
     Returns:
         ``{"threshold", "odds_fixed", "odds_any", "industry_expected", "regions"}``: the one oracle threshold that
@@ -463,10 +466,11 @@ def goal_odds(
         raise ConfigError(f"goal_odds needs n_plants >= 1, n_confusers >= 0 and regions >= 100, got {n_plants}, "
                           f"{n_confusers}, {regions}")  # fmt: skip
     rng = np.random.default_rng(seed)
-    plants = oracle_score(*_draw_works(rng, (regions, n_plants), cement=True))
+    score = scorer or (lambda kiln, dust, _: oracle_score(kiln, dust))
+    plants = score(*_draw_works(rng, (regions, n_plants), cement=True), rng)
     counts = rng.binomial(n_confusers, INDUSTRY_RATE, regions)
     width = max(int(counts.max()), 1)
-    industry = oracle_score(*_draw_works(rng, (regions, width), cement=False))
+    industry = score(*_draw_works(rng, (regions, width), cement=False), rng)
     industry = np.where(np.arange(width) < counts[:, None], industry, -np.inf)
 
     def meets(thresholds: np.ndarray) -> np.ndarray:

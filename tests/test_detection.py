@@ -752,6 +752,8 @@ def test_goal_odds_fall_with_look_alike_density():
         assert odds["odds_fixed"] <= odds["odds_any"]  # a threshold set beforehand never beats each region's own
     assert 0.5 < dense["odds_fixed"] < 0.7 and dense["industry_expected"] == pytest.approx(96 * 0.08)
     assert goal_odds(12, 96, regions=2000, seed=3) != dense  # drawn, not a fixed answer
+    blind = goal_odds(12, 64, regions=2000, scorer=lambda kiln, dust, rng: rng.random(np.shape(kiln)))
+    assert blind["odds_fixed"] < goal_odds(12, 64, regions=2000)["odds_fixed"]  # a scorer that sees nothing does worse
     with pytest.raises(ConfigError, match="n_plants"):
         goal_odds(0, 32)
 
