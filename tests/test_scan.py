@@ -571,6 +571,9 @@ def test_scan_demo_reports_recall_and_precision(checkpoint, tmp_path):
     assert summary["region"]["plants"] == 2 and summary["scan"]["scored"] > 0
     assert set(summary["match"]) >= {"recall", "precision", "plants_found", "detections"}
     assert (tmp_path / "scan" / "scan.json").is_file() and (tmp_path / "region" / "truth.geojson").is_file()
+    # the generator's oracle on the same region, and how often regions of this kind meet both goals
+    oracle = summary["oracle"]
+    assert oracle["plants"] == oracle["found"] == 2 and 0.5 < oracle["goal_odds"] <= 1  # 2 of 2 needed: keeps all
 
 
 def test_benchmark_helpers_time_each_stage(tmp_path):
