@@ -96,6 +96,7 @@ class LaunchFigures:
     shared: int  # bytes of shared memory per block
     wgmma: int  # wgmma.mma_async instructions in the PTX
     mma: int  # mma.sync instructions in the PTX
+    cp_async: int  # async global-to-shared copies in the PTX (cp.async, TMA cp.async.bulk): pipelined loads
     has_dot: bool  # the kernel contains a tl.dot (so tensor cores are expected for tf32/bf16)
     occupancy: float  # resident warps / 64 on an H100 SM
     waves: float  # programs / (132 SMs x resident blocks per SM), for the largest grid of this config
@@ -315,7 +316,8 @@ def figures(launch: Launch, index: int, compiled, log: str) -> LaunchFigures:
         config=f"{meta} w{config['num_warps']} s{config['num_stages']}".strip(), num_warps=config["num_warps"],
         registers=int(regs.group(1)), spill_stores=int(spill.group(2)), spill_loads=int(spill.group(3)),
         stack=int(spill.group(1)), shared=shared, wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
-        mma=len(re.findall(r"\bmma\.sync", ptx)), has_dot="tt.dot" in ttgir or "ttng.warp_group_dot" in ttgir,
+        mma=len(re.findall(r"\bmma\.sync", ptx)), cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)", ptx)),
+        has_dot="tt.dot" in ttgir or "ttng.warp_group_dot" in ttgir,
         occupancy=occ, waves=waves, where=launch.where,
     )  # fmt: skip
 
@@ -411,13 +413,13 @@ def compile_launches(
 def markdown_table(results: Sequence[LaunchFigures]) -> str:
     """One row per compiled kernel and config, sorted by kernel, layer and config."""
     head = ("| kernel | layer | dtype | dot | config | regs | spill st/ld (B) | smem (KiB) | occupancy | waves | "
-            "wgmma | mma |\n|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+            "wgmma | mma | cp.async |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     rows = []
     for r in sorted(results, key=lambda r: (r.kernel, r.layer, r.dtype, r.precision, r.config)):
         rows.append(
             f"| {r.kernel} | {r.layer} | {r.dtype} | {r.precision} | {r.config} | {r.registers} | "
             f"{r.spill_stores}/{r.spill_loads} | {r.shared / 1024:.0f} | {r.occupancy:.1%} | {r.waves:.2f} | "
-            f"{r.wgmma} | {r.mma} |"
+            f"{r.wgmma} | {r.mma} | {r.cp_async} |"
         )
     return "\n".join([head, *rows])
 
