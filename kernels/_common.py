@@ -267,6 +267,12 @@ def resolve_allow_tf32(allow_tf32: bool | None) -> bool:
     return allow_tf32
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-D ``t`` is channels-last (NHWC) and not also contiguous as NCHW (one channel or one pixel): its
+    channels lie side by side in memory. The kernels then write their outputs channels-last as well."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def wants_grad(*tensors: Any) -> bool:
     """Whether a call's backward can run: grad mode on and one of ``tensors`` (None allowed) requires grad. The
     caller decides it, outside ``autograd.Function.forward``, where grad mode always reads as off."""
@@ -548,7 +554,8 @@ def prune_block_configs(
     """Keep the configs of the layer's kind (:data:`GPU_POOLED_CONV_CONFIGS` when ``POOL``, else
     :data:`GPU_PLAIN_CONV_CONFIGS`), with the running Triton's :data:`TRITON_CONFIG_EXCEPTIONS` for ``kernel`` at the
     call's dtype (``x_ptr``) and ``DOT_PRECISION`` applied, then drop those whose channel or reduction tile exceeds
-    the problem padded to a power of two (min 16); never empty (the kind's smallest tile stays)."""
+    the problem padded to a power of two (min 16; with ``CHANNELS_INNER`` the reduction tile spans input channels
+    only); never empty (the kind's smallest tile stays)."""
     args = {**named_args, **kwargs}
     family = GPU_POOLED_CONV_CONFIGS if args.get("POOL", True) else GPU_PLAIN_CONV_CONFIGS
     x = args.get("x_ptr")
@@ -556,7 +563,7 @@ def prune_block_configs(
         family = apply_config_exceptions(kernel, family, x.dtype, args.get("DOT_PRECISION", "ieee"))
     mine = [c for c in configs if _config_dict(c) in family] or list(configs)
     co = pow2_block(args["CO"], hi=1 << 30)
-    r = pow2_block(args["CI"] * args["K"] ** 2, hi=1 << 30)
+    r = pow2_block(args["CI"] * (1 if args.get("CHANNELS_INNER") else args["K"] ** 2), hi=1 << 30)
     kept = [c for c in mine if c.kwargs["BLOCK_CO"] <= co and c.kwargs["BLOCK_R"] <= r]
     return kept or ([c for c in mine if _config_dict(c) == family[-1]] or mine)[:1]
 

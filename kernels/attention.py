@@ -32,7 +32,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._common import SUPPORTED_DTYPES, check_device, check_int32_indexable, compute_dtype, unsupported
+from ._common import (
+    SUPPORTED_DTYPES, check_device, check_int32_indexable, compute_dtype, is_channels_last, unsupported,
+)
 
 __all__ = [
     "ChannelAttentionFunction",
@@ -252,8 +254,7 @@ def _tiles(c: int, hw: int) -> tuple[int, int, int]:
 
 def _like(f: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An empty tensor shaped like ``f`` in its memory format (NCHW or channels-last), in ``dtype`` or f's."""
-    channels_last = not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(f) else torch.contiguous_format
     return torch.empty(f.shape, device=f.device, dtype=dtype or f.dtype, memory_format=fmt)
 
 

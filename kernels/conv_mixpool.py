@@ -49,6 +49,7 @@ from fusionkern.kernels._common import (
     conv_geometry,
     dot_precision,
     group_alpha,
+    is_channels_last,
     pool_record_backward,
     resolve_allow_tf32,
     square_int,
@@ -85,7 +86,7 @@ def _conv_windows(
     conv_stride,  # convolution stride (square)
     padding,  # zero padding (square)
     dilation,  # dilation (square)
-    r_begin,  # first reduction index (ci, kh, kw) of this program's share
+    r_begin,  # first reduction index (ci, kh, kw) of this program's share; CHANNELS_INNER: first step
     r_end,  # one past its last
     K: tl.constexpr,  # kernel size (square)
     HAS_BIAS: tl.constexpr,  # add bias_ptr
@@ -94,10 +95,16 @@ def _conv_windows(
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
     BLOCK_P: tl.constexpr,  # output pixels per program
     BLOCK_CO: tl.constexpr,  # output channels per program
-    BLOCK_R: tl.constexpr,  # reduction chunk over (ci, kh, kw)
+    BLOCK_R: tl.constexpr,  # reduction chunk over (ci, kh, kw); CHANNELS_INNER: over ci at one tap
+    CHANNELS_INNER: tl.constexpr,  # steps over (tap, chunk of BLOCK_R input channels), see below
 ):
     """``z = conv2d(x, w) + bias`` at the four window positions of a program's tile (shared by the forward and
-    the recomputing backward kernel), with the tile's coordinates."""
+    the recomputing backward kernel), with the tile's coordinates.
+
+    The reduction runs over ``r = (ci, kh, kw)`` flattened, or with ``CHANNELS_INNER`` over steps ``(kh, kw,
+    ci-chunk)``: each step loads BLOCK_R consecutive input channels at one tap, contiguous runs in channels-last
+    (NHWC) ``x`` and weights (``stride_xc == stride_wi == 1``), which 16-bit inputs need for pipelined (cp.async)
+    loads; the step range ``[r_begin, r_end)`` then counts steps, ``K * K * cdiv(CI, BLOCK_R)`` in all."""
     p_mask, b, ph, pw, oh, ow, ih, iw, row_off = _window_pixels(
         pid_p, B, PH, PW, conv_stride, padding, stride_xb, stride_xh, stride_xw, POOL, BLOCK_P
     )
@@ -110,19 +117,36 @@ def _conv_windows(
         acc = tl.zeros((4 * BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
     else:
         acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    for r0 in range(r_begin, r_end, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < r_end
-        ci = offs_r // (K * K)
-        kh = (offs_r % (K * K)) // K
-        kw = offs_r % K
-        dh = kh * dilation
-        dw = kw * dilation
-        col_off = ci * stride_xc + dh * stride_xh + dw * stride_xw
-        w_off = (ci * stride_wi + kh * stride_wh + kw * stride_ww)[:, None] + (offs_co * stride_wo)[None, :]
-        w = tl.load(w_ptr + w_off, mask=r_mask[:, None] & co_mask[None, :], other=0.0)
-        xt = _x_tile(x_ptr, m_off, col_off, m_ih, m_iw, dh, dw, H, W, m_valid, r_mask)
-        acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)  # every window position in one dot
+    if CHANNELS_INNER:
+        chunks = tl.cdiv(CI, BLOCK_R)
+        for step in range(r_begin, r_end):
+            tap = step // chunks
+            ci = (step % chunks) * BLOCK_R + tl.arange(0, BLOCK_R)
+            c_mask = ci < CI
+            kh = tap // K
+            kw = tap % K
+            h = m_ih + kh * dilation
+            w_in = m_iw + kw * dilation
+            row_ok = m_valid & (h >= 0) & (h < H) & (w_in >= 0) & (w_in < W)
+            x_off = (m_off + kh * dilation * stride_xh + kw * dilation * stride_xw)[:, None] + ci[None, :] * stride_xc
+            xt = tl.load(x_ptr + x_off, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
+            w_off = (kh * stride_wh + kw * stride_ww + ci * stride_wi)[:, None] + (offs_co * stride_wo)[None, :]
+            w = tl.load(w_ptr + w_off, mask=c_mask[:, None] & co_mask[None, :], other=0.0)
+            acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
+    else:
+        for r0 in range(r_begin, r_end, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < r_end
+            ci = offs_r // (K * K)
+            kh = (offs_r % (K * K)) // K
+            kw = offs_r % K
+            dh = kh * dilation
+            dw = kw * dilation
+            col_off = ci * stride_xc + dh * stride_xh + dw * stride_xw
+            w_off = (ci * stride_wi + kh * stride_wh + kw * stride_ww)[:, None] + (offs_co * stride_wo)[None, :]
+            w = tl.load(w_ptr + w_off, mask=r_mask[:, None] & co_mask[None, :], other=0.0)
+            xt = _x_tile(x_ptr, m_off, col_off, m_ih, m_iw, dh, dw, H, W, m_valid, r_mask)
+            acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)  # every window position in one dot
     acc00, acc01, acc10, acc11 = _split_windows(acc, POOL, BLOCK_P, BLOCK_CO)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)[None, :]
@@ -180,7 +204,8 @@ def _conv_mixpool_fwd_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
     BLOCK_P: tl.constexpr,  # output pixels per program
     BLOCK_CO: tl.constexpr,  # output channels per program
-    BLOCK_R: tl.constexpr,  # reduction chunk over (ci, kh, kw)
+    BLOCK_R: tl.constexpr,  # reduction chunk over (ci, kh, kw), or over ci at one tap (CHANNELS_INNER)
+    CHANNELS_INNER: tl.constexpr,  # reduce over (kh, kw, ci-chunk) steps: channels-last x and weight
 ):
     """``y = bn(mixpool(relu(conv2d(x, w) + bias)))``, every stage after the conv optional.
 
@@ -199,13 +224,18 @@ def _conv_mixpool_fwd_kernel(
     w_ptr += pid_g * CO * stride_wo
     bias_ptr += pid_g * CO
     out_ptr += pid_s * stride_os
-    R = CI * K * K
-    share = tl.cdiv(tl.cdiv(R, BLOCK_R), SPLIT_K) * BLOCK_R  # whole chunks per split
+    if CHANNELS_INNER:
+        R = K * K * tl.cdiv(CI, BLOCK_R)  # steps of BLOCK_R channels at one tap
+        share = tl.cdiv(R, SPLIT_K)
+    else:
+        R = CI * K * K
+        share = tl.cdiv(tl.cdiv(R, BLOCK_R), SPLIT_K) * BLOCK_R  # whole chunks per split
     r_begin = pid_s * share
     acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow = _conv_windows(
         x_ptr, w_ptr, bias_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, PH, PW, stride_xb, stride_xc, stride_xh,
         stride_xw, stride_wo, stride_wi, stride_wh, stride_ww, conv_stride, padding, dilation, r_begin,
         tl.minimum(R, r_begin + share), K, HAS_BIAS, POOL, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_R,
+        CHANNELS_INNER,
     )  # fmt: skip
     co_all = pid_g * CO + offs_co  # the group's output channels as indices of the whole (B, G * CO, ...) output
     y = _conv_fwd_epilogue(acc00, acc01, acc10, acc11, co_all, co_mask, alpha_ptr + pid_g, scale_ptr, shift_ptr,
@@ -285,7 +315,7 @@ def _conv_mixpool_bwd_kernel(
     acc00, acc01, acc10, acc11, offs_co, co_mask, p_mask, b, ph, pw, oh, ow = _conv_windows(
         x_ptr, w_ptr, bias_ptr, pid_p, tl.program_id(1), B, CI, H, W, CO, PH, PW, stride_xb, stride_xc, stride_xh,
         stride_xw, stride_wo, stride_wi, stride_wh, stride_ww, conv_stride, padding, dilation, 0, CI * K * K, K,
-        HAS_BIAS, POOL, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_R,
+        HAS_BIAS, POOL, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_R, False,
     )  # fmt: skip
     # the group's output channels as indices of the whole (B, G * CO, ...) tensors
     co_all = pid_g * CO + offs_co
@@ -308,7 +338,7 @@ def _conv_mixpool_bwd_kernel(
         tl.store(bias_part_ptr + pid_p * (G * CO) + co_all, d_sum, mask=co_mask)
 
 
-_conv_mixpool_fwd = conv_autotune(_conv_mixpool_fwd_kernel, [*_AUTOTUNE_KEY, "SPLIT_K"])
+_conv_mixpool_fwd = conv_autotune(_conv_mixpool_fwd_kernel, [*_AUTOTUNE_KEY, "SPLIT_K", "CHANNELS_INNER"])
 _conv_mixpool_bwd = conv_autotune(
     _conv_mixpool_bwd_kernel, _AUTOTUNE_KEY, reset_to_zero=["alpha_part_ptr", "bias_part_ptr"]
 )
@@ -352,12 +382,22 @@ def split_k(geo: ConvGeometry, device: torch.device, record: bool) -> int:
     return s
 
 
+def _layout(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, bool, torch.memory_format]:
+    """The weight as the forward kernel reads it, its CHANNELS_INNER flag and the output's memory format: with a
+    channels-last ``x`` the weight goes channels-last too (input channels contiguous at each tap) and the output is
+    written channels-last, so the next layer reads NHWC as well."""
+    if not is_channels_last(x):
+        return weight, False, torch.contiguous_format
+    return weight.contiguous(memory_format=torch.channels_last), True, torch.channels_last
+
+
 def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options, record: bool = False):
     """``(out, code, gap)``: the layer's output and, with ``record``, the backward's record (else ``None``s)."""
     splits = split_k(geo, x.device, record)
     if splits > 1 and math.prod(geo.out_shape):  # never with a record
         return _launch_split_forward(x, weight, bias, alpha, scale, shift, geo, opt, splits), None, None
-    out = torch.empty(geo.out_shape, device=x.device, dtype=x.dtype)
+    weight, inner, out_format = _layout(x, weight)
+    out = torch.empty(geo.out_shape, device=x.device, dtype=x.dtype, memory_format=out_format)
     code = gap = None
     if record:
         code = torch.empty(geo.out_shape, device=x.device, dtype=torch.uint8)
@@ -373,7 +413,7 @@ def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt
         *x.stride(), *weight.stride(), 0, *out.stride(),
         geo.stride, geo.padding, geo.dilation,
         K=geo.K, HAS_BIAS=opt.has_bias, RELU=opt.relu, POOL=opt.pool, BN=opt.bn, RECORD=record,
-        ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
+        ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32), CHANNELS_INNER=inner,
     )  # fmt: skip
     return out, code, gap
 
@@ -381,6 +421,7 @@ def _launch_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt
 def _launch_split_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometry, opt: _Options, splits: int):
     """An unpooled layer with its reduction shared by ``splits`` programs per tile: each writes its raw partial sums
     (accumulation dtype), then bias, ReLU and the affine run on their sum."""
+    weight, inner, out_format = _layout(x, weight)
     cdtype = compute_dtype(x.dtype)
     parts = torch.empty((splits, *geo.out_shape), device=x.device, dtype=cdtype)
     check_int32_indexable("split partial sums", parts)
@@ -396,7 +437,7 @@ def _launch_split_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometr
         *x.stride(), *weight.stride(), parts.stride(0), *parts[0].stride(),
         geo.stride, geo.padding, geo.dilation,
         K=geo.K, HAS_BIAS=False, RELU=False, POOL=False, BN=False, RECORD=False,
-        ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32),
+        ACC_DTYPE=tl_acc_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype, opt.allow_tf32), CHANNELS_INNER=inner,
     )  # fmt: skip
     z = parts.sum(0)
     if bias is not None:
@@ -405,7 +446,7 @@ def _launch_split_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometr
         z.clamp_(min=0)
     if scale is not None:
         z = z * scale.to(cdtype).view(1, -1, 1, 1) + shift.to(cdtype).view(1, -1, 1, 1)
-    return z.to(x.dtype)
+    return z.to(x.dtype).contiguous(memory_format=out_format)
 
 
 def _launch_backward(x, weight, bias, alpha, scale, grad_out, geo: ConvGeometry, opt: _Options):

@@ -61,6 +61,7 @@ from ._common import (
     compute_dtype,
     dot_precision,
     fold_bn,
+    is_channels_last,
     resolve_allow_tf32,
     unsupported,
 )
@@ -418,8 +419,7 @@ def dilated_conv_forward(
         taps = taps.unsqueeze(0)
     groups, t_count, c_in, c_out = taps.shape
     bsz, _, h, w = x.shape
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     y = torch.empty((bsz, groups * c_out, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)
     m = bsz * h * w
     if y.numel() == 0:

@@ -57,6 +57,7 @@ from fusionkern.kernels._common import (
     conv_geometry,
     dot_precision,
     group_alpha,
+    is_channels_last,
     pool_record_backward,
     pow2_block,
     resolve_allow_tf32,
@@ -453,8 +454,10 @@ def _launch_forward(
     x: torch.Tensor, params: torch.Tensor, taps: torch.Tensor, alpha: torch.Tensor, scale, shift, geo: ConvGeometry,
     opt: _Options, record: bool = False,
 ):  # fmt: skip
-    """``(out, code, gap)``: the layer's output and, with ``record``, the backward's record (else ``None``s)."""
-    out = torch.empty(geo.out_shape, device=x.device, dtype=x.dtype)
+    """``(out, code, gap)``: the layer's output and, with ``record``, the backward's record (else ``None``s). A
+    channels-last ``x`` gets a channels-last output, so the next layer reads NHWC too."""
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    out = torch.empty(geo.out_shape, device=x.device, dtype=x.dtype, memory_format=fmt)
     code = gap = None
     if record:
         code = torch.empty(geo.out_shape, device=x.device, dtype=torch.uint8)

@@ -37,11 +37,11 @@ def _perturb_batchnorm(model: torch.nn.Module, gen: torch.Generator) -> None:
                 m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
 
 
-def _pair(model: torch.nn.Module):
+def _pair(model: torch.nn.Module, channels_last: bool = False):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     _perturb_batchnorm(model, gen)
     ref = model.to(DEVICE, DTYPE)
-    fused = copy.deepcopy(ref).to_backend("triton")
+    fused = copy.deepcopy(ref).to_backend("triton", channels_last=channels_last)
     return ref, fused, gen
 
 
@@ -54,14 +54,31 @@ def _assert_grads_close(ref: torch.nn.Module, fused: torch.nn.Module) -> None:
             torch.testing.assert_close(q.grad, p.grad, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_fusionnet_on_kernels_matches_reference(mode):
-    ref, fused, gen = _pair(FusionNet(preset="native", width=0.125))  # channels not a multiple of the block
+def test_fusionnet_on_kernels_matches_reference(mode, layout, monkeypatch):
+    from fusionkern.kernels import conv_mixpool
+
+    launched = []  # CHANNELS_INNER of every fused convolution launch
+    real = conv_mixpool._conv_mixpool_fwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["CHANNELS_INNER"])
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(conv_mixpool, "_conv_mixpool_fwd", Spy())
+    # channels not a multiple of the block; NHWC: the activations channels-last from the first layer on
+    ref, fused, gen = _pair(FusionNet(preset="native", width=0.125), channels_last=layout == "nhwc")
     ref.train(mode == "train")
     fused.train(mode == "train")
     x = torch.rand(2, 5, 3, 33, 33, generator=gen, dtype=DTYPE).to(DEVICE)  # odd size, above the 32 px minimum
     y_ref, y_fused = ref(x), fused(x)
     torch.testing.assert_close(y_fused, y_ref, atol=ATOL, rtol=RTOL)
+    assert launched and (any(launched) if layout == "nhwc" else not any(launched))
     g = torch.randn(y_ref.shape, generator=gen, dtype=DTYPE).to(DEVICE)
     y_ref.backward(g)
     y_fused.backward(g)

@@ -7,6 +7,7 @@ that the check cannot rot between visits to a GPU machine (``make test`` also ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -113,9 +114,13 @@ def test_units_cover_every_config_the_launchers_can_pick(native_cases):
     assert [c.path for c in native_cases][:2] == ["branches.b10.stages.0", "branches.b10.stages.1"]  # one branch
     units = corr.make_units(native_cases)
     for case in native_cases:
-        mine = [u for u in units if u.case == case]
+        mine = [u for u in units if u.case == case and u.layout == "nchw"]
         if case.kind in corr.AUTOTUNERS:
             assert sorted(u.config for u in mine) == sorted(corr.pickable_configs(case))
+        nhwc = [u.config for u in units if u.case == case and u.layout == "nhwc"]
+        assert sorted(nhwc) == (sorted(corr.pickable_configs(case)) if case.kind == "conv" else [])
+    first_nhwc = next(i for i, u in enumerate(units) if u.layout == "nhwc")
+    assert all(u.layout == "nhwc" for u in units[first_nhwc:])  # after every default-layout unit
     gabor = next(c for c in native_cases if c.kind == "gabor")
     assert corr.pickable_configs(gabor) == ["P16-CO32-R16-w4-s3"]  # 3 -> 32 channels, 27 taps: one tile fits
     dilated = [u for u in units if u.case.kind == "dilated"]
@@ -145,9 +150,12 @@ def _tiny_unit(kind: str, batch: int = 2) -> corr.Unit:
     return corr.Unit(f"tiny {kind}", case, batch, config=label, pick=None if label else "launcher")
 
 
-@pytest.mark.parametrize("kind", ["gabor", "conv", "dilated", "attention"])
+@pytest.mark.parametrize("kind", ["gabor", "conv", "dilated", "attention", "conv-nhwc"])
 def test_unit_matches_the_reference_on_the_interpreter(kind):
-    rows = corr.run_unit(_tiny_unit(kind), torch.device("cpu"))
+    kind, _, layout = kind.partition("-")
+    unit = _tiny_unit(kind)
+    unit = dataclasses.replace(unit, layout=layout) if layout else unit
+    rows = corr.run_unit(unit, torch.device("cpu"))
     assert {(r["precision"], r["mode"]) for r in rows} == {
         (p, m) for p in ("fp32-ieee", "fp32-torch-defaults") for m in ("train", "eval")
     }  # bf16 is a GPU-only comparison (the interpreter's bf16 dot is wrong)

@@ -325,6 +325,67 @@ def test_channels_last_input(op):
     (check_gabor if op == "gabor" else check_conv)(CASES["batch 1"], channels_last=True)
 
 
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_channels_last_conv_reduces_over_channel_runs(case, monkeypatch):
+    """A channels-last input takes the (tap, channel chunk) reduction on a channels-last weight and writes a
+    channels-last output; forward and every gradient match the reference on each case (odd sizes, batch 1, channels
+    off the block, stride, dilation, no padding, kernel 1)."""
+    spy = LaunchSpy(conv_mixpool._conv_mixpool_fwd)
+    monkeypatch.setattr(conv_mixpool, "_conv_mixpool_fwd", spy)
+    check_conv(CASES[case], channels_last=True, seed=11)
+    c = CASES[case]
+    assert spy.calls[0]["CHANNELS_INNER"] == (c.CI > 1 and c.H * c.W > 1)  # else NHWC is NCHW too
+    x = torch.randn(c.B, c.CI, c.H, c.W, device=DEVICE).to(memory_format=torch.channels_last)
+    w = torch.randn(c.CO, c.CI, c.k, c.k, device=DEVICE)
+    with torch.no_grad():
+        y = conv2d_mixpool(x, w, None, 0.5, stride=c.stride, padding=c.padding, dilation=c.dilation)
+    if spy.calls[-1]["CHANNELS_INNER"] and y.shape[2] * y.shape[3] > 1 and y.shape[1] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gabor_output_keeps_the_input_layout(channels_last):
+    """The first layer writes what the next reads: a channels-last input gets a channels-last output."""
+    x = torch.randn(2, 3, 9, 9, device=DEVICE)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    with torch.no_grad():
+        y = gabor_conv2d(x, *[p.to(DEVICE) for p in gabor_params(6, 3, 3)], 3, 1, 1, relu=True, pool_alpha=0.5)
+    assert y.shape == (2, 6, 4, 4) and y.is_contiguous() != channels_last
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["record", "recompute"])
+@pytest.mark.parametrize("mode", [dict(alpha=0.7, bn=True), dict(alpha=None, relu=True), dict(alpha=1.4)],
+                         ids=["pool-bn", "relu", "alpha-out-of-range"])  # fmt: skip
+def test_channels_last_epilogues(mode, record):
+    check_conv(Case(2, 20, 9, 7, 9), channels_last=True, record=record, seed=5, **mode)  # 20 channels: 2 chunks of 16
+
+
+def test_channels_last_groups_and_split_k(monkeypatch):
+    """Grouped (the five branches) and split-K launches on channels-last inputs: each group's channels are one
+    contiguous run; the split shares the (tap, chunk) steps. Forward and gradients against the reference."""
+    torch.manual_seed(9)
+    G, B, CI, CO, H, W = 3, 2, 19, 7, 5, 6
+    x = torch.randn(B, G * CI, H, W).to(memory_format=torch.channels_last)
+    w = torch.randn(G * CO, CI, 3, 3) * 0.2
+    b = torch.randn(G * CO)
+    for splits in (1, 2, 5):
+        monkeypatch.setattr(conv_mixpool, "split_k", lambda geo, device, record, s=splits: s)
+        for alpha in ((None,) if splits > 1 else (None, torch.rand(G))):
+            xk, wk, bk, xr, wr, br = leaf(x), leaf(w), leaf(b), leaf(x), leaf(w), leaf(b)
+            y = conv2d_mixpool(xk, wk, bk, alpha, groups=G, allow_tf32=False)
+            with cudnn_fp32_precision(False):
+                ref = F.relu(F.conv2d(xr, wr, br, padding=1, groups=G))
+                ref = ref if alpha is None else group_mixpool_ref(ref, alpha.to(DEVICE), G)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            assert_match(f"output ({splits} splits)", y, ref, 1e-5, 1e-4)
+            go = torch.randn_like(ref)
+            with cudnn_fp32_precision(False):
+                gr = grads_of(ref, [xr, wr, br], go)
+            for name, a, e in zip(["x", "weight", "bias"], grads_of(y, [xk, wk, bk], go), gr):
+                assert_match(f"grad {name} ({splits} splits)", a, e, 1e-5, 1e-4, scaled=name != "x")
+
+
 @pytest.mark.parametrize("tol", [dtype_param(n) for n in ("tf32", "bf16", "fp16")])
 @pytest.mark.parametrize("op", ["gabor", "conv"])
 def test_reduced_precision(op, tol):
@@ -968,8 +1029,8 @@ def test_autotune_key_buckets_the_batch_and_keeps_the_flags(op, monkeypatch):
     module, fwd, bwd = (gabor_conv, "_gabor_conv_fwd", "_gabor_conv_bwd") if op == "gabor" else (
         conv_mixpool, "_conv_mixpool_fwd", "_conv_mixpool_bwd")  # fmt: skip
     tuner = getattr(module, fwd)
-    # the backward keys on the same arguments (the conv forward adds its split-K count)
-    assert getattr(module, bwd).keys == [k for k in tuner.keys if k != "SPLIT_K"]
+    # the backward keys on the same arguments (the conv forward adds its split-K count and reduction order)
+    assert getattr(module, bwd).keys == [k for k in tuner.keys if k not in ("SPLIT_K", "CHANNELS_INNER")]
     too_wide = dict(BLOCK_P=16, BLOCK_CO=1024, BLOCK_R=16, num_warps=1, num_stages=1)  # pruned at 4 channels
     monkeypatch.setattr(tuner, "configs", _common.make_configs([_common.INTERPRETER_CONV_CONFIG, too_wide]))
     monkeypatch.setattr(tuner, "cache", {})
@@ -978,6 +1039,8 @@ def test_autotune_key_buckets_the_batch_and_keeps_the_flags(op, monkeypatch):
     def key_of(batch: int = 3, dtype: torch.dtype = torch.float32, **options) -> tuple:
         options = {"allow_tf32": False, **options}
         x = torch.randn(batch, 3, 6, 6, device=DEVICE, dtype=dtype)  # pooled output 3 x 3: 9 pixels per site
+        if options.pop("channels_last", False):
+            x = x.to(memory_format=torch.channels_last)
         tuner.cache.clear()
         with torch.no_grad():
             if op == "gabor":
@@ -999,8 +1062,9 @@ def test_autotune_key_buckets_the_batch_and_keeps_the_flags(op, monkeypatch):
         "folded bn": dict(bn=scale_shift),
         "tf32": dict(allow_tf32=True),
         "float64": dict(dtype=torch.float64),
-        **({"legacy grid": dict(grid="legacy")} if op == "gabor" else {"bias": dict(bias=True)}),
-    }
+        **({"legacy grid": dict(grid="legacy")} if op == "gabor"
+           else {"bias": dict(bias=True), "channels-last": dict(channels_last=True)}),  # its own reduction order
+    }  # fmt: skip
     keys = {name: key_of(**kw) for name, kw in variants.items()}
     assert all(k != base for k in keys.values()), [name for name, k in keys.items() if k == base]
     assert len(set(keys.values())) == len(keys)
@@ -1112,7 +1176,10 @@ KERNELS = {
         gabor_conv, "_gabor_param_grad_kernel", dict(K=3, LEGACY=False, BLOCK_N=64, BLOCK_T=16), _DATA_PTRS
     ),
     "conv_mixpool_fwd": (conv_mixpool, "_conv_mixpool_fwd_kernel",
-                         {**_CONV_CONSTEXPRS, "HAS_BIAS": True, "RECORD": True}, _DATA_PTRS),
+                         {**_CONV_CONSTEXPRS, "HAS_BIAS": True, "RECORD": True, "CHANNELS_INNER": False}, _DATA_PTRS),
+    "conv_mixpool_fwd_nhwc": (conv_mixpool, "_conv_mixpool_fwd_kernel",
+                              {**_CONV_CONSTEXPRS, "HAS_BIAS": True, "RECORD": True, "CHANNELS_INNER": True},
+                              _DATA_PTRS),
     "conv_mixpool_bwd": (conv_mixpool, "_conv_mixpool_bwd_kernel", {**_CONV_CONSTEXPRS, "HAS_BIAS": True},
                          _DATA_PTRS),
     "pool_record_bwd": (_common, "_pool_record_bwd_kernel",
@@ -1192,8 +1259,9 @@ GPU_LAYERS = [
 ]
 
 
-def sweep_layer(layer: tuple, tol: str, batch: int, device: str) -> None:
-    """One pooled branch layer (Gabor or conv) at full size: forward and every gradient, scale-relative tolerances."""
+def sweep_layer(layer: tuple, tol: str, batch: int, device: str, channels_last: bool = False) -> None:
+    """One pooled branch layer (Gabor or conv) at full size: forward and every gradient, scale-relative tolerances;
+    ``channels_last``: the input NHWC (the conv layers then reduce over channel runs)."""
     _, CI, CO, HW, gabor = layer
     t = DTYPES[tol]
     atol = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 3e-2, "fp16": 1e-2}[tol]
@@ -1212,6 +1280,8 @@ def sweep_layer(layer: tuple, tol: str, batch: int, device: str) -> None:
 
     torch.manual_seed(0)
     x = torch.randn(batch, CI, HW, HW, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     alpha = torch.tensor(0.8, device=device)
     if gabor:
         params = [p.to(device) for p in gabor_params(CO, CI, 3)]
@@ -1252,3 +1322,8 @@ class TestGPUSweep:
     @pytest.mark.parametrize("layer", GPU_LAYERS, ids=[layer[0] for layer in GPU_LAYERS])
     def test_layer(self, layer, tol):
         sweep_layer(layer, tol, batch=64, device="cuda")
+
+    @pytest.mark.parametrize("tol", [dtype_param(n) for n in ("tf32", "bf16")])
+    @pytest.mark.parametrize("layer", [x for x in GPU_LAYERS if not x[4]], ids=[x[0] for x in GPU_LAYERS if not x[4]])
+    def test_layer_channels_last(self, layer, tol):
+        sweep_layer(layer, tol, batch=64, device="cuda", channels_last=True)

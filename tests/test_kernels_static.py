@@ -14,9 +14,10 @@ specialization and reads Triton's own ``ptxas -v`` log and PTX. Gates:
   launches: the four window positions of a pooled pixel are rows of one dot (M = 4 x 16 = 64);
 * at least two waves on an H100's 132 SMs for every config of the native preset's pooled branch layers at batch
   256: the five branches of a stage run as one grouped launch (a third grid axis), not five small ones;
-* asynchronous copies (``cp.async``: loads the pipeliner overlaps with the dots) in every fp32 convolution; the
-  bf16 pooled ``conv_mixpool`` layers have none yet (a strict xfail: their 2-byte gathers are below cp.async's 4
-  bytes).
+* asynchronous copies (``cp.async``: loads the pipeliner overlaps with the dots) in every fp32 convolution, and in
+  every bf16 ``conv_mixpool`` launch with channels-last activations (a native bf16 inference run with
+  ``channels_last=True`` is part of the subset); in NCHW the bf16 pooled layers have none (a strict xfail: their
+  2-byte gathers are below cp.async's 4 bytes).
 
 Each gate runs under the Triton the tests import and, where ``make test-triton36`` installed it (``.triton36/``, or
 the folder ``FUSIONKERN_TRITON36`` names; empty turns it off), under triton 3.6, what the GPU machine runs: the
@@ -45,7 +46,8 @@ RUNS = (
     [(p, m, q) for p in model_launches.PRESET_BATCH for m in model_launches.MODES for q in sm90.PRECISIONS]
     if FULL
     else [("native", "train", "tf32"), ("native", "eval", "bf16")]
-)
+) + [("native", "eval", "bf16", "nhwc")]  # channels-last activations (to_backend(..., channels_last=True))
+NHWC = " [nhwc]"  # the label record_model_launches appends to the layers of a channels-last run
 # The fused convolution kernels (implicit GEMMs with a tl.dot), held to the occupancy gate.
 CONV_KERNELS = {"_gabor_conv_fwd_kernel", "_gabor_conv_bwd_kernel", "_conv_mixpool_fwd_kernel",
                 "_conv_mixpool_bwd_kernel", "_dilated_conv_kernel", "_dilated_conv_wgrad_kernel"}  # fmt: skip
@@ -130,12 +132,24 @@ def test_fp32_dots_pipeline_their_loads(analysis):
     )
 
 
-@pytest.mark.xfail(strict=True, reason="the bf16 pooled conv_mixpool layers gather 2-byte elements along W (NCHW), "
-                   "below cp.async's 4-byte minimum; channels-last activations with channels innermost in the "
-                   "reduction are the open item of the kernels' issue")  # fmt: skip
-def test_bf16_pooled_convolutions_pipeline_their_loads(analysis):
+def test_channels_last_bf16_convolutions_pipeline_their_loads(analysis):
+    """With channels-last activations every bf16 conv_mixpool launch that reduces over runs of adjacent channels
+    (CHANNELS_INNER; maps of one pixel are NCHW as well) loads through cp.async."""
     launches, _ = analysis
-    pooled = {(x.kernel, x.layer) for x in launches if x.kernel in CONV_KERNELS and x.constexprs.get("POOL")}
+    inner = {(x.kernel, x.layer) for x in launches if x.constexprs.get("CHANNELS_INNER")}
+    assert {layer for _, layer in inner} >= {f"branches.stages.{i}{NHWC}" for i in (1, 2)}, sorted(inner)
+    bf16 = [r for r in _figures(analysis) if (r.kernel, r.layer) in inner and r.dtype == "bfloat16"]
+    assert bf16 and not [r for r in bf16 if not r.cp_async], "channels-last bf16 loads not pipelined:\n" + "\n".join(
+        _describe(r) for r in bf16 if not r.cp_async
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="in NCHW the bf16 conv_mixpool layers gather 2-byte elements along W, below "
+                   "cp.async's 4-byte minimum: their loads pipeline with channels-last activations only")  # fmt: skip
+def test_nchw_bf16_pooled_convolutions_pipeline_their_loads(analysis):
+    launches, _ = analysis
+    pooled = {(x.kernel, x.layer) for x in launches
+              if x.kernel in CONV_KERNELS and x.constexprs.get("POOL") and not x.layer.endswith(NHWC)}  # fmt: skip
     bf16 = [r for r in _figures(analysis) if (r.kernel, r.layer) in pooled and r.dtype == "bfloat16"]
     assert bf16 and all(r.cp_async for r in bf16)
 

@@ -105,6 +105,7 @@ class Unit:
     batch: int
     config: str | None = None  # autotune config forced on the case's conv kernels
     pick: str | None = None  # the launcher's own tile choice at this batch (dilated, attention)
+    layout: str = "nchw"  # "nhwc": the input channels-last (the plain convolutions reduce over channel runs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -248,8 +249,11 @@ def attention_pick(case: ModuleCase) -> str:
 
 
 def make_units(cases: Sequence[ModuleCase], batch: int = DEFAULT_BATCH, max_batch: int = 2048) -> list[Unit]:
-    """The units of ``cases``, largest first (they take longest: started first, they finish in time)."""
+    """The units of ``cases``, largest first (they take longest: started first, they finish in time); then every
+    plain convolution's configs again on a channels-last input (its own reduction order), largest first too."""
     units: list[Unit] = []
+    nhwc = [Unit(f"{case.label} nhwc [{label}]", case, batch, config=label, layout="nhwc")
+            for case in cases if case.kind == "conv" for label in pickable_configs(case)]  # fmt: skip
     for case in cases:
         if case.kind in AUTOTUNERS:
             for label in pickable_configs(case):
@@ -265,7 +269,10 @@ def make_units(cases: Sequence[ModuleCase], batch: int = DEFAULT_BATCH, max_batc
                 units.append(Unit(f"{case.label} b{b} [{pick}]", case, b, pick=pick))
         else:
             units.append(Unit(f"{case.label} [{attention_pick(case)}]", case, batch, pick=attention_pick(case)))
-    return sorted(units, key=lambda u: -u.batch * math.prod(u.case.in_shape) * max(1, u.case.out_shape[0]))
+    def size(u: Unit) -> int:
+        return -u.batch * math.prod(u.case.in_shape) * max(1, u.case.out_shape[0])
+
+    return sorted(units, key=size) + sorted(nhwc, key=size)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -438,6 +445,8 @@ def compare(module, unit: Unit, dtype_name: str, mode: str, device, seed: int) -
     c, h, w = unit.case.in_shape
     shape = (unit.batch, c, h, w)
     x = torch.rand(shape, generator=g) if unit.case.kind == "gabor" else torch.randn(shape, generator=g)
+    if unit.layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)  # .to(device, dtype) below keeps the layout
     base = copy.deepcopy(module).to(dtype=dtype)
     kern = copy.deepcopy(base).to(device)
     kern.backend = "triton"

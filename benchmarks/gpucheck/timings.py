@@ -74,7 +74,7 @@ def catalogue(plan, phase: str = "timings") -> list[Case]:
             for v in ("eager", "triton")]  # fmt: skip
     out += models(("eager-fp32", "triton-fp32"), MODEL_S)
     out += layers(LAYER_GOAL_STAGES, ("fwd", "bwd"), ("fp32",), ("compile",), COMPILE_LAYER_S)
-    out += models(("eager-bf16", "triton-bf16"), MODEL_S)
+    out += models(("eager-bf16", "triton-bf16", "triton-bf16-nhwc"), MODEL_S)
     smallest = {p: min(plan.model_batches[p]) for p in plan.model_batches}
     out += models(("onnxruntime-fp32",), 60, only={(p, b) for p, b in smallest.items()})
     out += [Case("costs", {"preset": p}, 30) for p in plan.cost_presets]

@@ -58,9 +58,11 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 LAYER_DTYPES = ("fp32", "bf16")
 LAYER_VARIANTS = ("eager", "compile", "triton")
 MODEL_VARIANTS = (
-    "eager-fp32", "eager-bf16", "compile-fp32", "compile-bf16", "triton-fp32", "triton-bf16", "onnxruntime-fp32",
-    "tensorrt-fp16",
+    "eager-fp32", "eager-bf16", "compile-fp32", "compile-bf16", "triton-fp32", "triton-bf16", "triton-fp32-nhwc",
+    "triton-bf16-nhwc", "onnxruntime-fp32", "tensorrt-fp16",
 )  # fmt: skip
+"""``backend-precision[-layout]``: ``-nhwc`` runs the kernels on channels-last activations
+(``to_backend("triton", channels_last=True)``)."""
 TRAIN_VARIANTS = ("eager", "compile", "triton")
 SCAN_VARIANTS = ("inference", "io", "raw_read", "end_to_end")
 SCAN_COMPRESSIONS = ("uncompressed", "deflate")
@@ -213,6 +215,7 @@ def _onnxruntime_has_cuda() -> bool:
 def variant_unavailable(variant: str, device: str, plan: Plan | None = None) -> str | None:
     """Why ``variant`` (a layer, model, train or scan backend name) cannot run here, or None when it can."""
     backend, _, precision = variant.partition("-")
+    precision = precision.partition("-")[0]  # a layout may follow
     if backend == "triton":
         if device != "cuda":
             return "the Triton kernels run on a CUDA GPU (Triton's CPU interpreter is for tests, not timings)"
@@ -670,11 +673,12 @@ def model_call(
     """FusionNet inference on one batch of sites by ``variant`` (``backend-precision``), after checking its logits
     against eager fp32 on the same sites (fp32 variants; 16-bit ones must be finite)."""
     backend, _, precision = variant.partition("-")
+    precision, _, layout = precision.partition("-")
     base = build_fusionnet(preset, plan.model_width)
     x_cpu = site_inputs(base, batch)
     key = f"fusionnet-{preset}-w{plan.model_width:g}"
     max_batch = max(plan.model_batches[preset])
-    info: dict[str, Any] = {"backend": backend, "precision": precision}
+    info: dict[str, Any] = {"backend": backend, "precision": precision, "layout": layout or "nchw"}
 
     with torch.no_grad():
         ref = copy.deepcopy(base).to(device)(x_cpu.to(device)).float().cpu()
@@ -683,7 +687,7 @@ def model_call(
         dtype = DTYPES[precision]
         model = copy.deepcopy(base).to(device=device, dtype=dtype).eval()
         if backend == "triton":
-            model.to_backend("triton")
+            model.to_backend("triton", channels_last=layout == "nhwc")
         runner = compile_module(model, plan) if backend == "compile" else model
         x = x_cpu.to(device=device, dtype=dtype)
 

@@ -366,18 +366,21 @@ def grouped_stage_forward(
 
 
 def branches_forward(
-    backbones: Sequence[nn.Module], x: torch.Tensor, *, allow_tf32: bool | None = None
+    backbones: Sequence[nn.Module], x: torch.Tensor, *, allow_tf32: bool | None = None, channels_last: bool = False
 ) -> torch.Tensor:
     """FusionNet's branches on the kernels: ``x`` (B, G, C, H, W), branch ``g`` reading ``x[:, g]`` -> their feature
     maps concatenated along channels, (B, G * C_out, h, w), as ``torch.cat([backbone_g(x[:, g]) ...], 1)``.
 
     Each stage of all branches, and their dilated blocks, run as one grouped launch each (``groups`` = branches), so
     the launch grid holds every branch's tiles instead of one branch's; stages or blocks that cannot be grouped
-    (:func:`can_group_stages`, blocks of other shapes) run branch by branch on their channel slices.
+    (:func:`can_group_stages`, blocks of other shapes) run branch by branch on their channel slices. With
+    ``channels_last`` the grouped input is laid out NHWC and the kernels keep that layout from layer to layer.
     """
     G = len(backbones)
     B = x.shape[0]
     h = x.reshape(B, G * x.shape[2], *x.shape[3:])
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
     for i, stages in enumerate(zip(*(b.stages for b in backbones))):
         if can_group_stages(stages):
             _note(f"branches.stages.{i}")

@@ -165,11 +165,15 @@ class BackendMixin:
     """``model.to_backend("triton" | "torch")``: run the same weights on the fused kernels or the reference."""
 
     backend = "torch"
+    channels_last = False
 
-    def to_backend(self, backend: str) -> "BackendMixin":
+    def to_backend(self, backend: str, channels_last: bool | None = None) -> "BackendMixin":
         """Switch every stage, dilated block and attention layer to ``backend``; the state_dict is unchanged.
 
-        Call it after moving the model to its device (the kernels run where the weights are).
+        Call it after moving the model to its device (the kernels run where the weights are). ``channels_last``
+        (FusionNet on the triton backend; None keeps the setting): the branches' activations run channels-last
+        (NHWC) from the first layer on, so the fused convolutions reduce over runs of adjacent input channels, which
+        16-bit inputs need for pipelined (cp.async) loads on a GPU. The outputs are the same either way.
         """
         param = next(self.parameters())
         check_backend_available(backend, param.device)
@@ -177,6 +181,8 @@ class BackendMixin:
             if isinstance(module, (ConvStage, DilatedAvgBlock, ChannelAttention)):
                 module.backend = backend
         self.backend = backend
+        if channels_last is not None:
+            self.channels_last = bool(channels_last)
         return self
 
 
@@ -346,7 +352,7 @@ class FusionNet(BackendMixin, nn.Module):
         if self.backend == "triton":  # each stage of the five branches in one grouped launch
             from fusionkern.models.fused import branches_forward
 
-            return self.attention(branches_forward(list(self.branches.values()), x))
+            return self.attention(branches_forward(list(self.branches.values()), x, channels_last=self.channels_last))
         maps = [branch(x[:, i]) for i, branch in enumerate(self.branches.values())]
         return self.attention(torch.cat(maps, dim=1))
 
