@@ -1098,7 +1098,7 @@ def pool_record_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dL/dz, dL/dalpha per group (G,), dL/dbias (G * CO,))`` from the forward's record (:func:`_pool_record`):
     an elementwise pass over the pooled output instead of recomputing the convolution."""
-    grad_z = geo.new_grad_z(grad_out.device, grad_out.dtype)
+    grad_z = geo.new_grad_z(grad_out.device, grad_out.dtype, channels_last=is_channels_last(grad_out))
     G, CO = geo.groups, geo.CO
     block_p, block_c = 32, pow2_block(CO, 16, 32)  # 32 x 64 tiles took 126-156 registers for this elementwise pass
     rows = triton.cdiv(geo.n_pixels, block_p)
@@ -1168,11 +1168,14 @@ class ConvGeometry:
     def grad_z_shape(self) -> tuple[int, int, int, int]:  # dL/d(conv output), every group
         return (self.B, self.groups * self.CO, self.OH, self.OW)
 
-    def new_grad_z(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def new_grad_z(self, device: torch.device, dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
         """The backward's dL/dz buffer: zeroed when pooling drops an odd conv output's last row or column (the
-        kernels never write those), else uninitialised (every value is written)."""
+        kernels never write those), else uninitialised (every value is written); channels-last when asked (the
+        layer ran NHWC: cuDNN's backward then reads one layout)."""
         odd = self.pool and (self.OH % 2 or self.OW % 2)
-        return (torch.zeros if odd else torch.empty)(self.grad_z_shape, device=device, dtype=dtype)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        grad_z = torch.empty(self.grad_z_shape, device=device, dtype=dtype, memory_format=fmt)
+        return grad_z.zero_() if odd else grad_z
 
     @property
     def n_pixels(self) -> int:  # output pixels (pooled when pooling), the GEMM's M

@@ -451,7 +451,7 @@ def _launch_split_forward(x, weight, bias, alpha, scale, shift, geo: ConvGeometr
 
 def _launch_backward(x, weight, bias, alpha, scale, grad_out, geo: ConvGeometry, opt: _Options):
     """``(dL/dz, dL/dalpha, dL/dbias)``: ``dL/dz`` of the conv output's shape, a (G,) and a (G * CO,) tensor."""
-    grad_z = geo.new_grad_z(x.device, x.dtype)
+    grad_z = geo.new_grad_z(x.device, x.dtype, channels_last=is_channels_last(x))
     cdtype = compute_dtype(x.dtype)
     G = geo.groups
     alpha_part = torch.zeros((geo.partial_rows if geo.pool else 1, G * geo.CO), device=x.device, dtype=cdtype)

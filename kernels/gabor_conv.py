@@ -483,7 +483,7 @@ def _launch_backward(
     geo: ConvGeometry, opt: _Options,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dL/dz, dL/dalpha)``; ``dL/dz`` has the conv output's shape, ``dL/dalpha`` is ``(G,)``."""
-    grad_z = geo.new_grad_z(x.device, x.dtype)
+    grad_z = geo.new_grad_z(x.device, x.dtype, channels_last=is_channels_last(x))
     cdtype = compute_dtype(x.dtype)
     G = geo.groups
     alpha_part = torch.zeros((geo.partial_rows if geo.pool else 1, G * geo.CO), device=x.device, dtype=cdtype)

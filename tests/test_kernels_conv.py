@@ -23,7 +23,9 @@ from torch import nn
 
 from fusionkern.kernels import UnsupportedOptionError, conv2d_mixpool, fold_bn, gabor_conv2d, gabor_weight
 from fusionkern.kernels import _common, conv_mixpool, gabor_conv
-from fusionkern.kernels._common import KernelSpec, compile_sm90_isolated, cudnn_fp32_precision, interpreting
+from fusionkern.kernels._common import (
+    KernelSpec, compile_sm90_isolated, cudnn_fp32_precision, interpreting, is_channels_last,
+)
 from fusionkern.models import fused
 from fusionkern.models.fused import stage_forward
 from fusionkern.models.layers import GaborConv2d, MixPool2d, gabor_bank
@@ -359,6 +361,23 @@ def test_gabor_output_keeps_the_input_layout(channels_last):
                          ids=["pool-bn", "relu", "alpha-out-of-range"])  # fmt: skip
 def test_channels_last_epilogues(mode, record):
     check_conv(Case(2, 20, 9, 7, 9), channels_last=True, record=record, seed=5, **mode)  # 20 channels: 2 chunks of 16
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["record", "recompute"])
+@pytest.mark.parametrize("op", ["gabor", "conv"])
+def test_channels_last_backward_hands_cudnn_one_layout(op, record, monkeypatch):
+    """dL/dz is written in the layout the layer ran in, so the input and weight gradients read one layout."""
+    module = gabor_conv if op == "gabor" else conv_mixpool
+    layouts = []
+    real = module.conv_backward
+
+    def spy(grad_z, x, *args):
+        layouts.append((is_channels_last(grad_z), is_channels_last(x)))
+        return real(grad_z, x, *args)
+
+    monkeypatch.setattr(module, "conv_backward", spy)
+    (check_gabor if op == "gabor" else check_conv)(CASES["odd H and W"], channels_last=True, record=record)
+    assert layouts == [(True, True)]
 
 
 def test_channels_last_groups_and_split_k(monkeypatch):
