@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import subprocess
@@ -265,6 +266,52 @@ def resolve_allow_tf32(allow_tf32: bool | None) -> bool:
     if not isinstance(allow_tf32, bool):
         unsupported("allow_tf32", f"expected True, False or None (follow torch's setting), got {allow_tf32!r}")
     return allow_tf32
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The lower-precision dtype ``torch.autocast`` asks for on ``t``'s device, or None where it is off."""
+    try:
+        if not torch.is_autocast_enabled(t.device.type):
+            return None
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return None
+    return torch.get_autocast_dtype(t.device.type)
+
+
+def _lowered(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.dtype == torch.float32 else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_lowered(v, dtype) for v in value)
+    return value
+
+
+def follows_autocast(*names: str):
+    """Decorate a fused op so that under ``torch.autocast`` it runs as torch's own convolutions do there: the
+    float32 tensors among the arguments ``names`` (tensors or sequences of them) are cast to autocast's dtype
+    (bf16 or fp16; a differentiable cast, so float32 parameters still get float32 gradients), the op runs on them
+    with autocast off inside, and returns that dtype. The first argument's device decides; other arguments (a
+    folded BatchNorm pair, Gabor parameters, ``alpha``) stay as given, the kernels read them at full precision."""
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            first = args[0] if args else None
+            low = autocast_dtype(first) if isinstance(first, torch.Tensor) else None
+            if low is None:
+                return fn(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            for name in names:
+                if name in bound.arguments:
+                    bound.arguments[name] = _lowered(bound.arguments[name], low)
+            with torch.autocast(first.device.type, enabled=False):
+                return fn(*bound.args, **bound.kwargs)
+
+        return op
+
+    return wrap
 
 
 def is_channels_last(t: torch.Tensor) -> bool:

@@ -33,7 +33,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._common import (
-    SUPPORTED_DTYPES, check_device, check_int32_indexable, compute_dtype, is_channels_last, unsupported,
+    SUPPORTED_DTYPES, check_device, check_int32_indexable, compute_dtype, follows_autocast, is_channels_last,
+    unsupported,
 )
 
 __all__ = [
@@ -398,6 +399,7 @@ def _as_matrix(w: torch.Tensor, name: str, rows: int | None, cols: int | None) -
     return w
 
 
+@follows_autocast("f", "w1", "w2")
 def channel_attention(f: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """``F + F * sigmoid(W2 relu(W1 avgpool F) + W2 relu(W1 maxpool F))`` on the Triton kernels.
 

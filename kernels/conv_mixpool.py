@@ -48,6 +48,7 @@ from fusionkern.kernels._common import (
     conv_backward,
     conv_geometry,
     dot_precision,
+    follows_autocast,
     group_alpha,
     is_channels_last,
     pool_record_backward,
@@ -536,6 +537,7 @@ class Conv2dMixPoolFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------------
 
 
+@follows_autocast("x", "weight", "bias")
 def conv2d_mixpool(
     x: torch.Tensor,  # (B, C_in, H, W)
     weight: torch.Tensor,  # (C_out, C_in / groups, k, k)

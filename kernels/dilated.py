@@ -61,6 +61,7 @@ from ._common import (
     compute_dtype,
     dot_precision,
     fold_bn,
+    follows_autocast,
     is_channels_last,
     resolve_allow_tf32,
     unsupported,
@@ -607,6 +608,7 @@ def _as_int_tuple(dilations) -> tuple[int, ...]:
     return out
 
 
+@follows_autocast("x", "weights", "biases")
 def dilated_avg_block(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],

@@ -56,6 +56,7 @@ from fusionkern.kernels._common import (
     conv_backward,
     conv_geometry,
     dot_precision,
+    follows_autocast,
     group_alpha,
     is_channels_last,
     pool_record_backward,
@@ -611,6 +612,7 @@ def _check_params(freq, theta, sigma, psi, device) -> tuple[int, int]:
     return shape
 
 
+@follows_autocast("x")
 def gabor_conv2d(
     x: torch.Tensor,  # (B, C_in, H, W)
     freq: torch.Tensor,  # (C_out, C_in / groups)
