@@ -14,6 +14,7 @@ Outputs in ``out``::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,6 +38,16 @@ from fusionkern.metrics import SUMMARY_KEYS, classification_metrics, summarise
 from fusionkern.models import FIVE_INPUT_MODELS, SINGLE_INPUT_MODELS, build_model, get_preset, save_checkpoint
 from fusionkern.models.layers import BACKENDS
 from fusionkern.models.networks import check_backend_available, takes_all_branches
+
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``fusionkern train --amp``: the dtype ``torch.autocast`` runs the forward and the loss in (None: float32)."""
+
+
+def autocast(device: torch.device, amp: str = "off"):
+    """``torch.autocast`` on ``device`` in :data:`AMP_DTYPES` ``[amp]``, or a context that does nothing for off."""
+    dtype = AMP_DTYPES[amp]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass
@@ -66,6 +77,7 @@ class TrainConfig:
     workers: int = 0
     progress: bool = True
     scaling: str = "minmax"  # minmax (the paper's, what the scanner cuts) or physical (a verifier's inputs)
+    amp: str = "off"  # mixed precision: off, bf16 or fp16 (torch.autocast; weights stay float32)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,6 +95,8 @@ class TrainConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: unknown {self.backend!r}; choose one of {list(BACKENDS)}")
         scaling_name(self.scaling)
+        if self.amp not in AMP_DTYPES:
+            raise ConfigError(f"amp: unknown {self.amp!r}; choose one of {list(AMP_DTYPES)}")
         if self.branch not in BRANCHES:
             raise ConfigError(f"branch: unknown {self.branch!r}; choose one of {list(BRANCHES)}")
         for name in ("epochs", "batch_size", "splits"):
@@ -148,19 +162,20 @@ def dataset_branches(cfg: "TrainConfig") -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device):
-    """Labels and class probabilities (N, num_classes) over a loader."""
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "off"):
+    """Labels and class probabilities (N, num_classes) over a loader (the forward under ``amp``, see :func:`fit`)."""
     model.eval()
     labels, probs = [], []
     for x, y in loader:
-        logits = model(model_inputs(model, x.to(device, non_blocking=True)))
+        with autocast(device, amp):
+            logits = model(model_inputs(model, x.to(device, non_blocking=True)))
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
         labels.append(y)
     return torch.cat(labels).numpy(), torch.cat(probs).numpy()
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
-    y, p = predict(model, loader, device)
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "off") -> dict:
+    y, p = predict(model, loader, device, amp)
     return classification_metrics(y, p.argmax(1))
 
 
@@ -208,14 +223,18 @@ def fit(
     index: int = 0,
     log: Callable[[str], None] = print,
     progress: bool = False,
+    amp: str = "off",
 ) -> tuple[list[dict], int]:
     """The paper's loop: Adam over the trainable parameters, weighted cross-entropy, validation every epoch.
 
     ``on_best(epoch, val_metrics)`` is called whenever validation accuracy improves (to save the model).
     Returns the per-epoch history and the best epoch. A non-finite loss stops training with a clear error.
+    ``amp`` (``bf16``, ``fp16``) runs the forward and the loss under ``torch.autocast`` in that dtype, the weights
+    and the optimiser staying float32; fp16 scales the loss against gradient underflow (``torch.amp.GradScaler``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     criterion = nn.CrossEntropyLoss(weight=torch.tensor(list(class_weights), dtype=torch.float32, device=device))
     best_acc, best_epoch, history = -1.0, 0, []
     n_train = len(train_loader.dataset)
@@ -225,20 +244,22 @@ def fit(
         with _progress(n_train, f"split {index} epoch {epoch}/{epochs}", progress) as bar:
             for x, y in train_loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = criterion(model(model_inputs(model, x)), y)
+                with autocast(device, amp):
+                    loss = criterion(model(model_inputs(model, x)), y)
                 if not torch.isfinite(loss):
                     raise FusionkernError(
                         f"training loss became {loss.item()} at split {index} epoch {epoch}; "
                         f"lower the learning rate (lr={lr}) or check the data for non-finite values"
                     )
                 optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
+                scaler.scale(loss).backward()  # without fp16: loss.backward(), then optimiser.step()
+                scaler.step(optimiser)
+                scaler.update()
                 seen += len(y)
                 loss_sum += loss.item() * len(y)
                 bar.update(len(y))
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", sites_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        val = evaluate(model, val_loader, device)
+        val = evaluate(model, val_loader, device, amp)
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_accuracy": val["accuracy"],
                   "sites_per_s": seen / (time.perf_counter() - t0)}  # fmt: skip
         history.append(record)
@@ -283,13 +304,13 @@ def train_split(
     history, best_epoch = fit(
         model, train_loader, val_loader, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
         class_weights=cfg.class_weights, device=device, on_best=save_best, index=index, log=log,
-        progress=cfg.progress,
+        progress=cfg.progress, amp=cfg.amp,
     )  # fmt: skip
     from fusionkern.models import load_checkpoint
 
     best_model = load_checkpoint(best_path, map_location=device).to_backend(cfg.backend)
-    test = evaluate(best_model, test_loader, device)
-    val = evaluate(best_model, val_loader, device)
+    test = evaluate(best_model, test_loader, device, cfg.amp)
+    val = evaluate(best_model, val_loader, device, cfg.amp)
     result = {"split": index, "seed": split.seed, "best_epoch": best_epoch, "val": val, "test": test,
               "checkpoint": str(best_path), "history": history}  # fmt: skip
     if origin is not None and len(set(origin)) > 1:  # held-out figures of each merged folder on its own
@@ -299,7 +320,7 @@ def train_split(
             part = [i for i in split.test if origin[i] == k]
             if part:
                 loader = _loader(eval_ds, part, cfg.batch_size, False, cfg.workers, split.seed)
-                y, p = predict(best_model, loader, device)
+                y, p = predict(best_model, loader, device, cfg.amp)
                 by_folder[folder] = classification_metrics(y, p.argmax(1))
         result["test_by_data"] = by_folder
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -121,6 +122,9 @@ def test_config_file_unknown_key_and_bad_yaml(tmp_path, capsys):
     cfg.write_text("data: [unclosed\n")
     assert main(["train", "--config", str(cfg)]) == 2
     assert "cfg.yaml is not valid YAML" in capsys.readouterr().err
+    cfg.write_text("data: x\namp: fp8\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "amp: unknown 'fp8'" in capsys.readouterr().err
 
 
 def test_metrics_match_hand_counts():
@@ -154,3 +158,39 @@ def test_a_lone_last_training_site_does_not_stop_training(tiny_data, tmp_path):
     assert main(["train", "--data", str(tiny_data), "--out", str(out), "--preset", "native", "--width", "0.25",
                  "--epochs", "1", "--batch-size", "18", "--splits", "1", "--no-progress"]) == 0  # fmt: skip
     assert len(json.loads((out / "metrics.json").read_text())["splits"]) == 1
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training(amp, tiny_data, tmp_path):
+    """``--amp``: the forward runs in the lower precision under autocast, the weights stay float32, the run is
+    recorded with its setting, and fp16 scales the loss."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    linear_out = []
+    hook = register_module_forward_hook(
+        lambda mod, args, out: linear_out.append(out.dtype) if isinstance(mod, torch.nn.Linear) else None
+    )
+    scalers = []
+    real_scaler = torch.amp.GradScaler
+
+    def scaler(*args, **kwargs):
+        scalers.append(kwargs.get("enabled"))
+        return real_scaler(*args, **kwargs)
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.amp, "GradScaler", scaler)
+            out = tmp_path / "run"
+            assert main(["train", "--data", str(tiny_data), "--out", str(out), "--preset", "native", "--width",
+                         "0.25", "--epochs", "1", "--batch-size", "8", "--splits", "1", "--lr", "1e-3", "--amp", amp,
+                         "--no-progress"]) == 0  # fmt: skip
+    finally:
+        hook.remove()
+    assert linear_out and set(linear_out) == {low}
+    assert scalers == [amp == "fp16"]
+    raw = torch.load(out / "split_0" / "best.pt", weights_only=True)
+    assert raw["metadata"]["train_config"]["amp"] == amp
+    assert all(v.dtype == torch.float32 for v in raw["state_dict"].values() if v.is_floating_point())
+    run = json.loads((out / "metrics.json").read_text())["splits"][0]
+    assert 0.0 <= run["test"]["accuracy"] <= 1.0 and all(math.isfinite(h["train_loss"]) for h in run["history"])

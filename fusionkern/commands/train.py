@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scaling", choices=("minmax", "physical"),
                    help="chip scaling: minmax (default; each chip channel to its own min..max, the paper's and the "
                    "scanner's) or physical (bands in physical units: a verifier for fusionkern scan --verify)")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"),
+                   help="mixed precision: forward and loss under torch.autocast in bf16 or fp16, weights and optimiser "
+                        "in float32 (fp16 adds a gradient scaler); with --backend triton the fused kernels run in it "
+                        "too. Default off")  # fmt: skip
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="turn augmentation off")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
 
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "data", "out", "model", "backbone", "preset", "width", "branch", "epochs", "batch_size", "lr", "splits",
-        "seed", "device", "backend", "workers", "augment", "progress", "scaling")}  # fmt: skip
+        "seed", "device", "backend", "workers", "augment", "progress", "scaling", "amp")}  # fmt: skip
     overrides["alphas"] = parse_alphas(args.alphas)
     cfg = TrainConfig.from_sources(args.config, **overrides)
     result = run_training(cfg)
