@@ -78,14 +78,19 @@ def test_device_chips_leave_out_invalid_pixels_as_training_does():
     stack[0, 1, 3:9, 5:7] = np.nan  # a few invalid pixels in some chips
     stack[2, :, :, :12] = np.nan  # whole planes of the first column of chips
     stack[4, 0, 20, 30] = np.inf
+    stack[1, 2, 40:, 48:] = 0.3  # a constant plane in the last chip (rows 40-56, columns 48-64) ...
+    stack[1, 2, 45, 60] = np.nan  # ... with an invalid pixel: still all 0
+    before = stack.copy()
     layout = _layout(61, 70, 17, 8)
-    index = rng.permutation(layout.n_chips)[:23]
+    index = np.union1d([layout.n_chips - 1], rng.permutation(layout.n_chips)[:23])
     feed = ChipFeed(layout)
     tile = feed.load(stack)
     assert not tile.finite
     got = feed.chips(tile, index, layout.n_cols).numpy()
     np.testing.assert_allclose(got, _host_chips(stack, layout, index), rtol=0, atol=SCALE_ATOL)
-    assert np.isfinite(got).all()
+    assert np.isfinite(got).all() and got.min() >= 0 and got.max() <= 1
+    assert not got[-1, 1, 2].any()
+    np.testing.assert_array_equal(stack, before)  # the reader's window is left as it was
 
 
 def test_scores_on_device_chips_match_host_chips():

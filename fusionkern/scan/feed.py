@@ -39,6 +39,8 @@ class DeviceTile:
         span: (rows, cols, 15, 1, 1) maximum minus minimum (1 where the plane is constant or empty).
         usable: (rows, cols, 15, 1, 1) bool, False where the plane is constant or empty (it scales to 0).
         finite: True when the window holds no NaN (the gather then needs no mask).
+        invalid: Where the window held NaN (or inf): (rows, cols, 15, S, S) bool chip views of the invalid pixels,
+            whose values in ``planes`` were replaced by 0 once for the window; None when ``finite``.
     """
 
     planes: torch.Tensor
@@ -47,6 +49,7 @@ class DeviceTile:
     span: torch.Tensor
     usable: torch.Tensor
     finite: bool
+    invalid: torch.Tensor | None = None
 
 
 class ChipFeed:
@@ -87,22 +90,26 @@ class ChipFeed:
 
         hi, lo = pooled(planes, "amax"), pooled(planes, "amin")  # NaN or inf reaches them from any chip holding one
         finite = bool(torch.isfinite(hi).all() and torch.isfinite(lo).all())
+        invalid = None
         if not finite:
-            valid = torch.isfinite(planes)
-            hi = pooled(torch.where(valid, planes, -float("inf")), "amax")
-            lo = pooled(torch.where(valid, planes, float("inf")), "amin")
+            inf = float("inf")
+            hi = pooled(torch.nan_to_num(planes, nan=-inf, posinf=-inf, neginf=-inf), "amax")  # invalid: ignored
+            lo = pooled(torch.nan_to_num(planes, nan=inf, posinf=inf, neginf=inf), "amin")
             has_data = torch.isfinite(lo)
             lo, hi = torch.where(has_data, lo, 0.0), torch.where(has_data, hi, 0.0)
+            # once per window, not per chip (each pixel lies in about four chips): invalid pixels become 0 and a
+            # mask, so a batch is cut and scaled as a finite one and then has its invalid pixels zeroed
+            invalid = _chip_views(torch.isnan(planes - planes), c, s)  # NaN and +-inf (faster than isfinite)
+            planes = torch.nan_to_num(planes, nan=0.0, posinf=0.0, neginf=0.0)
         span = hi - lo
         usable = torch.isfinite(span) & (span > 0)
         span = torch.where(usable, span, 1.0)
-        # chip-major: a batch gathers straight into (B, 15, S, S)
-        views = planes.unfold(1, c, s).unfold(2, c, s).permute(1, 2, 0, 3, 4)
 
         def chip_major(t: torch.Tensor) -> torch.Tensor:
             return t.permute(1, 2, 0)[..., None, None]
 
-        return DeviceTile(planes, views, chip_major(lo), chip_major(span), chip_major(usable), finite)
+        return DeviceTile(planes, _chip_views(planes, c, s), chip_major(lo), chip_major(span), chip_major(usable),
+                          finite, invalid)  # fmt: skip
 
     def chips(self, tile: DeviceTile, index: np.ndarray, cols: int) -> torch.Tensor:
         """The scaled chips ``index`` (flat, row-major over ``cols`` chip columns) of a loaded tile.
@@ -116,20 +123,20 @@ class ChipFeed:
         flat = torch.from_numpy(index).to(self.device, non_blocking=True)
         rows, columns = flat // cols, flat % cols
         lo, span = tile.lo[rows, columns], tile.span[rows, columns]
+        invalid = None if tile.invalid is None else torch.empty(x.shape, dtype=torch.bool, device=self.device)
         done = 0
         for row, first, count in _runs(index, cols):  # a few runs of neighbouring chips per batch
             part = slice(done, done + count)
-            if tile.finite:  # cut and subtract in one pass over the chips
-                torch.sub(tile.views[row, first : first + count], lo[part], out=x[part])
-            else:
-                x[part].copy_(tile.views[row, first : first + count])
+            torch.sub(tile.views[row, first : first + count], lo[part], out=x[part])  # cut and subtract in one pass
+            if invalid is not None:
+                invalid[part].copy_(tile.invalid[row, first : first + count])
             done += count
-        if tile.finite:  # lo <= x <= lo + span, so (x - lo) / span lies in [0, 1]; constant planes give 0
-            out = x.div_(span)
-        else:
-            valid = torch.isfinite(x) & tile.usable[rows, columns]
-            out = torch.where(valid, (torch.where(valid, x, lo) - lo) / span, 0.0).clamp_(0.0, 1.0)
-        return out.view(len(index), -1, 3, c, c)
+        # lo <= x <= lo + span at valid pixels, so (x - lo) / span lies in [0, 1]; a constant plane gives 0, and
+        # invalid pixels (0 in the window, whatever that scales to) are zeroed, as are planes without data
+        x.div_(span)
+        if invalid is not None:
+            x.masked_fill_(invalid, 0.0)
+        return x.view(len(index), -1, 3, c, c)
 
     def _to_cuda(self, planes_np: np.ndarray) -> tuple[torch.Tensor, torch.cuda.Event]:
         """Copies through one of two pinned buffers on the side stream; waits for that buffer's previous copy."""
@@ -151,6 +158,11 @@ class ChipFeed:
         planes.record_stream(torch.cuda.current_stream(self.device))
         self._staged[turn] = event
         return planes, event
+
+
+def _chip_views(planes: torch.Tensor, chip_px: int, stride_px: int) -> torch.Tensor:
+    """(15, H, W) -> (rows, cols, 15, S, S) chip views, chip-major: a batch gathers straight into (B, 15, S, S)."""
+    return planes.unfold(1, chip_px, stride_px).unfold(2, chip_px, stride_px).permute(1, 2, 0, 3, 4)
 
 
 def _runs(index: np.ndarray, cols: int) -> list[tuple[int, int, int]]:
