@@ -295,10 +295,11 @@ def follows_autocast(*names: str):
 
     def wrap(fn):
         signature = inspect.signature(fn)
+        leading = next(iter(signature.parameters))
 
         @functools.wraps(fn)
         def op(*args, **kwargs):
-            first = args[0] if args else None
+            first = args[0] if args else kwargs.get(leading)
             low = autocast_dtype(first) if isinstance(first, torch.Tensor) else None
             if low is None:
                 return fn(*args, **kwargs)

@@ -47,6 +47,14 @@ def test_conv_mixpool_under_autocast():
     _check(lambda x, w, b: conv2d_mixpool(x, w, b, alpha), [x, w, b.to(DEVICE)], {0, 1, 2})
 
 
+def test_autocast_reaches_ops_called_with_keywords():
+    torch.manual_seed(4)
+    x, w = torch.randn(1, 3, 6, 6, device=DEVICE), torch.randn(4, 3, 3, 3, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=LOW):
+        y = conv2d_mixpool(x=x, weight=w, bias=None, alpha=None)
+    assert y.dtype == LOW and torch.equal(y, conv2d_mixpool(x.to(LOW), w.to(LOW), None, None))
+
+
 def test_gabor_conv_under_autocast():
     from fusionkern.models import GaborConv2d
 
