@@ -295,8 +295,10 @@ def run_scan_demo(
     figures = evaluate_detections(detections, plants_array(plants), match_m, area)
     write_evaluation(out / "evaluation", figures, detections, plants)
     match = {k: v for k, v in figures.items() if not k.startswith("_") and k != "curve"}
-    odds = goal_odds(len(region.plants), len(region.confusers)) if len(region.plants) else None
-    oracle = region_meets_goals(out / "region" / "truth.geojson", odds["threshold"]) if odds else None
+    oracle, odds = None, goal_odds(len(region.plants), len(region.confusers)) if len(region.plants) else None
+    if odds:  # the generator's oracle on this region's own draws
+        industry = [w for w in region.industry_works or [] if w is not None]
+        oracle = _oracle_at(_oracle_scores(region.plant_works), _oracle_scores(industry), odds["threshold"])
     timings = result.report["timings"]
     summary = {
         "region": {"size_px": size_px, "seed": seed, "plants": len(region.plants),
@@ -405,6 +407,27 @@ def expected_ceiling(n_plants: int, n_confusers: int, recall: float = 0.9, step:
             "precision": found / (found + expected * pass_rate)}  # fmt: skip
 
 
+def _needed(plants: int, recall: float) -> int:
+    """The fewest of ``plants`` plants that reach ``recall``."""
+    return int(np.ceil(recall * plants - 1e-9))
+
+
+def _oracle_scores(works: Sequence[tuple[float, float]]) -> np.ndarray:
+    """:func:`oracle_score` of ``(kiln K, dust)`` pairs (an empty array for none)."""
+    kiln, dust = np.asarray(works, dtype=np.float64).reshape(-1, 2).T
+    return oracle_score(kiln, dust)
+
+
+def _truth_scores(truth: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle's scores of a written region's plants and of its works of other heavy industry."""
+    features = json.loads(Path(truth).read_text(encoding="utf-8"))["features"]
+    plants = [(f["properties"]["kiln_k"], f["properties"]["dust"]) for f in features
+              if f["properties"]["kind"] == "cement"]  # fmt: skip
+    industry = [(f["properties"]["kiln_k"], f["properties"]["dust"]) for f in features
+                if f["properties"].get("industry")]  # fmt: skip
+    return _oracle_scores(plants), _oracle_scores(industry)
+
+
 def region_ceiling(truth: str | Path, recall: float = 0.9) -> dict[str, Any]:
     """The oracle's precision at ``recall`` on one written region, from the kiln heat and dust in its truth file.
 
@@ -412,16 +435,12 @@ def region_ceiling(truth: str | Path, recall: float = 0.9) -> dict[str, Any]:
         ``{"plants", "industry", "oracle_precision", "oracle_false"}``: the oracle keeps the fewest plants that
         reach ``recall`` by its score and counts the heavy industry scoring as high as the weakest kept.
     """
-    features = json.loads(Path(truth).read_text(encoding="utf-8"))["features"]
-    plants = [f["properties"] for f in features if f["properties"]["kind"] == "cement"]
-    industry = [f["properties"] for f in features if f["properties"].get("industry")]
-    p_scores = np.sort(oracle_score([p["kiln_k"] for p in plants], [p["dust"] for p in plants]))[::-1]
-    need = int(np.ceil(recall * len(plants) - 1e-9))
+    plants, industry = _truth_scores(truth)
+    need = _needed(len(plants), recall)
     if not need:
         return {"plants": len(plants), "industry": len(industry), "oracle_precision": None, "oracle_false": 0}
-    weakest = p_scores[need - 1]
-    i_scores = oracle_score([i["kiln_k"] for i in industry], [i["dust"] for i in industry]) if industry else []
-    false = int(np.sum(np.asarray(i_scores) >= weakest))
+    weakest = np.sort(plants)[::-1][need - 1]
+    false = int(np.sum(industry >= weakest))
     return {"plants": len(plants), "industry": len(industry), "oracle_precision": need / (need + false),
             "oracle_false": false}  # fmt: skip
 
@@ -434,8 +453,7 @@ def meets_goals(found: np.ndarray, false: np.ndarray, plants: int, recall: float
                 precision: float = GOALS["precision"]) -> np.ndarray:  # fmt: skip
     """Whether ``found`` of ``plants`` plants and ``false`` false detections meet both goals (elementwise)."""
     found, false = np.asarray(found), np.asarray(false)
-    need = int(np.ceil(recall * plants - 1e-9))
-    return (found >= max(need, 1)) & (found >= precision * (found + false) - 1e-9)
+    return (found >= max(_needed(plants, recall), 1)) & (found >= precision * (found + false) - 1e-9)
 
 
 def goal_odds(
@@ -490,7 +508,7 @@ def goal_odds(
     best = int(np.argmax(fixed))
     ranked = -np.sort(-plants, axis=1)
     own = np.zeros(regions, dtype=bool)
-    for kept in range(int(np.ceil(recall * n_plants - 1e-9)), n_plants + 1):
+    for kept in range(_needed(n_plants, recall), n_plants + 1):
         own |= meets(ranked[:, max(kept, 1) - 1])
     return {"threshold": float(candidates[best]), "odds_fixed": float(fixed[best]), "odds_any": float(own.mean()),
             "industry_expected": n_confusers * INDUSTRY_RATE, "regions": regions}  # fmt: skip
@@ -502,10 +520,11 @@ def region_meets_goals(truth: str | Path, threshold: float) -> dict[str, Any]:
     Returns:
         ``{"plants", "found", "false", "meets"}``.
     """
-    features = json.loads(Path(truth).read_text(encoding="utf-8"))["features"]
-    plants = [f["properties"] for f in features if f["properties"]["kind"] == "cement"]
-    industry = [f["properties"] for f in features if f["properties"].get("industry")]
-    found = int(np.sum(oracle_score([p["kiln_k"] for p in plants], [p["dust"] for p in plants]) >= threshold))
-    false = int(np.sum(oracle_score([i["kiln_k"] for i in industry], [i["dust"] for i in industry]) >= threshold))
+    return _oracle_at(*_truth_scores(truth), threshold)
+
+
+def _oracle_at(plants: np.ndarray, industry: np.ndarray, threshold: float) -> dict[str, Any]:
+    """:func:`region_meets_goals` from the oracle's scores of a region's plants and works of other industry."""
+    found, false = int(np.sum(plants >= threshold)), int(np.sum(industry >= threshold))
     return {"plants": len(plants), "found": found, "false": false,
             "meets": bool(meets_goals(found, false, len(plants)))}  # fmt: skip
