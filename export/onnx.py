@@ -35,6 +35,7 @@ from fusionkern import BRANCHES, CLASSES, __version__
 from fusionkern.errors import ConfigError, FusionkernError, InputError, MissingDependencyError
 from fusionkern.files import atomic_output
 from fusionkern.export.exportable import Fp16Body, exportable
+from fusionkern.models.checkpoint import SCALING
 
 __all__ = [
     "ALLOWED_OPS",
@@ -123,7 +124,7 @@ def _metadata(model: nn.Module, source: nn.Module, precision: str, opset: int, m
         "input_name": input_name(model),
         "input_size": model.input_size,
         "chip_px": data.get("chip_px", getattr(preset, "chip_px", None)),
-        "scaling": data.get("scaling", "minmax-per-chip-channel"),
+        "scaling": data.get("scaling", SCALING),
         "branches": list(BRANCHES) if model.source_class == "FusionNet" else data.get("branch"),
         "classes": list(CLASSES),
         "precision": precision,

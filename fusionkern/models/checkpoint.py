@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from fusionkern import BRANCHES
+from fusionkern.data.transforms import SCALINGS
 from fusionkern.errors import CheckpointError
 from fusionkern.files import atomic_output
 from fusionkern.models.networks import MODEL_CLASSES, takes_all_branches
 
 FORMAT = "fusionkern-checkpoint"
 VERSION = 1
-SCALING = "minmax-per-chip-channel"
+SCALING = SCALINGS["minmax"]
 _PLAIN = (str, int, float, bool, type(None))
 
 

@@ -36,20 +36,21 @@ class DeviceTile:
         planes: (15, H, W) float32 window (branch-major, then date), NaN at invalid pixels.
         views: (rows, cols, 15, S, S) chip views of ``planes`` (no copy).
         lo: (rows, cols, 15, 1, 1) each chip plane's minimum over its finite pixels (0 where it has none).
-        span: (rows, cols, 15, 1, 1) maximum minus minimum (1 where the plane is constant or empty).
-        usable: (rows, cols, 15, 1, 1) bool, False where the plane is constant or empty (it scales to 0).
-        finite: True when the window holds no NaN (the gather then needs no mask).
+        span: (rows, cols, 15, 1, 1) maximum minus minimum (1 where the plane is constant or empty: it scales to 0).
         invalid: Where the window held NaN (or inf): (rows, cols, 15, S, S) bool chip views of the invalid pixels,
-            whose values in ``planes`` were replaced by 0 once for the window; None when ``finite``.
+            whose values in ``planes`` were replaced by 0 once for the window; None when it held none.
     """
 
     planes: torch.Tensor
     views: torch.Tensor
     lo: torch.Tensor
     span: torch.Tensor
-    usable: torch.Tensor
-    finite: bool
     invalid: torch.Tensor | None = None
+
+    @property
+    def finite(self) -> bool:
+        """True when the window held no NaN (the gather then needs no mask)."""
+        return self.invalid is None
 
 
 class ChipFeed:
@@ -102,14 +103,12 @@ class ChipFeed:
             invalid = _chip_views(torch.isnan(planes - planes), c, s)  # NaN and +-inf (faster than isfinite)
             planes = torch.nan_to_num(planes, nan=0.0, posinf=0.0, neginf=0.0)
         span = hi - lo
-        usable = torch.isfinite(span) & (span > 0)
-        span = torch.where(usable, span, 1.0)
+        span = torch.where(torch.isfinite(span) & (span > 0), span, 1.0)  # constant or empty planes scale to 0
 
         def chip_major(t: torch.Tensor) -> torch.Tensor:
             return t.permute(1, 2, 0)[..., None, None]
 
-        return DeviceTile(planes, _chip_views(planes, c, s), chip_major(lo), chip_major(span), chip_major(usable),
-                          finite, invalid)  # fmt: skip
+        return DeviceTile(planes, _chip_views(planes, c, s), chip_major(lo), chip_major(span), invalid)
 
     def chips(self, tile: DeviceTile, index: np.ndarray, cols: int) -> torch.Tensor:
         """The scaled chips ``index`` (flat, row-major over ``cols`` chip columns) of a loaded tile.
