@@ -401,7 +401,7 @@ def c2_surface_temperature(dn: np.ndarray, nodata: float | None = None, fill_zer
     return _finish(values, np.isnan(values))
 
 
-def band_ratio(b7: np.ndarray, b6: np.ndarray, nodata: float = np.nan) -> np.ndarray:
+def band_ratio(b7: np.ndarray, b6: np.ndarray, nodata: float = np.nan, out: np.ndarray | None = None) -> np.ndarray:
     """The SWIR ratio B7 / B6, guarded: never inf, never a floating-point warning.
 
     A pixel gets ``nodata`` where B6 is at or below zero, where either input is NaN, infinite or equal to
@@ -411,15 +411,21 @@ def band_ratio(b7: np.ndarray, b6: np.ndarray, nodata: float = np.nan) -> np.nda
         b7: Band 7 (TOA reflectance).
         b6: Band 6 (TOA reflectance), same shape as ``b7``.
         nodata: Value written at invalid pixels (NaN by default).
+        out: float32 array of that shape to write the ratio into (None: a new one); must not overlap the inputs.
 
     Returns:
-        float32 ratio, same shape as the inputs.
+        float32 ratio, same shape as the inputs (``out`` where given).
 
     Raises:
-        ValueError: The two arrays differ in shape.
+        ValueError: The two arrays differ in shape, or ``out`` is not float32 of their shape.
     """
+    if out is not None and (out.dtype != np.float32 or out.shape != np.shape(b7)):
+        raise ValueError(f"out must be float32 of shape {np.shape(b7)}, got {out.dtype} {out.shape}")
     if getattr(b7, "dtype", None) == np.float32 and getattr(b6, "dtype", None) == np.float32:
-        return _band_ratio_float32(b7, b6, nodata)
+        return _band_ratio_float32(b7, b6, nodata, out)
+    if out is not None:
+        out[...] = band_ratio(b7, b6, nodata)
+        return out
     b7 = np.asarray(b7, dtype=np.float64)
     b6 = np.asarray(b6, dtype=np.float64)
     if b7.shape != b6.shape:
@@ -435,20 +441,23 @@ def band_ratio(b7: np.ndarray, b6: np.ndarray, nodata: float = np.nan) -> np.nda
     return out
 
 
-def _band_ratio_float32(b7: np.ndarray, b6: np.ndarray, nodata: float) -> np.ndarray:
+def _band_ratio_float32(b7: np.ndarray, b6: np.ndarray, nodata: float, out: np.ndarray | None) -> np.ndarray:
     """:func:`band_ratio` of float32 bands, divided in float32: the same values as dividing in float64 and
     rounding (double rounding is innocuous for division from binary64 to binary32), without the float64 copies.
     Quotients that round to infinity are invalid, as quotients beyond the float32 range are there."""
     if b7.shape != b6.shape:
         raise ValueError(f"band_ratio needs arrays of one shape, got b7 {b7.shape} and b6 {b6.shape}")
-    valid = np.isfinite(b7) & (b6 > 0) & (b6 < np.inf)
+    with np.errstate(all="ignore"):
+        out = np.divide(b7, b6, out=out, dtype=np.float32)
+    # the quotient is NaN or infinite wherever b7 is, or b6 is 0 or NaN, or it overflows; b6 < 0 and b6 = inf
+    # (with a finite b7) leave it finite, so b6 is tested for those two
+    invalid = ~np.isfinite(out)
+    invalid |= ~(b6 > 0)
+    invalid |= b6 == np.inf
     if not np.isnan(nodata):
-        valid &= (b7 != nodata) & (b6 != nodata)
-    out = np.zeros(b7.shape, dtype=np.float32)
-    with np.errstate(over="ignore"):
-        np.divide(b7, b6, out=out, where=valid)
-    valid &= np.abs(out) < np.inf
-    out[~valid] = nodata
+        invalid |= (b7 == nodata) | (b6 == nodata)
+    if invalid.any():
+        np.copyto(out, np.float32(nodata), where=invalid)
     return out
 
 

@@ -243,13 +243,17 @@ class RasterSource:
             and w.row_off + w.height <= self.height
         )
 
-    def read(self, window: WindowLike = None, out_dtype: Any = np.float32) -> np.ndarray:
+    def read(self, window: WindowLike = None, out_dtype: Any = np.float32, out: np.ndarray | None = None) -> np.ndarray:
         """Reads the band, or a window of it.
 
         Args:
             window: Part to read (None: everything); must lie inside the raster.
             out_dtype: Output float dtype; nodata pixels (the nodata value, or a GDAL mask) become NaN. None
                 or an integer dtype returns the stored values as they are, nodata included.
+            out: Where to put a float result: a C-contiguous (rows, cols) array of ``out_dtype``. Where every
+                stored value is exact in that dtype (integers of up to 16 bits into float32, or the same float
+                type), GDAL converts while it copies the pixels there, saving a pass and an array; otherwise the
+                result is copied into it. Returned.
 
         Returns:
             2-D array of shape (rows, cols).
@@ -262,6 +266,8 @@ class RasterSource:
             raise InputError(
                 f"window {window} leaves raster {self.path} ({self.height} rows x {self.width} columns)"
             )
+        if out is not None:
+            return self._read_into(window, out_dtype, out)
         with _raster_errors(self.path):
             raw = self._ds.read(self.band, window=window)
             if out_dtype is None or np.dtype(out_dtype).kind != "f":
@@ -272,14 +278,37 @@ class RasterSource:
         out[invalid] = np.nan
         return out
 
-    def _invalid(self, raw: np.ndarray, window: Any) -> np.ndarray:
-        """Nodata pixels: the nodata value (tolerant for float fill values), NaN, or a GDAL mask band."""
+    def _read_into(self, window: Any, out_dtype: Any, out: np.ndarray) -> np.ndarray:
+        dtype = np.dtype(out_dtype)
+        shape = (self.height, self.width) if window is None else (int(window.height), int(window.width))
+        if dtype.kind != "f" or out.dtype != dtype or out.shape != shape or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {dtype} array of shape {shape}, got {out.dtype} {out.shape}")
+        if not _exact_in(self.dtype, dtype):
+            out[...] = self.read(window, out_dtype)
+            return out
+        with _raster_errors(self.path):
+            self._ds.read(self.band, window=window, out=out)
+            # the stored values are exact in ``out``, so the nodata test on them is the test on the stored ones
+            # (and integers hold no NaN to look for)
+            invalid = self._invalid(out, window, integers=self.dtype.kind in "iu")
+        if invalid is not None and invalid.any():
+            np.copyto(out, np.nan, where=invalid)
+        return out
+
+    def _invalid(self, raw: np.ndarray, window: Any, integers: bool = False) -> np.ndarray | None:
+        """Nodata pixels: the nodata value (tolerant for float fill values), NaN, or a GDAL mask band. With
+        ``integers`` (``raw`` holds stored integers converted exactly): only the nodata value and the mask band,
+        and None where the band has neither."""
         from rasterio.enums import MaskFlags
 
-        invalid = landsat.nodata_mask(raw, self.nodata, fill_zero=False)
+        if not integers:
+            invalid = landsat.nodata_mask(raw, self.nodata, fill_zero=False)
+        else:
+            invalid = None if self.nodata is None else raw == self.nodata
         flags = self._ds.mask_flag_enums[self.band - 1]
         if MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:
-            invalid |= self._ds.read_masks(self.band, window=window) == 0
+            masked = self._ds.read_masks(self.band, window=window) == 0
+            invalid = masked if invalid is None else invalid | masked
         return invalid
 
     def profile(self, window: WindowLike = None, out_dtype: Any = np.float32) -> dict[str, Any]:
@@ -309,6 +338,13 @@ class RasterSource:
             for key in ("blockxsize", "blockysize", "tiled"):
                 profile.pop(key, None)
         return profile
+
+
+def _exact_in(stored: np.dtype, dtype: np.dtype) -> bool:
+    """Whether every value of ``stored`` converts exactly (and so compares equal to nodata as before) to ``dtype``."""
+    if stored.kind in "iu":
+        return stored.itemsize * 8 <= np.finfo(dtype).nmant + 1  # every value fits the significand
+    return stored == dtype
 
 
 def read_raster(

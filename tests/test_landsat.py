@@ -281,6 +281,26 @@ def test_band_ratio_with_nodata_value():
     np.testing.assert_array_equal(out, np.array([[0.5, -9999.0], [-9999.0, -9999.0]], dtype=np.float32))
 
 
+@pytest.mark.parametrize("nodata", [np.nan, -9999.0, 0.0])
+def test_band_ratio_of_float32_bands_equals_the_float64_route(nodata):
+    specials = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, 3e38, -3e38, 1e-38, 1e-45, -9999.0, 0.5, 2.0]
+    b7, b6 = (a.ravel().astype(np.float32) for a in np.meshgrid(specials, specials))
+    rng = np.random.default_rng()
+    b7 = np.concatenate([b7, rng.normal(size=999).astype(np.float32)])
+    b6 = np.concatenate([b6, rng.normal(size=999).astype(np.float32)])
+    with _no_warnings():
+        want = landsat.band_ratio(b7.astype(np.float64), b6.astype(np.float64), nodata=nodata)
+        got = landsat.band_ratio(b7, b6, nodata=nodata)
+        out = np.full(b7.shape, 5.0, np.float32)
+        into = landsat.band_ratio(b7, b6, nodata=nodata, out=out)
+        into64 = landsat.band_ratio(b7.astype(np.float64), b6, nodata=nodata, out=np.empty(b7.shape, np.float32))
+    assert got.dtype == np.float32 and into is out
+    for result in (got, into, into64):
+        np.testing.assert_array_equal(result, want)
+    with pytest.raises(ValueError, match="out must be float32"):
+        landsat.band_ratio(b7, b6, out=np.empty(b7.shape, np.float64))
+
+
 def test_band_ratio_shape_mismatch():
     with pytest.raises(ValueError, match="shape"):
         landsat.band_ratio(np.ones(3), np.ones(4))

@@ -228,6 +228,46 @@ def test_gdal_mask_band_becomes_nan(tmp_path):
     assert np.isnan(values[2, 3]) and np.isnan(values).sum() == 1
 
 
+@pytest.mark.parametrize(
+    "dtype, nodata, mask",
+    [("uint16", 0.0, False), ("int16", -32768.0, False), ("uint8", None, True), ("uint32", 7.0, False),
+     ("float32", -9999.0, False), ("float64", -1.7e308, False), ("int16", None, False)],
+)  # fmt: skip
+def test_reading_into_an_array_gives_what_a_plain_read_gives(tmp_path, dtype, nodata, mask):
+    rng = np.random.default_rng()
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    low, high = (info.min, info.max) if info is not None else (-1e4, 1e4)
+    data = rng.uniform(max(low, -1e9), min(high, 1e9), (23, 31)).astype(dtype)
+    data.flat[rng.choice(data.size, 9, replace=False)] = nodata if nodata is not None else 0
+    data[10, 10] = nodata if nodata is not None else 0  # inside every window drawn below
+    if np.dtype(dtype).kind == "f":
+        data[1, 2] = np.nan
+        data[3, 4] = np.nextafter(np.float64(nodata), 0.0).astype(dtype)  # not bit-identical, still nodata
+    if dtype == "uint32":
+        data[5, 5] = 16_777_217  # not exact in float32: that read takes the copying path
+    path = _write_tif(tmp_path / "band.tif", data, nodata)
+    if mask:
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as dst:
+            m = np.full(data.shape, 255, dtype=np.uint8)
+            m[4, 7:10] = 0
+            dst.write_mask(m)
+    window = tuple((int(rng.integers(0, a)), int(rng.integers(b, c))) for a, b, c in ((5, 15, 24), (6, 20, 32)))
+    with readers.RasterSource(path) as source:
+        want = source.read(window)
+        shape = want.shape
+        out = np.full(shape, 123.0, dtype=np.float32)
+        got = source.read(window, out=out)
+        assert got is out
+        np.testing.assert_array_equal(got, want)  # NaN where the plain read has NaN, the same values elsewhere
+        assert np.isnan(got).any() == (nodata is not None or mask)
+        whole = source.read(None, out=np.empty(data.shape, np.float32))
+        np.testing.assert_array_equal(whole, source.read())
+        for bad in (np.empty(shape, np.float64), np.empty((shape[0] + 1, shape[1]), np.float32),
+                    np.empty((shape[1], shape[0] * 2), np.float32)[:, ::2].T):  # fmt: skip
+            with pytest.raises(ValueError, match="out must be"):
+                source.read(window, out=bad)
+
+
 def test_missing_rasterio_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "rasterio", None)
     with pytest.raises(MissingDependencyError, match=r"rasterio.*fusionkern\[geo\]"):

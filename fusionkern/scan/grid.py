@@ -405,8 +405,14 @@ class GridSource:
             self._vrt.close()
         self._source.close()
 
-    def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+    def read(self, top: int, left: int, height: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
         """The grid window ``(top, left, height, width)``: float32 with NaN at nodata, or QA words.
+
+        Args:
+            top, left, height, width: The window, in grid pixels.
+            out: For a band (not QA) window inside the raster: a C-contiguous float32 (height, width) array that
+                the pixels are converted into as they are read (:meth:`RasterSource.read`), and returned. Elsewhere
+                it is not used, and the window comes back in a new array.
 
         Raises:
             InputError: The raster cannot be decoded (e.g. truncated); the message names it.
@@ -421,12 +427,20 @@ class GridSource:
         c1 = min(left + d_col + width, self._source.width)
         out_dtype = None if self.qa else np.float32
         if (r1 - r0, c1 - c0) == (height, width):  # inside the raster: nothing to pad
-            return self._source.read(((r0, r1), (c0, c1)), out_dtype=out_dtype)
+            return self._source.read(((r0, r1), (c0, c1)), out_dtype=out_dtype, out=None if self.qa else out)
         out = np.full((height, width), fill, dtype=dtype)
         if r1 > r0 and c1 > c0:
             values = self._source.read(((r0, r1), (c0, c1)), out_dtype=out_dtype)
             out[r0 - top - d_row : r1 - top - d_row, c0 - left - d_col : c1 - left - d_col] = values
         return out
+
+    def inside(self, top: int, left: int, height: int, width: int) -> bool:
+        """Whether the whole grid window lies inside the raster (False for a warped raster)."""
+        if self.warped:
+            return False
+        d_row, d_col = self.offset  # type: ignore[misc]
+        r0, c0 = top + d_row, left + d_col
+        return r0 >= 0 and c0 >= 0 and r0 + height <= self._source.height and c0 + width <= self._source.width
 
     def covered(self, top: int, left: int, height: int, width: int) -> np.ndarray | None:
         """(height, width) bool, True where the grid window lies inside the raster; None for a warped raster

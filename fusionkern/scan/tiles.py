@@ -196,12 +196,14 @@ class StackReader:
             raise ValueError(f"out must be float32 {shape}, got {stack.dtype} {stack.shape}")
         for index, branch in enumerate(INPUT_BANDS):
             for date, (source, raster) in enumerate(zip(self.sources[branch], self.inputs.bands[branch])):
-                values = source.read(top, left, height, width)
+                plane = stack[index, date]
+                values = source.read(top, left, height, width, out=plane)  # read into the stack where it can be
                 if self.inputs.calibrate:
                     values = calibrate_band(values, raster.path, raster.band, self.mtl.get(raster.mtl or ""))
-                stack[index, date] = values
+                if values is not plane:
+                    plane[...] = values
         b7, b6 = (stack[BRANCHES.index(b)] for b in ("b7", "b6"))
-        stack[BRANCHES.index("b76")] = landsat.band_ratio(b7, b6)
+        landsat.band_ratio(b7, b6, out=stack[BRANCHES.index("b76")])
         nodata = np.zeros((height, width), dtype=bool)
         for branch in ("b10", "b11", "b76"):  # b76 is NaN wherever b7 or b6 is (band_ratio), so they need no look
             nodata |= np.isnan(stack[BRANCHES.index(branch)]).any(axis=0)
@@ -209,12 +211,12 @@ class StackReader:
         for source in self.qa:
             if source is not None:
                 cloud |= qa_invalid_mask(source.read(top, left, height, width), source.path)
-        outside = np.zeros((height, width), dtype=bool)
+        outside = None
         for source in (s for ss in self.sources.values() for s in ss):
-            covered = source.covered(top, left, height, width)
+            covered = None if source.inside(top, left, height, width) else source.covered(top, left, height, width)
             if covered is not None:
-                outside |= ~covered
-        return TileData(stack, nodata, cloud, outside if outside.any() else None)
+                outside = ~covered if outside is None else outside | ~covered
+        return TileData(stack, nodata, cloud, outside if outside is not None and outside.any() else None)
 
 
 # --------------------------------------------------------------------------------------------------------------
