@@ -93,6 +93,59 @@ def test_device_chips_leave_out_invalid_pixels_as_training_does():
     np.testing.assert_array_equal(stack, before)  # the reader's window is left as it was
 
 
+def test_the_feed_writes_every_batch_into_one_buffer():
+    rng = np.random.default_rng()
+    stack = _stack(rng, 35 + 17 * 6, 35 + 17 * 5)
+    stack[1, 2, 40:44, 50:52] = np.nan  # a mask buffer too
+    layout = _layout(*stack.shape[-2:], 35, 17)
+    feed = ChipFeed(layout)
+    tile = feed.load(stack)
+    first = rng.choice(layout.n_chips, 9, replace=False)
+    second = rng.choice(layout.n_chips, 5, replace=False)
+    third = rng.permutation(layout.n_chips)  # larger than any before: a larger buffer
+    a = feed.chips(tile, first, layout.n_cols)
+    np.testing.assert_allclose(a.numpy(), _host_chips(stack, layout, first), rtol=0, atol=SCALE_ATOL)
+    b = feed.chips(tile, second, layout.n_cols)
+    assert b.data_ptr() == a.data_ptr()  # the same memory: the previous batch is gone, as documented
+    for index in (second, third, first):
+        got = feed.chips(tile, index, layout.n_cols).numpy()
+        np.testing.assert_allclose(got, _host_chips(stack, layout, index), rtol=0, atol=SCALE_ATOL)
+
+
+def test_reader_threads_reuse_a_bounded_set_of_window_buffers(tmp_path, monkeypatch):
+    import fusionkern.scan.engine as engine
+
+    made = []
+
+    class Counted(engine._Windows):
+        def __init__(self, limit, size):
+            super().__init__(limit, size)
+            made.append(self)
+
+    monkeypatch.setattr(engine, "_Windows", Counted)
+    setup = _pool_setup(tmp_path)
+    assert len(setup.tiles) >= 12
+    fresh = run_local(setup.inputs, setup.grid, setup.layout, setup.tiles, _FeedMean(), EngineOptions(workers=1))
+    scores = {}
+    stats = run_local(setup.inputs, setup.grid, setup.layout, setup.tiles, _FeedMean(),
+                      EngineOptions(batch_size=16, workers=2, readers="threads"),
+                      on_tile=lambda r: scores.setdefault(r.tile.key, r.scores.copy()))  # fmt: skip
+    pools = made[-1], made[0]
+    assert stats.tiles == fresh.tiles == len(setup.tiles) and stats.scored == fresh.scored > 0
+    assert pools[0].limit == 5 and 1 <= pools[0].made <= 5 and pools[1].made <= 3  # 2 readers: 2 + 2 + 1
+
+
+    class OnHost(_FeedMean):  # host chips from windows read into new arrays
+        score_tensor = None
+
+    fresh_windows = {}
+    run_local(setup.inputs, setup.grid, setup.layout, setup.tiles, OnHost(), EngineOptions(workers=2),
+              on_tile=lambda r: fresh_windows.setdefault(r.tile.key, r.scores.copy()))  # fmt: skip
+    assert len(made) == 3 and made[-1].made == 0
+    for key, value in scores.items():  # nothing of an earlier window is left in a reused buffer
+        np.testing.assert_allclose(value, fresh_windows[key], rtol=0, atol=SCALE_ATOL)
+
+
 def test_scores_on_device_chips_match_host_chips():
     torch.manual_seed(int(np.random.default_rng().integers(1 << 16)))
     model = FusionNet(preset="native", width=0.25).eval()

@@ -5,10 +5,11 @@ Reader threads each hold their own open rasters (:class:`~fusionkern.scan.tiles.
 not shared between threads). For a predictor that takes chips on its device (``score_tensor``: the torch, triton
 and onnxruntime backends) they hand over whole tile windows: the calling thread puts each window on the model's
 device once and cuts and scales its chips there (:mod:`fusionkern.scan.feed`), so no chip is ever copied on the
-host; at most two windows per thread wait in the queue. For other predictors they put scaled (or, for
-``expects_raw``, raw) chip batches on the queue, at most ``queue_batches`` of them, and one tile window per thread.
-Either way memory stays bounded whatever the size of the region. The calling thread scores and hands each finished
-tile to a callback. GDAL reads and numpy release the GIL, so reading overlaps with inference.
+host; at most one window per thread waits in the queue, and windows are read into a fixed set of reused buffers
+(one being read per thread, one waiting per thread, the one being scored). For other predictors they put scaled
+(or, for ``expects_raw``, raw) chip batches on the queue, at most ``queue_batches`` of them, and one tile window per
+thread. Either way memory stays bounded whatever the size of the region. The calling thread scores and hands each
+finished tile to a callback. GDAL reads and numpy release the GIL, so reading overlaps with inference.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from fusionkern import BRANCHES
+from fusionkern.readers import N_DATES
 from fusionkern.scan.feed import ChipFeed, uses_feed
 from fusionkern.scan.grid import ChipLayout, ScanGrid
 from fusionkern.scan.inputs import ScanInputs
@@ -98,6 +101,41 @@ class _Stop(Exception):
     """Raised inside a reader thread when the run is being abandoned."""
 
 
+class _Windows:
+    """Tile window buffers (float32, each as large as the largest window) shared by reader threads, at most
+    ``limit`` of them, made as they are first needed and reused once given back."""
+
+    def __init__(self, limit: int, size: int):
+        self.limit, self.size, self.made = limit, size, 0
+        self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], stop: threading.Event) -> np.ndarray:
+        """A (contiguous) ``shape`` view of a free buffer; waits for one where ``limit`` are out.
+
+        Raises:
+            _Stop: ``stop`` was set while waiting.
+        """
+        n = int(np.prod(shape))
+        while True:
+            try:
+                return self.free.get_nowait()[:n].reshape(shape)
+            except queue.Empty:
+                pass
+            with self.lock:
+                if self.made < self.limit:
+                    self.made += 1
+                    return np.empty(self.size, dtype=np.float32)[:n].reshape(shape)
+            with contextlib.suppress(queue.Empty):
+                return self.free.get(timeout=_POLL_S)[:n].reshape(shape)
+            if stop.is_set():
+                raise _Stop
+
+    def give_back(self, window: np.ndarray) -> None:
+        """Returns the buffer under ``window`` (from :meth:`take`), whose contents are no longer needed."""
+        self.free.put(window.base)
+
+
 class _Pipeline:
     """Reader threads feeding a bounded queue of ``(kind, tile, payload)`` items."""
 
@@ -121,6 +159,10 @@ class _Pipeline:
         size = 2 * n_threads if whole_tiles else max(1, options.queue_batches)
         self.out: queue.Queue[tuple[str, Any, Any]] = queue.Queue(maxsize=size)
         self.stop = threading.Event()
+        # a window being read per thread, one waiting per thread, the one being scored: never more are alive, so
+        # their buffers are reused (a fresh 61 MB window is new pages, zeroed by the kernel on first touch)
+        windows = [tile.window(layout) for tile in tiles]
+        self.windows = _Windows(2 * n_threads + 1, max(h * w for _, _, h, w in windows) * len(BRANCHES) * N_DATES)
         self.threads = [
             threading.Thread(target=self._work, name=f"scan-reader-{i}", daemon=True) for i in range(n_threads)
         ]
@@ -167,7 +209,9 @@ class _Pipeline:
 
     def _tile(self, reader: StackReader, tile: Tile) -> None:
         t0 = time.perf_counter()
-        data = reader.read(*tile.window(self.layout))
+        top, left, height, width = tile.window(self.layout)
+        out = self.windows.take((len(BRANCHES), N_DATES, height, width), self.stop) if self.whole_tiles else None
+        data = reader.read(top, left, height, width, out=out)
         reasons = chip_reasons(data, tile, self.layout, self.options.max_invalid)
         t1 = time.perf_counter()
         if self.whole_tiles:
@@ -268,6 +312,7 @@ def run_local(
                     result = TileResult(tile, scores, reasons, {"read": 0.0, "cut": 0.0, "inference": 0.0})
                 else:
                     result = score_window(tile, stack, reasons, predictor, layout, options.batch_size, feed)
+                    pipeline.windows.give_back(stack)
                 result.timings["read"] = read_s
                 open_tiles[tile.key] = result
             elif kind == "batch":
