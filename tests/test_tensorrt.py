@@ -773,6 +773,28 @@ def test_scan_predictor_end_to_end_and_rebuilt_for_another_tensorrt_or_gpu(model
                                                               "model-fp32-b16-trt10.9.0-sm90.engine"]  # fmt: skip
 
 
+def test_scan_predictor_takes_chips_cut_and_scaled_on_its_device(model, tmp_path, fake_gpu, use_trt):
+    from fusionkern.scan.feed import ChipFeed, score_tile, uses_feed
+    from fusionkern.scan.grid import ChipLayout
+    from fusionkern.scan.tiles import NODATA, SCORED, chip_views
+
+    use_trt("10.9.0")
+    predictor = TensorRTPredictor(model, tmp_path, batch_size=16, precision="fp32")
+    assert uses_feed(predictor) and predictor.feed_device == predictor.runner.device
+    rng = np.random.default_rng()
+    stack = (280 + 40 * rng.random((5, 3, 35 + 17 * 4, 35 + 17 * 6))).astype(np.float32)
+    stack[2, 1, 10:14, 40:45] = np.nan
+    layout = ChipLayout(35, 17, 5, 7)
+    reasons = np.full((5, 7), SCORED, np.uint8)
+    reasons[2, 3] = NODATA
+    scores, _, _ = score_tile(ChipFeed(layout, predictor.feed_device), predictor, stack, reasons, batch_size=16)
+    views = chip_views(stack, layout)
+    scored = np.flatnonzero(reasons.ravel() == SCORED)
+    raw = np.stack([views[:, :, i // 7, i % 7] for i in scored])  # the host route: raw chips, scaled by the engine
+    np.testing.assert_allclose(scores.ravel()[scored], predictor(raw), rtol=0, atol=1e-5)
+    assert np.isnan(scores[2, 3])
+
+
 def test_scan_predictor_default_fp16_route(model, tmp_path, fake_gpu, use_trt):
     trt = use_trt("10.9.0")
     predictor = make_predictor("tensorrt", model, "cuda", tmp_path, batch_size=32)

@@ -464,15 +464,26 @@ class TensorRTPredictor:
             )
         return report.to_dict()
 
+    @property
+    def feed_device(self) -> torch.device:
+        """The engine's GPU: the scan hands tile windows there and cuts and scales the chips on it
+        (:mod:`fusionkern.scan.feed`), then calls :meth:`score_tensor`."""
+        return self.runner.device
+
     def __call__(self, chips: np.ndarray) -> np.ndarray:
         """Raw float32 (B, 5, 3, S, S) chips, NaN at invalid pixels -> cement probability (B,).
 
         Chips are scaled (:func:`minmax_scale_torch`) and resized on the GPU.
         """
+        x = torch.from_numpy(np.ascontiguousarray(chips, dtype=np.float32)).to(self.runner.device)
+        return self.score_tensor(minmax_scale_torch(x))
+
+    def score_tensor(self, x: torch.Tensor) -> np.ndarray:
+        """(B, 5, 3, S, S) float32 chips in [0, 1] on the engine's device, as the scan's chip feed makes them
+        -> cement probability (B,). Resized on the GPU."""
         from fusionkern.models import resize_chips
 
-        x = torch.from_numpy(np.ascontiguousarray(chips, dtype=np.float32)).to(self.runner.device)
-        logits = self.runner.run_torch(resize_chips(minmax_scale_torch(x), self.input_size)).float()
+        logits = self.runner.run_torch(resize_chips(x, self.input_size)).float()
         return torch.softmax(logits, dim=1)[:, CEMENT].cpu().numpy()
 
     def describe(self) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 that measure I/O alone, inference alone and the whole scan on a generated raster.
 
 Reader threads each hold their own open rasters (:class:`~fusionkern.scan.tiles.StackReader`; GDAL handles are
-not shared between threads). For a predictor that takes chips on its device (``score_tensor``: the torch, triton
-and onnxruntime backends) they hand over whole tile windows: the calling thread puts each window on the model's
+not shared between threads). For a predictor that takes chips on its device (``score_tensor``: the torch, triton,
+onnxruntime and tensorrt backends) they hand over whole tile windows: the calling thread puts each window on the model's
 device once and cuts and scales its chips there (:mod:`fusionkern.scan.feed`), so no chip is ever copied on the
 host; at most one window per thread waits in the queue, and windows are read into a fixed set of reused buffers
 (one being read per thread, one waiting per thread, the one being scored). For other predictors they put scaled
@@ -413,7 +413,7 @@ def _setup(manifest: str | Path, chip_m: float, tile_px: int, stride_m: float | 
 
 class _NoModel:
     """A predictor that scores every chip 0: the input side alone. With ``feed_device`` set, chips are cut and
-    scaled on that device, as the torch, triton and onnxruntime backends have them; else on the host."""
+    scaled on that device, as the torch, triton, onnxruntime and tensorrt backends have them; else on the host."""
 
     expects_raw = False
 
