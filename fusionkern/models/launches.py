@@ -102,8 +102,7 @@ def analyse(
     env: dict | None = None,
 ) -> tuple[list[Launch], list[LaunchFigures | dict]]:
     """Record the launches of ``runs`` (``(preset, mode, precision[, layout])``, batch from :data:`PRESET_BATCH`),
-    keep those
-    ``select(launch)`` accepts, and compile each unique one at each of its configs for sm_90.
+    keep those ``select(launch)`` accepts, and compile each unique one at each of its configs for sm_90.
 
     Returns the unique launches and one :class:`~fusionkern.kernels.sm90.LaunchFigures` per (launch, config), or a
     dict with ``error`` for one that failed to compile. ``jobs`` processes compile side by side (default: cores, at

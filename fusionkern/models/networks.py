@@ -425,6 +425,7 @@ def takes_all_branches(model: nn.Module) -> bool:
     """Whether ``model`` takes all five inputs (a :data:`FIVE_INPUT_MODELS` class), not one branch."""
     return isinstance(model, tuple(FIVE_INPUT_MODELS.values()))
 
+
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "FusionNet": FusionNet,
     "PhysicsNet": PhysicsNet,

@@ -116,18 +116,18 @@ class _Windows:
         Raises:
             _Stop: ``stop`` was set while waiting.
         """
-        n = int(np.prod(shape))
+        return self._buffer(stop)[: int(np.prod(shape))].reshape(shape)
+
+    def _buffer(self, stop: threading.Event) -> np.ndarray:
         while True:
-            try:
-                return self.free.get_nowait()[:n].reshape(shape)
-            except queue.Empty:
-                pass
+            with contextlib.suppress(queue.Empty):
+                return self.free.get_nowait()
             with self.lock:
                 if self.made < self.limit:
                     self.made += 1
-                    return np.empty(self.size, dtype=np.float32)[:n].reshape(shape)
+                    return np.empty(self.size, dtype=np.float32)
             with contextlib.suppress(queue.Empty):
-                return self.free.get(timeout=_POLL_S)[:n].reshape(shape)
+                return self.free.get(timeout=_POLL_S)
             if stop.is_set():
                 raise _Stop
 

@@ -150,14 +150,11 @@ class ChipFeed:
         """Copies through one of two pinned buffers on the side stream; waits for that buffer's previous copy."""
         turn = self._turn = (self._turn + 1) % 2
         while len(self._staging) <= turn:
-            self._staging.append(torch.empty(0, dtype=torch.float32).pin_memory())
+            self._staging.append(torch.empty(0, dtype=torch.float32))
             self._staged.append(None)
         if self._staged[turn] is not None:
             self._staged[turn].synchronize()  # the buffer's previous copy has left it
-        buffer = self._staging[turn]
-        if buffer.numel() < planes_np.size:
-            buffer = self._staging[turn] = torch.empty(planes_np.size, dtype=torch.float32).pin_memory()
-        host = buffer[: planes_np.size].view(planes_np.shape)
+        self._staging[turn], host = _buffer(self._staging[turn], planes_np.shape, pin=True)
         host.numpy()[...] = planes_np
         with torch.cuda.stream(self._stream):
             planes = host.to(self.device, non_blocking=True)
@@ -168,11 +165,12 @@ class ChipFeed:
         return planes, event
 
 
-def _buffer(buffer: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(flat buffer, contiguous shape view of it)``: ``buffer`` (1-D), or a new one where it is too small."""
+def _buffer(buffer: torch.Tensor, shape: tuple[int, ...], pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flat buffer, contiguous shape view of it)``: ``buffer`` (1-D), or a new one where it is too small (in
+    pinned host memory with ``pin``)."""
     n = int(np.prod(shape))
     if buffer.numel() < n:
-        buffer = torch.empty(n, dtype=buffer.dtype, device=buffer.device)
+        buffer = torch.empty(n, dtype=buffer.dtype, device=buffer.device, pin_memory=pin)
     return buffer, buffer[:n].view(shape)
 
 
